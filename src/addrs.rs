@@ -1,0 +1,80 @@
+//! The box's own network addresses, behind a trait so certificate re-issue can be tested with addresses that change.
+
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Lists the addresses clients on the LAN may use to reach this box.
+pub trait AddressSource: Send + Sync + Debug {
+    /// Every usable non-loopback address, sorted and without duplicates.
+    fn addresses(&self) -> Vec<IpAddr>;
+}
+
+/// Reads the addresses of the host's interfaces.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemAddresses;
+
+impl AddressSource for SystemAddresses {
+    fn addresses(&self) -> Vec<IpAddr> {
+        let interfaces = match if_addrs::get_if_addrs() {
+            Ok(interfaces) => interfaces,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list network interfaces; certificates will name only loopback");
+                Vec::new()
+            }
+        };
+        usable(interfaces.into_iter().map(|interface| interface.ip()))
+    }
+}
+
+/// Keeps the addresses a certificate can meaningfully name: loopback is added separately and IPv6 link-local
+/// addresses are left out because they only work with a zone index (`fe80::1%eth0`), which no URL or SAN carries.
+pub fn usable(addresses: impl IntoIterator<Item = IpAddr>) -> Vec<IpAddr> {
+    let mut kept: Vec<IpAddr> = addresses
+        .into_iter()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
+        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        .collect();
+    kept.sort();
+    kept.dedup();
+    kept
+}
+
+/// A fixed, changeable list of addresses for tests.
+#[derive(Debug, Clone, Default)]
+pub struct StaticAddresses {
+    addresses: Arc<Mutex<Vec<IpAddr>>>,
+}
+
+impl StaticAddresses {
+    pub fn new(addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        let source = Self::default();
+        source.set(addresses);
+        source
+    }
+
+    pub fn set(&self, addresses: impl IntoIterator<Item = IpAddr>) {
+        *self.addresses.lock().unwrap_or_else(PoisonError::into_inner) = usable(addresses);
+    }
+}
+
+impl AddressSource for StaticAddresses {
+    fn addresses(&self) -> Vec<IpAddr> {
+        self.addresses.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usable_drops_loopback_link_local_and_duplicates() {
+        let input: Vec<IpAddr> = ["10.0.0.5", "127.0.0.1", "::1", "fe80::1", "fd00::2", "10.0.0.5", "0.0.0.0"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let kept = usable(input);
+        assert_eq!(kept, vec!["10.0.0.5".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]);
+    }
+}

@@ -1,0 +1,731 @@
+//! Configuration in layers: built-in defaults, then the TOML file, then `ENROLLD_*` variables, then flags.
+//!
+//! Every key is listed once in [`KEYS`]; the file, the environment and the flags are all read against that list,
+//! so an unknown key or a bad value is reported with the layer it came from and what to write instead.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+
+/// Where the configuration file is looked for when `--config` is not given; used only if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/enrolld/enrolld.toml";
+/// The state directory when neither the configuration nor systemd's `STATE_DIRECTORY` names one.
+pub const DEFAULT_STATE_DIR: &str = "./enrolld-data";
+/// Prefix of the environment variables that configure enrolld.
+pub const ENV_PREFIX: &str = "ENROLLD_";
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    /// The box's name on the LAN, without `.local`.
+    pub hostname: String,
+    /// Names and addresses the TLS certificate carries besides the ones enrolld finds itself.
+    pub extra_sans: Vec<SubjectName>,
+    pub https_listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub mdns: bool,
+    pub tls: TlsSource,
+    /// A `tracing` filter directive such as `info` or `enrolld=debug,info`.
+    pub log_level: String,
+    /// How often the HTTPS certificate is checked against the clock and the box's addresses.
+    pub cert_check_interval: Duration,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may take to finish once shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+/// A name a certificate is issued for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SubjectName {
+    Dns(String),
+    Ip(IpAddr),
+}
+
+impl fmt::Display for SubjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubjectName::Dns(name) => f.write_str(name),
+            SubjectName::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// Where the HTTPS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Issued by the appliance's own CA and renewed by enrolld.
+    SelfIssued,
+    /// Supplied by the admin as PEM files (certificate chain and private key).
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+impl Config {
+    /// The `.local` name the box announces over mDNS.
+    pub fn mdns_name(&self) -> String {
+        format!("{}.local", self.hostname)
+    }
+}
+
+/// The flags that override configuration, shared by every subcommand that reads it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML). Default: /etc/enrolld/enrolld.toml, if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where enrolld keeps its database, CA and certificates.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address for HTTPS, such as [::]:443, or `off`.
+    #[arg(long, value_name = "ADDR")]
+    pub https_listen: Option<String>,
+    /// Address for plain HTTP (redirects to HTTPS; serves /healthz and /ca.crt), or `off`.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
+    /// The box's name on the LAN; it is reachable as NAME.local.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Another DNS name or IP address for the TLS certificate (repeatable).
+    #[arg(long = "extra-san", value_name = "NAME")]
+    pub extra_san: Vec<String>,
+    /// Do not announce the box over mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Use this PEM certificate chain instead of the self-issued one (needs --tls-key).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace, or a directive such as `enrolld=debug,info`.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// Why the configuration cannot be used. Each message is one line that names the key, the value and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given with --config or ENROLLD_CONFIG")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML at line {line}: {message}; fix that line")]
+    Syntax { path: PathBuf, line: usize, message: String },
+    #[error("unknown key `{key}` {origin}; remove it or use one of: {known}")]
+    UnknownKey { key: String, origin: Origin, known: String },
+    #[error("invalid value {value} for `{key}` {origin}: {reason}")]
+    Invalid { key: &'static str, value: String, origin: Origin, reason: String },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Which layer a setting came from, for error messages and `check-config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File { path: PathBuf, line: Option<usize> },
+    Env(String),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("(built-in default)"),
+            Origin::File { path, line: Some(line) } => write!(f, "in {} line {line}", path.display()),
+            Origin::File { path, line: None } => write!(f, "in {}", path.display()),
+            Origin::Env(var) => write!(f, "from environment variable {var}"),
+            Origin::Flag(flag) => write!(f, "from {flag}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Bool,
+    Integer,
+    List,
+}
+
+struct Key {
+    name: &'static str,
+    kind: Kind,
+    flag: &'static str,
+}
+
+/// Every configuration key. The environment variable is `ENROLLD_` + the name in capitals.
+const KEYS: &[Key] = &[
+    Key { name: "state_dir", kind: Kind::Text, flag: "--state-dir" },
+    Key { name: "hostname", kind: Kind::Text, flag: "--hostname" },
+    Key { name: "extra_sans", kind: Kind::List, flag: "--extra-san" },
+    Key { name: "https_listen", kind: Kind::Text, flag: "--https-listen" },
+    Key { name: "http_listen", kind: Kind::Text, flag: "--http-listen" },
+    Key { name: "mdns", kind: Kind::Bool, flag: "--no-mdns" },
+    Key { name: "tls_cert", kind: Kind::Text, flag: "--tls-cert" },
+    Key { name: "tls_key", kind: Kind::Text, flag: "--tls-key" },
+    Key { name: "log_level", kind: Kind::Text, flag: "--log-level" },
+    Key { name: "cert_check_interval_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "request_timeout_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "max_body_bytes", kind: Kind::Integer, flag: "" },
+    Key { name: "shutdown_grace_secs", kind: Kind::Integer, flag: "" },
+];
+
+/// Environment variables that are not configuration keys but are still ours.
+const OTHER_ENV: &[&str] = &["ENROLLD_CONFIG"];
+
+#[derive(Debug, Clone, PartialEq)]
+enum Raw {
+    Text(String),
+    Bool(bool),
+    Integer(i64),
+    List(Vec<String>),
+}
+
+impl fmt::Display for Raw {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Raw::Text(text) => write!(f, "{text:?}"),
+            Raw::Bool(value) => write!(f, "{value}"),
+            Raw::Integer(value) => write!(f, "{value}"),
+            Raw::List(items) => write!(f, "{items:?}"),
+        }
+    }
+}
+
+/// The settings gathered from every layer, each with the layer it came from.
+#[derive(Debug, Default)]
+pub struct Layers {
+    settings: BTreeMap<&'static str, (Raw, Origin)>,
+    /// The file that was read, if any.
+    pub file: Option<PathBuf>,
+}
+
+impl Layers {
+    /// Reads the file, the environment and the flags. `env` is the process environment (passed in for tests).
+    pub fn gather(
+        args: &ConfigArgs,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Layers, ConfigError> {
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let mut layers = Layers::default();
+
+        let file = match (&args.config, env.get("ENROLLD_CONFIG")) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(path)) => Some(PathBuf::from(path)),
+            (None, None) => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        };
+        if let Some(path) = file {
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            layers.read_file(&path, &text)?;
+            layers.file = Some(path);
+        }
+        layers.read_env(&env)?;
+        layers.read_flags(args)?;
+        Ok(layers)
+    }
+
+    fn read_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+            path: path.to_owned(),
+            line: error.span().map_or(1, |span| line_of_offset(text, span.start)),
+            message: error.message().trim().to_owned(),
+        })?;
+        for (name, value) in table {
+            let line = line_of_key(text, &name);
+            let origin = Origin::File { path: path.to_owned(), line };
+            let Some(key) = find_key(&name) else {
+                return Err(ConfigError::UnknownKey { key: name, origin, known: known_keys() });
+            };
+            let raw = raw_from_toml(key, value, &origin)?;
+            self.settings.insert(key.name, (raw, origin));
+        }
+        Ok(())
+    }
+
+    fn read_env(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        for (var, value) in env {
+            if OTHER_ENV.contains(&var.as_str()) {
+                continue;
+            }
+            let name = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+            let origin = Origin::Env(var.clone());
+            let Some(key) = find_key(&name) else {
+                return Err(ConfigError::UnknownKey {
+                    key: var.clone(),
+                    origin,
+                    known: KEYS
+                        .iter()
+                        .map(|k| format!("{ENV_PREFIX}{}", k.name.to_ascii_uppercase()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            };
+            let raw = raw_from_text(key, value, &origin)?;
+            self.settings.insert(key.name, (raw, origin));
+        }
+        Ok(())
+    }
+
+    fn read_flags(&mut self, args: &ConfigArgs) -> Result<(), ConfigError> {
+        let mut set = |name: &'static str, raw: Raw| {
+            let flag = find_key(name).map_or("", |key| key.flag);
+            self.settings.insert(name, (raw, Origin::Flag(flag)));
+        };
+        let path_text = |path: &PathBuf| Raw::Text(path.to_string_lossy().into_owned());
+        if let Some(dir) = &args.state_dir {
+            set("state_dir", path_text(dir));
+        }
+        if let Some(addr) = &args.https_listen {
+            set("https_listen", Raw::Text(addr.clone()));
+        }
+        if let Some(addr) = &args.http_listen {
+            set("http_listen", Raw::Text(addr.clone()));
+        }
+        if let Some(name) = &args.hostname {
+            set("hostname", Raw::Text(name.clone()));
+        }
+        if !args.extra_san.is_empty() {
+            set("extra_sans", Raw::List(args.extra_san.clone()));
+        }
+        if args.no_mdns {
+            set("mdns", Raw::Bool(false));
+        }
+        if let Some(path) = &args.tls_cert {
+            set("tls_cert", path_text(path));
+        }
+        if let Some(path) = &args.tls_key {
+            set("tls_key", path_text(path));
+        }
+        if let Some(level) = &args.log_level {
+            set("log_level", Raw::Text(level.clone()));
+        }
+        Ok(())
+    }
+
+    /// Every key with its effective value and origin, for `check-config`.
+    pub fn describe(&self, config: &Config) -> Vec<(String, String, String)> {
+        let value_of = |name: &str| -> String {
+            match name {
+                "state_dir" => config.state_dir.display().to_string(),
+                "hostname" => config.hostname.clone(),
+                "extra_sans" => config.extra_sans.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                "https_listen" => listen_text(config.https_listen),
+                "http_listen" => listen_text(config.http_listen),
+                "mdns" => config.mdns.to_string(),
+                "tls_cert" | "tls_key" => match &config.tls {
+                    TlsSource::SelfIssued => "(self-issued)".to_owned(),
+                    TlsSource::Files { cert, key } => {
+                        if name == "tls_cert" {
+                            cert.display().to_string()
+                        } else {
+                            key.display().to_string()
+                        }
+                    }
+                },
+                "log_level" => config.log_level.clone(),
+                "cert_check_interval_secs" => config.cert_check_interval.as_secs().to_string(),
+                "request_timeout_secs" => config.request_timeout.as_secs().to_string(),
+                "max_body_bytes" => config.max_body_bytes.to_string(),
+                "shutdown_grace_secs" => config.shutdown_grace.as_secs().to_string(),
+                _ => String::new(),
+            }
+        };
+        KEYS.iter()
+            .map(|key| {
+                let origin = self.settings.get(key.name).map_or(Origin::Default, |(_, o)| o.clone());
+                (key.name.to_owned(), value_of(key.name), origin.to_string())
+            })
+            .collect()
+    }
+
+    /// Validates the gathered settings into a [`Config`]. `systemd_state_dir` is `$STATE_DIRECTORY`, if set.
+    pub fn resolve(&self, systemd_state_dir: Option<&str>) -> Result<Config, ConfigError> {
+        let default_state_dir = systemd_state_dir
+            .and_then(|dirs| dirs.split(':').next())
+            .filter(|dir| !dir.is_empty())
+            .unwrap_or(DEFAULT_STATE_DIR);
+        let state_dir = PathBuf::from(self.text("state_dir").unwrap_or(default_state_dir));
+        if state_dir.as_os_str().is_empty() {
+            return Err(self.invalid("state_dir", "it is empty; name a directory enrolld may write to"));
+        }
+
+        let hostname = self.text("hostname").unwrap_or("enroll").to_owned();
+        validate_hostname(&hostname).map_err(|reason| self.invalid("hostname", &reason))?;
+
+        let mut extra_sans = Vec::new();
+        for item in self.list("extra_sans") {
+            let name = parse_subject_name(item).map_err(|reason| self.invalid("extra_sans", &reason))?;
+            extra_sans.push(name);
+        }
+
+        let https_listen = self.listen("https_listen", "[::]:8443")?;
+        let http_listen = self.listen("http_listen", "[::]:8080")?;
+        match (https_listen, http_listen) {
+            (None, None) => {
+                return Err(ConfigError::Conflict(
+                    "https_listen and http_listen are both off, so enrolld would serve nothing; turn one on".into(),
+                ));
+            }
+            (Some(a), Some(b)) if a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified()) => {
+                return Err(ConfigError::Conflict(format!(
+                    "https_listen {a} and http_listen {b} use the same port; give plain HTTP another port (such as 80 or 8080)"
+                )));
+            }
+            _ => {}
+        }
+
+        let tls = match (self.text("tls_cert"), self.text("tls_key")) {
+            (None, None) => TlsSource::SelfIssued,
+            (Some(cert), Some(key)) => TlsSource::Files { cert: cert.into(), key: key.into() },
+            (Some(_), None) => {
+                return Err(ConfigError::Conflict(
+                    "tls_cert is set but tls_key is not; give both (--tls-cert and --tls-key) or neither".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "tls_key is set but tls_cert is not; give both (--tls-cert and --tls-key) or neither".into(),
+                ));
+            }
+        };
+
+        let log_level = self.text("log_level").unwrap_or("info").to_owned();
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log_level) {
+            return Err(self.invalid(
+                "log_level",
+                &format!("{error}; use error, warn, info, debug or trace, or a directive such as enrolld=debug,info"),
+            ));
+        }
+
+        Ok(Config {
+            state_dir,
+            hostname,
+            extra_sans,
+            https_listen,
+            http_listen,
+            mdns: self.bool("mdns").unwrap_or(true),
+            tls,
+            log_level,
+            cert_check_interval: Duration::from_secs(self.integer("cert_check_interval_secs", 60, 1..=86_400)?),
+            request_timeout: Duration::from_secs(self.integer("request_timeout_secs", 30, 1..=3_600)?),
+            max_body_bytes: usize::try_from(self.integer("max_body_bytes", 1 << 20, 1024..=1 << 30)?)
+                .unwrap_or(usize::MAX),
+            shutdown_grace: Duration::from_secs(self.integer("shutdown_grace_secs", 10, 0..=600)?),
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<&(Raw, Origin)> {
+        self.settings.get(name)
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        match self.get(name) {
+            Some((Raw::Text(text), _)) => Some(text.as_str()),
+            _ => None,
+        }
+    }
+
+    fn bool(&self, name: &str) -> Option<bool> {
+        match self.get(name) {
+            Some((Raw::Bool(value), _)) => Some(*value),
+            _ => None,
+        }
+    }
+
+    fn list(&self, name: &str) -> &[String] {
+        match self.get(name) {
+            Some((Raw::List(items), _)) => items,
+            _ => &[],
+        }
+    }
+
+    fn integer(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let value = match self.get(name) {
+            Some((Raw::Integer(value), _)) => u64::try_from(*value).unwrap_or(u64::MAX),
+            _ => default,
+        };
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(self.invalid(name, &format!("use a whole number from {} to {}", range.start(), range.end())))
+        }
+    }
+
+    fn listen(&self, name: &'static str, default: &str) -> Result<Option<SocketAddr>, ConfigError> {
+        let text = self.text(name).unwrap_or(default);
+        parse_listen(text).map_err(|reason| self.invalid(name, &reason))
+    }
+
+    fn invalid(&self, name: &'static str, reason: &str) -> ConfigError {
+        let (value, origin) = match self.get(name) {
+            Some((raw, origin)) => (raw.to_string(), origin.clone()),
+            None => ("(default)".to_owned(), Origin::Default),
+        };
+        ConfigError::Invalid { key: name, value, origin, reason: reason.to_owned() }
+    }
+}
+
+fn listen_text(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
+}
+
+fn find_key(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|key| key.name == name)
+}
+
+fn known_keys() -> String {
+    KEYS.iter().map(|key| key.name).collect::<Vec<_>>().join(", ")
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            line.strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+                || line.trim_end() == format!("[{key}]")
+        })
+        .map(|index| index + 1)
+}
+
+fn type_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Text => "a string in quotes",
+        Kind::Bool => "true or false",
+        Kind::Integer => "a whole number",
+        Kind::List => "a list of strings such as [\"a\", \"b\"]",
+    }
+}
+
+fn raw_from_toml(key: &Key, value: toml::Value, origin: &Origin) -> Result<Raw, ConfigError> {
+    let shown = value.to_string();
+    let raw = match (key.kind, value) {
+        (Kind::Text, toml::Value::String(text)) => Some(Raw::Text(text)),
+        (Kind::Bool, toml::Value::Boolean(value)) => Some(Raw::Bool(value)),
+        (Kind::Integer, toml::Value::Integer(value)) => Some(Raw::Integer(value)),
+        (Kind::List, toml::Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                toml::Value::String(text) => Some(text),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(Raw::List),
+        _ => None,
+    };
+    raw.ok_or_else(|| ConfigError::Invalid {
+        key: key.name,
+        value: shown,
+        origin: origin.clone(),
+        reason: format!("expected {}", type_name(key.kind)),
+    })
+}
+
+fn raw_from_text(key: &Key, text: &str, origin: &Origin) -> Result<Raw, ConfigError> {
+    let invalid = |reason: &str| ConfigError::Invalid {
+        key: key.name,
+        value: format!("{text:?}"),
+        origin: origin.clone(),
+        reason: reason.to_owned(),
+    };
+    Ok(match key.kind {
+        Kind::Text => Raw::Text(text.to_owned()),
+        Kind::Bool => match text.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Raw::Bool(true),
+            "0" | "false" | "no" | "off" => Raw::Bool(false),
+            _ => return Err(invalid("expected true or false")),
+        },
+        Kind::Integer => Raw::Integer(text.trim().parse().map_err(|_| invalid("expected a whole number"))?),
+        Kind::List => {
+            Raw::List(text.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect())
+        }
+    })
+}
+
+/// Parses a listen address: `off`, `HOST:PORT`, `[V6]:PORT`, or a bare port meaning every address.
+pub fn parse_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(Some(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))));
+    }
+    text.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| "expected an address and port such as [::]:8443 or 0.0.0.0:443, a bare port, or off".to_owned())
+}
+
+/// Checks that `name` is a single DNS label, as mDNS `.local` names are.
+pub fn validate_hostname(name: &str) -> Result<(), String> {
+    if name.ends_with(".local") {
+        return Err(format!(
+            "give the name without .local (use {:?}; the box is then reachable as {name})",
+            name.trim_end_matches(".local")
+        ));
+    }
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if name.is_empty() || name.len() > 63 || !ok_chars || name.starts_with('-') || name.ends_with('-') {
+        return Err(
+            "use 1 to 63 letters, digits and hyphens, not starting or ending with a hyphen, such as enroll".to_owned()
+        );
+    }
+    Ok(())
+}
+
+/// Parses an extra certificate name: an IP address or a DNS name.
+pub fn parse_subject_name(text: &str) -> Result<SubjectName, String> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(SubjectName::Ip(ip));
+    }
+    let lowered = text.trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if lowered.len() <= 253 && lowered.split('.').all(label_ok) {
+        Ok(SubjectName::Dns(lowered))
+    } else {
+        Err(format!("{text:?} is neither an IP address nor a DNS name such as enroll.example.com"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).collect()
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("enrolld.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_apply_without_any_layer() {
+        let layers = Layers::gather(&ConfigArgs { config: None, ..Default::default() }, env(&[])).unwrap();
+        let config = layers.resolve(None).unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("./enrolld-data"));
+        assert_eq!(config.https_listen, Some("[::]:8443".parse().unwrap()));
+        assert_eq!(config.http_listen, Some("[::]:8080".parse().unwrap()));
+        assert_eq!(config.hostname, "enroll");
+        assert!(config.mdns);
+        assert_eq!(config.tls, TlsSource::SelfIssued);
+        assert_eq!(layers.resolve(Some("/var/lib/enrolld")).unwrap().state_dir, PathBuf::from("/var/lib/enrolld"));
+    }
+
+    #[test]
+    fn each_layer_overrides_the_one_before() {
+        let (_dir, path) = file("hostname = \"from-file\"\nhttps_listen = \"127.0.0.1:1\"\nhttp_listen = \"off\"\n");
+        let args =
+            ConfigArgs { config: Some(path.clone()), https_listen: Some("127.0.0.1:3".into()), ..Default::default() };
+        let layers = Layers::gather(
+            &args,
+            env(&[("ENROLLD_HOSTNAME", "from-env"), ("ENROLLD_HTTPS_LISTEN", "127.0.0.1:2"), ("PATH", "/bin")]),
+        )
+        .unwrap();
+        let config = layers.resolve(None).unwrap();
+        assert_eq!(config.hostname, "from-env");
+        assert_eq!(config.https_listen, Some("127.0.0.1:3".parse().unwrap()));
+        assert_eq!(config.http_listen, None);
+        let described = layers.describe(&config);
+        let origin_of = |key: &str| described.iter().find(|(k, _, _)| k == key).unwrap().2.clone();
+        assert_eq!(origin_of("hostname"), "from environment variable ENROLLD_HOSTNAME");
+        assert_eq!(origin_of("https_listen"), "from --https-listen");
+        assert_eq!(origin_of("http_listen"), format!("in {} line 3", path.display()));
+        assert_eq!(origin_of("mdns"), "(built-in default)");
+    }
+
+    #[test]
+    fn unknown_file_key_names_the_key_and_line() {
+        let (_dir, path) = file("hostname = \"a\"\nhttps_lisen = \"[::]:443\"\n");
+        let args = ConfigArgs { config: Some(path), ..Default::default() };
+        let message = Layers::gather(&args, env(&[])).unwrap_err().to_string();
+        assert!(message.contains("unknown key `https_lisen`"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("https_listen"), "lists the known keys: {message}");
+    }
+
+    #[test]
+    fn unknown_environment_variable_is_refused() {
+        let message = Layers::gather(&ConfigArgs::default(), env(&[("ENROLLD_HOSTNAM", "x")])).unwrap_err().to_string();
+        assert!(message.contains("ENROLLD_HOSTNAM"), "{message}");
+        assert!(message.contains("ENROLLD_HOSTNAME"), "{message}");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_origin() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("ENROLLD_HTTPS_LISTEN", "nonsense")], "https_listen"),
+            (&[("ENROLLD_HOSTNAME", "bad_name")], "hostname"),
+            (&[("ENROLLD_HOSTNAME", "enroll.local")], "without .local"),
+            (&[("ENROLLD_MDNS", "maybe")], "true or false"),
+            (&[("ENROLLD_EXTRA_SANS", "ok.example, not a name")], "extra_sans"),
+            (&[("ENROLLD_LOG_LEVEL", "loud=?")], "log_level"),
+            (&[("ENROLLD_REQUEST_TIMEOUT_SECS", "0")], "from 1 to 3600"),
+            (&[("ENROLLD_HTTPS_LISTEN", "off"), ("ENROLLD_HTTP_LISTEN", "off")], "both off"),
+            (&[("ENROLLD_HTTPS_LISTEN", "8000"), ("ENROLLD_HTTP_LISTEN", "[::]:8000")], "same port"),
+            (&[("ENROLLD_TLS_CERT", "/x.pem")], "tls_key is not"),
+        ];
+        for (vars, expected) in cases {
+            let result = Layers::gather(&ConfigArgs::default(), env(vars)).and_then(|layers| layers.resolve(None));
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains(expected), "{vars:?}: {message}");
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+    }
+
+    #[test]
+    fn wrong_toml_type_and_syntax_are_reported_with_lines() {
+        let (_dir, path) = file("mdns = \"yes\"\n");
+        let message =
+            Layers::gather(&ConfigArgs { config: Some(path), ..Default::default() }, env(&[])).unwrap_err().to_string();
+        assert!(
+            message.contains("`mdns`") && message.contains("true or false") && message.contains("line 1"),
+            "{message}"
+        );
+
+        let (_dir, path) = file("hostname = \"a\"\nhttp_listen = [\n");
+        let message =
+            Layers::gather(&ConfigArgs { config: Some(path), ..Default::default() }, env(&[])).unwrap_err().to_string();
+        assert!(message.contains("not valid TOML at line"), "{message}");
+    }
+
+    #[test]
+    fn listen_addresses_and_names_parse() {
+        assert_eq!(parse_listen("off").unwrap(), None);
+        assert_eq!(parse_listen("443").unwrap(), Some("[::]:443".parse().unwrap()));
+        assert_eq!(parse_listen("0.0.0.0:80").unwrap(), Some("0.0.0.0:80".parse().unwrap()));
+        assert!(parse_listen("localhost:80").is_err());
+        assert_eq!(parse_subject_name("Box.Example.COM.").unwrap(), SubjectName::Dns("box.example.com".into()));
+        assert_eq!(parse_subject_name("fd00::7").unwrap(), SubjectName::Ip("fd00::7".parse().unwrap()));
+    }
+}
