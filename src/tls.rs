@@ -1,0 +1,341 @@
+//! The HTTPS identity: the rustls configuration (ring provider, TLS 1.2 and 1.3), a certificate that can be swapped
+//! while connections stay up, and the [`CertificateKeeper`] that re-issues it when it nears expiry or the box's
+//! addresses change.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+
+use crate::addrs::AddressSource;
+use crate::clock::Clock;
+use crate::config::{Config, SubjectName, TlsSource};
+use crate::pki::{self, CertificateAuthority, PkiError, ServerCertificate};
+use crate::store::{CertificateRecord, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the certificate's key cannot be used by TLS: {0}")]
+    Key(rustls::Error),
+}
+
+/// The certificate handed to every new TLS handshake; replacing it leaves established connections alone.
+pub struct ServingCertificate {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl fmt::Debug for ServingCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServingCertificate")
+    }
+}
+
+impl ServingCertificate {
+    pub fn new(cert: &ServerCertificate) -> Result<Self, TlsError> {
+        Ok(ServingCertificate { current: ArcSwap::from_pointee(certified_key(cert)?) })
+    }
+
+    pub fn replace(&self, cert: &ServerCertificate) -> Result<(), TlsError> {
+        self.current.store(Arc::new(certified_key(cert)?));
+        Ok(())
+    }
+
+    /// The leaf certificate now being served.
+    pub fn leaf(&self) -> Vec<u8> {
+        self.current.load().cert.first().map(|der| der.to_vec()).unwrap_or_default()
+    }
+}
+
+impl ResolvesServerCert for ServingCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn certified_key(cert: &ServerCertificate) -> Result<CertifiedKey, TlsError> {
+    let key = rustls::crypto::ring::sign::any_supported_type(&cert.private_key()).map_err(TlsError::Key)?;
+    Ok(CertifiedKey::new(cert.chain.clone(), key))
+}
+
+/// A rustls server configuration on the ring provider, TLS 1.2 and 1.3, offering HTTP/2 and HTTP/1.1.
+pub fn server_config(resolver: Arc<ServingCertificate>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Key)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What a check of the certificate did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckOutcome {
+    Unchanged,
+    /// A new certificate is being served, for the reason given.
+    Replaced(String),
+}
+
+/// Keeps the HTTPS certificate current: the self-issued one is re-issued by the appliance's CA when it is within
+/// 30 days of expiry or when the names it should carry changed; an admin-supplied one is reloaded when its files
+/// change on disk.
+pub struct CertificateKeeper {
+    mode: KeeperMode,
+    serving: Arc<ServingCertificate>,
+    clock: Arc<dyn Clock>,
+}
+
+enum KeeperMode {
+    SelfIssued(Box<SelfIssued>),
+    Files { cert: PathBuf, key: PathBuf, loaded: Vec<u8> },
+}
+
+struct SelfIssued {
+    ca: Arc<CertificateAuthority>,
+    store: Store,
+    addresses: Arc<dyn AddressSource>,
+    pki_dir: PathBuf,
+    hostname: String,
+    extra: Vec<SubjectName>,
+    current: pki::CertInfo,
+}
+
+impl fmt::Debug for CertificateKeeper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateKeeper").finish_non_exhaustive()
+    }
+}
+
+impl CertificateKeeper {
+    /// Loads or issues the certificate to serve at start-up.
+    pub fn start(
+        config: &Config,
+        ca: Arc<CertificateAuthority>,
+        store: Store,
+        addresses: Arc<dyn AddressSource>,
+        pki_dir: PathBuf,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, TlsError> {
+        match &config.tls {
+            TlsSource::Files { cert, key } => {
+                let loaded = ServerCertificate::load_files(cert, key)?;
+                warn_if_expiring(&loaded.info, clock.now());
+                Ok(CertificateKeeper {
+                    serving: Arc::new(ServingCertificate::new(&loaded)?),
+                    mode: KeeperMode::Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        loaded: files_fingerprint(cert, key),
+                    },
+                    clock,
+                })
+            }
+            TlsSource::SelfIssued => {
+                let now = clock.now();
+                let wanted = pki::wanted_names(&config.hostname, &config.extra_sans, &addresses.addresses());
+                let existing =
+                    ServerCertificate::load_issued(&pki_dir)?.filter(|cert| cert.chain.get(1) == Some(ca.cert_der()));
+                let cert = match existing {
+                    Some(cert) => match pki::reissue_reason(&cert.info, &wanted, now) {
+                        None => cert,
+                        Some(reason) => issue(&ca, &store, &pki_dir, &config.hostname, &wanted, now, reason)?,
+                    },
+                    None => issue(&ca, &store, &pki_dir, &config.hostname, &wanted, now, "first start".into())?,
+                };
+                Ok(CertificateKeeper {
+                    serving: Arc::new(ServingCertificate::new(&cert)?),
+                    mode: KeeperMode::SelfIssued(Box::new(SelfIssued {
+                        ca,
+                        store,
+                        addresses,
+                        pki_dir,
+                        hostname: config.hostname.clone(),
+                        extra: config.extra_sans.clone(),
+                        current: cert.info,
+                    })),
+                    clock,
+                })
+            }
+        }
+    }
+
+    /// The resolver to hand to rustls; it follows every replacement this keeper makes.
+    pub fn serving(&self) -> Arc<ServingCertificate> {
+        self.serving.clone()
+    }
+
+    /// Checks the certificate once and replaces it if needed.
+    pub fn check(&mut self) -> Result<CheckOutcome, TlsError> {
+        let now = self.clock.now();
+        match &mut self.mode {
+            KeeperMode::SelfIssued(keep) => {
+                let SelfIssued { ca, store, addresses, pki_dir, hostname, extra, current } = keep.as_mut();
+                let wanted = pki::wanted_names(hostname, extra, &addresses.addresses());
+                let Some(reason) = pki::reissue_reason(current, &wanted, now) else {
+                    return Ok(CheckOutcome::Unchanged);
+                };
+                let cert = issue(ca, store, pki_dir, hostname, &wanted, now, reason.clone())?;
+                self.serving.replace(&cert)?;
+                *current = cert.info;
+                Ok(CheckOutcome::Replaced(reason))
+            }
+            KeeperMode::Files { cert, key, loaded } => {
+                let on_disk = files_fingerprint(cert, key);
+                if on_disk == *loaded {
+                    return Ok(CheckOutcome::Unchanged);
+                }
+                let fresh = ServerCertificate::load_files(cert, key)?;
+                self.serving.replace(&fresh)?;
+                *loaded = on_disk;
+                warn_if_expiring(&fresh.info, now);
+                Ok(CheckOutcome::Replaced(format!("{} changed on disk", cert.display())))
+            }
+        }
+    }
+
+    /// Checks every `interval` until `shutdown`; a failed check is logged and tried again next time.
+    pub async fn run(mut self, interval: std::time::Duration, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.check() {
+                Ok(CheckOutcome::Unchanged) => {}
+                Ok(CheckOutcome::Replaced(reason)) => {
+                    tracing::info!(%reason, "now serving a new TLS certificate")
+                }
+                Err(error) => {
+                    tracing::error!(%error, "checking the TLS certificate failed; keeping the current one")
+                }
+            }
+        }
+    }
+}
+
+fn issue(
+    ca: &CertificateAuthority,
+    store: &Store,
+    pki_dir: &std::path::Path,
+    hostname: &str,
+    wanted: &std::collections::BTreeSet<SubjectName>,
+    now: time::OffsetDateTime,
+    reason: String,
+) -> Result<ServerCertificate, TlsError> {
+    let cert = ca.issue_server(&format!("{hostname}.local"), wanted, now)?;
+    cert.save_issued(pki_dir)?;
+    store.record_server_certificate(&CertificateRecord {
+        serial: cert.info.serial.clone(),
+        subject: cert.info.subject.clone(),
+        names: cert.info.names.iter().map(ToString::to_string).collect(),
+        not_before: cert.info.not_before.unix_timestamp(),
+        not_after: cert.info.not_after.unix_timestamp(),
+        sha256: cert.info.sha256.clone(),
+        reason: reason.clone(),
+    })?;
+    tracing::info!(serial = %cert.info.serial, %reason, not_after = %cert.info.not_after.date(), "issued TLS certificate");
+    Ok(cert)
+}
+
+fn files_fingerprint(cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(cert).unwrap_or_default();
+    bytes.extend(std::fs::read(key).unwrap_or_default());
+    ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().to_vec()
+}
+
+fn warn_if_expiring(info: &pki::CertInfo, now: time::OffsetDateTime) {
+    if now + pki::RENEW_BEFORE >= info.not_after {
+        tracing::warn!(not_after = %info.not_after, "the TLS certificate you supplied expires within 30 days; replace its files (enrolld reloads them by itself)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addrs::StaticAddresses;
+    use crate::clock::ManualClock;
+    use crate::config::{ConfigArgs, Layers};
+    use time::{Duration, OffsetDateTime};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        clock: ManualClock,
+        addresses: StaticAddresses,
+        store: Store,
+        keeper: CertificateKeeper,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Layers::gather(&ConfigArgs::default(), Vec::new()).unwrap().resolve(None).unwrap();
+        let clock = ManualClock::new(OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap());
+        let addresses = StaticAddresses::new(["192.168.1.20".parse().unwrap()]);
+        let store = Store::open_temporary().unwrap();
+        let (ca, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", clock.now()).unwrap();
+        let keeper = CertificateKeeper::start(
+            &config,
+            Arc::new(ca),
+            store.clone(),
+            Arc::new(addresses.clone()),
+            dir.path().to_owned(),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        Fixture { _dir: dir, clock, addresses, store, keeper }
+    }
+
+    fn served_names(keeper: &CertificateKeeper) -> Vec<String> {
+        let info = pki::parse_certificate(&keeper.serving().leaf()).unwrap();
+        info.names.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn nothing_changes_while_the_certificate_is_good() {
+        let mut f = fixture();
+        let before = f.keeper.serving().leaf();
+        f.clock.advance(Duration::days(300));
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged);
+        assert_eq!(f.keeper.serving().leaf(), before);
+        assert_eq!(f.store.issued_certificates().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn renewed_thirty_days_before_expiry_by_the_same_ca() {
+        let mut f = fixture();
+        let before = pki::parse_certificate(&f.keeper.serving().leaf()).unwrap();
+        f.clock.advance(Duration::days(368));
+        let CheckOutcome::Replaced(reason) = f.keeper.check().unwrap() else { panic!("not renewed") };
+        assert!(reason.starts_with("it expires on"), "{reason}");
+        let after = pki::parse_certificate(&f.keeper.serving().leaf()).unwrap();
+        assert_ne!(after.serial, before.serial);
+        assert!(after.not_after > before.not_after);
+        let issuers: Vec<_> = f.store.issued_certificates().unwrap();
+        assert_eq!(issuers.len(), 2);
+        assert_eq!(f.store.current_server_certificate().unwrap().unwrap().serial, after.serial);
+    }
+
+    #[test]
+    fn reissued_when_the_address_changes() {
+        let mut f = fixture();
+        assert!(served_names(&f.keeper).contains(&"192.168.1.20".to_owned()));
+        f.addresses.set(["192.168.1.77".parse().unwrap(), "fe80::1".parse().unwrap()]);
+        let outcome = f.keeper.check().unwrap();
+        assert_eq!(outcome, CheckOutcome::Replaced("names changed: +192.168.1.77 -192.168.1.20".into()));
+        let names = served_names(&f.keeper);
+        assert!(names.contains(&"192.168.1.77".to_owned()) && !names.contains(&"192.168.1.20".to_owned()));
+        assert!(names.contains(&"enroll.local".to_owned()) && names.contains(&"::1".to_owned()));
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "stable once reissued");
+    }
+}
