@@ -1,0 +1,305 @@
+//! The daemon's life: bind, open the store, load the CA and certificate, start every task under one shutdown
+//! signal, tell systemd, and on the way out stop accepting, let requests finish, withdraw mDNS and flush the store.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::task::{Id, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::addrs::{AddressSource, SystemAddresses};
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::http::{self, AppState, Limits};
+use crate::mdns::{Announcement, Announcer};
+use crate::pki::{CertificateAuthority, PkiError};
+use crate::state_dir::{StateDir, StateDirError};
+use crate::store::{Store, StoreError};
+use crate::tls::{self, CertificateKeeper, TlsError};
+
+/// Why the daemon did not start (exit code 2) or stopped abnormally (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{key}: cannot listen on {addr}: {advice}")]
+    Bind { key: &'static str, addr: SocketAddr, advice: String },
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the {task} task stopped unexpectedly; enrolld is shutting down (see the log above for why)")]
+    TaskEnded { task: &'static str },
+}
+
+impl DaemonError {
+    /// 2 for anything that stopped start-up (configuration, ports, state directory), 1 for a failure later.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::TaskEnded { .. } => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// The sockets `main` bound before handing over.
+#[derive(Debug)]
+pub struct Listeners {
+    pub https: Option<std::net::TcpListener>,
+    pub http: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every configured listener, with a message naming the port and the fix when one cannot be bound.
+    pub fn bind(config: &Config) -> Result<Listeners, DaemonError> {
+        Ok(Listeners {
+            https: config.https_listen.map(|addr| bind_one("https_listen", addr)).transpose()?,
+            http: config.http_listen.map(|addr| bind_one("http_listen", addr)).transpose()?,
+        })
+    }
+}
+
+fn bind_one(key: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
+    match bind_socket(addr) {
+        Ok(listener) => Ok(listener),
+        // A host with IPv6 switched off cannot bind [::]; every IPv4 address is the closest match.
+        Err(error) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && error.raw_os_error() == Some(97) => {
+            tracing::warn!(%addr, "IPv6 is not available; listening on IPv4 only");
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            bind_socket(v4).map_err(|error| bind_error(key, v4, &error))
+        }
+        Err(error) => Err(bind_error(key, addr, &error)),
+    }
+}
+
+fn bind_socket(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // Serve IPv4 too on a [::] listener, whatever the host's default.
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn bind_error(key: &'static str, addr: SocketAddr, error: &io::Error) -> DaemonError {
+    let flag = key.replace('_', "-");
+    let port = addr.port();
+    let advice = match error.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            "port {port} is already in use by another program (`ss -ltnp 'sport = :{port}'` shows which); stop it or choose another port with --{flag}"
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "port {port} needs privilege; run with CAP_NET_BIND_SERVICE (the systemd unit grants it) or choose a port from 1024 up with --{flag}"
+        ),
+        io::ErrorKind::AddrNotAvailable => format!(
+            "{} is not an address of this machine; use [::] for every address or one the machine has, with --{flag}",
+            addr.ip()
+        ),
+        _ => format!("{error}; choose another address with --{flag}"),
+    };
+    DaemonError::Bind { key, addr, advice }
+}
+
+/// The outside world the daemon reads: the clock and the box's addresses. Tests substitute their own.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub clock: Arc<dyn Clock>,
+    pub addresses: Arc<dyn AddressSource>,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Environment { clock: Arc::new(SystemClock), addresses: Arc::new(SystemAddresses) }
+    }
+}
+
+/// Runs the daemon until `shutdown` completes (or a task fails).
+pub async fn run(
+    config: Config,
+    state_dir: StateDir,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    env: Environment,
+) -> Result<(), DaemonError> {
+    let store = Store::open(&state_dir.database())?;
+    let (ca, created) = CertificateAuthority::load_or_create(&state_dir.pki(), &config.hostname, env.clock.now())?;
+    if created {
+        tracing::info!(subject = %ca.info().subject, sha256 = %ca.info().sha256, "created the appliance CA");
+    }
+    let ca = Arc::new(ca);
+    let keeper = CertificateKeeper::start(
+        &config,
+        ca.clone(),
+        store.clone(),
+        env.addresses.clone(),
+        state_dir.pki(),
+        env.clock.clone(),
+    )?;
+    let state = AppState { store: store.clone(), ca_pem: ca.cert_pem().into(), clock: env.clock.clone() };
+    let limits = Limits { request_timeout: config.request_timeout, max_body_bytes: config.max_body_bytes };
+    let token = CancellationToken::new();
+    let mut tasks = Tasks::default();
+
+    let https_addr = match listeners.https {
+        Some(listener) => {
+            let listener = tokio_listener(listener, "https_listen")?;
+            let addr = listener.local_addr().ok();
+            let tls = tls::server_config(keeper.serving())?;
+            let app = http::https_router(state.clone(), limits);
+            let serving = http::serve::serve(listener, Some(tls), app, token.clone(), config.shutdown_grace);
+            tasks.spawn("https", serving);
+            addr
+        }
+        None => None,
+    };
+    let http_addr = match listeners.http {
+        Some(listener) => {
+            let listener = tokio_listener(listener, "http_listen")?;
+            let addr = listener.local_addr().ok();
+            let app = match https_addr {
+                Some(https) => http::http_redirect_router(state.clone(), limits, https.port()),
+                None => {
+                    tracing::warn!(
+                        "HTTPS is off: serving everything over plain HTTP; use this only behind a TLS proxy"
+                    );
+                    http::https_router(state.clone(), limits)
+                }
+            };
+            let serving = http::serve::serve(listener, None, app, token.clone(), config.shutdown_grace);
+            tasks.spawn("http", serving);
+            addr
+        }
+        None => None,
+    };
+    tasks.spawn("tls-keeper", keeper.run(config.cert_check_interval, token.clone()));
+
+    let web = https_addr.map(|a| (a.port(), true)).or(http_addr.map(|a| (a.port(), false)));
+    let announcer = match web {
+        Some((port, https)) if config.mdns => {
+            let what =
+                Announcement { hostname: config.hostname.clone(), port, https, ca_sha256: ca.info().sha256.clone() };
+            Announcer::start(&what).map_err(|error| tracing::warn!(%error)).ok()
+        }
+        _ => None,
+    };
+
+    notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
+    tracing::info!("{}", banner(&config, https_addr, http_addr, &env.addresses.addresses()));
+
+    let failed = tokio::select! {
+        () = shutdown => None,
+        name = tasks.first_to_end() => Some(name),
+    };
+    tracing::info!("shutting down");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    token.cancel();
+    tasks.join_all().await;
+    if let Some(announcer) = announcer {
+        tokio::task::spawn_blocking(move || announcer.stop()).await.ok();
+    }
+    store.flush()?;
+    drop(state_dir);
+    tracing::info!("stopped");
+    match failed {
+        Some(task) => Err(DaemonError::TaskEnded { task }),
+        None => Ok(()),
+    }
+}
+
+fn tokio_listener(listener: std::net::TcpListener, key: &'static str) -> Result<tokio::net::TcpListener, DaemonError> {
+    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    listener.set_nonblocking(true).map_err(|error| bind_error(key, addr, &error))?;
+    tokio::net::TcpListener::from_std(listener).map_err(|error| bind_error(key, addr, &error))
+}
+
+/// The daemon's long-running tasks, by name, so the log says which one stopped.
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<()>,
+    names: HashMap<Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    fn name(&self, id: Id) -> &'static str {
+        self.names.get(&id).copied().unwrap_or("unnamed")
+    }
+
+    /// Waits for whichever task ends first (none should before shutdown) and returns its name.
+    async fn first_to_end(&mut self) -> &'static str {
+        match self.set.join_next_with_id().await {
+            Some(Ok((id, ()))) => self.name(id),
+            Some(Err(error)) => self.name(error.id()),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for every task to finish after the shutdown signal.
+    async fn join_all(&mut self) {
+        while let Some(result) = self.set.join_next_with_id().await {
+            match result {
+                Ok((id, ())) => tracing::debug!(task = self.name(id), "stopped"),
+                Err(error) => tracing::error!(task = self.name(error.id()), %error, "task failed"),
+            }
+        }
+    }
+}
+
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// One line that tells the admin where to go.
+fn banner(
+    config: &Config,
+    https: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    addresses: &[std::net::IpAddr],
+) -> String {
+    let url = |scheme: &str, host: &str, port: u16, default: u16| {
+        if port == default { format!("{scheme}://{host}/") } else { format!("{scheme}://{host}:{port}/") }
+    };
+    let (scheme, port, default) = match (https, http) {
+        (Some(a), _) => ("https", a.port(), 443),
+        (None, Some(a)) => ("http", a.port(), 80),
+        (None, None) => ("https", 0, 443),
+    };
+    let mut line = format!(
+        "enrolld {} ready: open {}",
+        env!("CARGO_PKG_VERSION"),
+        url(scheme, &config.mdns_name(), port, default)
+    );
+    let others: Vec<String> = addresses
+        .iter()
+        .map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => url(scheme, &v4.to_string(), port, default),
+            std::net::IpAddr::V6(v6) => url(scheme, &format!("[{v6}]"), port, default),
+        })
+        .collect();
+    if !others.is_empty() {
+        line.push_str(&format!(" (or {})", others.join(", ")));
+    }
+    if let Some(http) = http {
+        line.push_str(&format!("; CA certificate: {}ca.crt", url("http", &config.mdns_name(), http.port(), 80)));
+    }
+    if !config.mdns {
+        line.push_str("; mDNS is off, so use an address");
+    }
+    line
+}

@@ -1,0 +1,154 @@
+//! HTTP: the HTTPS application router, the plain-HTTP router that redirects to it, the middleware every route gets
+//! (request timeout, body-size limit, tracing, `nosniff`), and the shared [`AppState`].
+
+mod error;
+mod ops;
+pub mod serve;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::routing::get;
+use tower::ServiceBuilder;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::HttpError;
+
+use crate::clock::Clock;
+use crate::store::Store;
+
+/// Everything a handler may use; every field is a cheap handle.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub store: Store,
+    /// The appliance CA in PEM, served at `/ca.crt`.
+    pub ca_pem: Arc<str>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Limits applied to every route.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+/// The routes both listeners serve as they are: health and the CA certificate.
+fn open_routes() -> Router<AppState> {
+    Router::new().route("/healthz", get(ops::healthz)).route("/ca.crt", get(ops::ca_certificate))
+}
+
+/// The application served over HTTPS.
+pub fn https_router(state: AppState, limits: Limits) -> Router {
+    with_middleware(open_routes().fallback(ops::not_found), limits).with_state(state)
+}
+
+/// The plain-HTTP router: `/healthz` and `/ca.crt` as they are (a device must fetch the CA before it can trust
+/// HTTPS), everything else redirected to HTTPS on `https_port`.
+pub fn http_redirect_router(state: AppState, limits: Limits, https_port: u16) -> Router {
+    let redirect = move |request: axum::extract::Request| async move { ops::redirect_to_https(&request, https_port) };
+    with_middleware(open_routes().fallback(redirect), limits).with_state(state)
+}
+
+fn with_middleware(router: Router<AppState>, limits: Limits) -> Router<AppState> {
+    router.layer(DefaultBodyLimit::max(limits.max_body_bytes)).layer(
+        ServiceBuilder::new()
+            .layer(TraceLayer::new_for_http())
+            .layer(SetResponseHeaderLayer::overriding(
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+            .layer(RequestBodyLimitLayer::new(limits.max_body_bytes)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, header};
+    use tower::ServiceExt;
+
+    fn state() -> AppState {
+        AppState {
+            store: Store::open_temporary().unwrap(),
+            ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            clock: Arc::new(crate::clock::SystemClock),
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits { request_timeout: Duration::from_secs(5), max_body_bytes: 4096 }
+    }
+
+    async fn body_text(response: axum::response::Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn healthz_reports_ok_and_schema() {
+        let response = https_router(state(), limits())
+            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+        let json: serde_json::Value = serde_json::from_str(&body_text(response).await).unwrap();
+        assert_eq!(json["status"], "ok");
+        assert_eq!(json["schema"], crate::store::SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn ca_is_served_as_pem_with_the_x509_type() {
+        let response = https_router(state(), limits())
+            .oneshot(Request::get("/ca.crt").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/x-x509-ca-cert");
+        assert!(body_text(response).await.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[tokio::test]
+    async fn plain_http_redirects_everything_else_to_https() {
+        let router = http_redirect_router(state(), limits(), 8443);
+        let request = Request::get("/admin?tab=pending").header(header::HOST, "enroll.local:8080").body(Body::empty());
+        let response = router.clone().oneshot(request.unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(response.headers()[header::LOCATION], "https://enroll.local:8443/admin?tab=pending");
+
+        let request = Request::get("/").header(header::HOST, "[fd00::2]:80").body(Body::empty()).unwrap();
+        let response = http_redirect_router(state(), limits(), 443).oneshot(request).await.unwrap();
+        assert_eq!(response.headers()[header::LOCATION], "https://[fd00::2]/");
+
+        let response = router.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "healthz is not redirected");
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_refused_with_413() {
+        let request = Request::post("/healthz")
+            .header(header::CONTENT_LENGTH, "100000")
+            .body(Body::from(vec![b'x'; 100_000]))
+            .unwrap();
+        let response = https_router(state(), limits()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_get_a_json_404() {
+        let response =
+            https_router(state(), limits()).oneshot(Request::get("/nope").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let json: serde_json::Value = serde_json::from_str(&body_text(response).await).unwrap();
+        assert_eq!(json["error"], "not_found");
+    }
+}

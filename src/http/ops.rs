@@ -1,0 +1,62 @@
+//! Operational endpoints: `/healthz`, `/ca.crt`, the HTTPS redirect and the 404 answer.
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::uri::Authority;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use serde_json::json;
+
+use super::{AppState, HttpError};
+
+/// Answers 200 when the daemon can read its database; `healthcheck` and systemd watchers use it.
+pub async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, HttpError> {
+    let schema = state
+        .store
+        .schema_version()
+        .map_err(|error| HttpError::unavailable(format!("the database cannot be read: {error}")))?;
+    Ok(Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "schema": schema,
+        "time": state.clock.now().unix_timestamp(),
+    })))
+}
+
+/// The appliance CA, for devices and browsers to trust.
+pub async fn ca_certificate(State(state): State<AppState>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-x509-ca-cert"),
+            (header::CONTENT_DISPOSITION, "inline; filename=\"enrolld-ca.crt\""),
+        ],
+        state.ca_pem.to_string(),
+    )
+        .into_response()
+}
+
+/// Sends a plain-HTTP request to the same host over HTTPS. A temporary (307) redirect, so browsers do not remember
+/// it if the admin later changes ports.
+pub fn redirect_to_https(request: &Request, https_port: u16) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<Authority>().ok())
+        .map(|authority| authority.host().to_owned());
+    let Some(host) = host else {
+        return HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_host",
+            "this address serves HTTPS only; open it with https:// and the box's name",
+        )
+        .into_response();
+    };
+    let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
+    let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    Redirect::temporary(&format!("https://{host}{port}{path}")).into_response()
+}
+
+pub async fn not_found(request: Request) -> HttpError {
+    HttpError::new(StatusCode::NOT_FOUND, "not_found", format!("there is no page at {}", request.uri().path()))
+}
