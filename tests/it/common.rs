@@ -1,0 +1,214 @@
+//! The fixture: start the built binary, wait for `healthcheck`, stop it with SIGTERM; and small HTTP/TLS clients.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_enrolld");
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `enrolld ARGS` to completion with no inherited `ENROLLD_*` variables.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(args, env).output().unwrap()
+}
+
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("ENROLLD_") || key == "NOTIFY_SOCKET" {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A running `enrolld serve`, stopped with SIGTERM when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub https: SocketAddr,
+    pub http: SocketAddr,
+    pub state_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on loopback with mDNS off and waits until `healthcheck` passes.
+    pub fn start(state_dir: &Path, extra: &[&str]) -> Daemon {
+        let daemon = Self::spawn(state_dir, extra, &[]);
+        daemon.wait_healthy();
+        daemon
+    }
+
+    pub fn spawn(state_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = state_dir.with_extension(format!("{}.log", https.port()));
+        let state = state_dir.to_str().unwrap();
+        let (https_arg, http_arg) = (https.to_string(), http.to_string());
+        let mut args =
+            vec!["serve", "--state-dir", state, "--https-listen", &https_arg, "--http-listen", &http_arg, "--no-mdns"];
+        args.extend_from_slice(extra);
+        let child =
+            command(&args, env).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        Daemon { child: Some(child), https, http, state_dir: state_dir.to_owned(), log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Polls `enrolld healthcheck` (as an admin's monitoring would) until it passes.
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (https, http) = (self.https.to_string(), self.http.to_string());
+        let state = self.state_dir.to_str().unwrap();
+        loop {
+            let out =
+                run(&["healthcheck", "--state-dir", state, "--https-listen", &https, "--http-listen", &http], &[]);
+            if out.status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "daemon never became healthy: {}\nlog:\n{}", stderr(&out), self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit, returning the status and how long it took.
+    pub fn terminate(mut self) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().unwrap();
+        let started = Instant::now();
+        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+        let status = wait_with_deadline(&mut child, Duration::from_secs(30));
+        (status, started.elapsed())
+    }
+
+    /// Waits for the process to exit by itself (a start-up failure).
+    pub fn wait_exit(mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let status = wait_with_deadline(&mut child, Duration::from_secs(30));
+        (status, self.log())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(stderr) = child.stderr.as_mut() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            panic!("process did not exit within {limit:?}; killed. {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A response as the tests see it.
+pub struct Fetched {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+    /// The server's certificate chain, for TLS fetches.
+    pub peer_chain: Vec<CertificateDer<'static>>,
+}
+
+/// `GET path` over plain HTTP.
+pub async fn get_plain(addr: SocketAddr, host: &str, path: &str) -> Fetched {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut fetched = get(stream, host, path).await;
+    fetched.peer_chain = Vec::new();
+    fetched
+}
+
+/// `GET path` over TLS to `addr`, verifying the server as `server_name` against `roots` only.
+pub async fn get_tls(
+    addr: SocketAddr,
+    server_name: ServerName<'static>,
+    roots: &[CertificateDer<'static>],
+    path: &str,
+) -> Result<Fetched, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let host = match &server_name {
+        ServerName::DnsName(name) => name.as_ref().to_owned(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        _ => String::new(),
+    };
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server_name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let chain =
+        tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
+    let mut fetched = get(tls, &host, path).await;
+    fetched.peer_chain = chain;
+    Ok(fetched)
+}
+
+async fn get<S>(stream: S, host: &str, path: &str) -> Fetched
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path).header(hyper::header::HOST, host).body(Empty::<Bytes>::new()).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Fetched { status, headers, body: String::from_utf8_lossy(&body).into_owned(), peer_chain: Vec::new() }
+}
+
+pub fn parse_pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>().unwrap()
+}

@@ -1,0 +1,9 @@
+//! Integration tests, in one binary: the real `enrolld` started as a process on free ports with a temporary state
+//! directory, driven from outside as an admin, a device or a second host on the LAN would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod config_errors;
+mod daemon;
+mod mdns;
