@@ -376,7 +376,11 @@ impl Layers {
                     "https_listen and http_listen are both off, so enrolld would serve nothing; turn one on".into(),
                 ));
             }
-            (Some(a), Some(b)) if a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified()) => {
+            (Some(a), Some(b))
+                if a.port() != 0
+                    && a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()) =>
+            {
                 return Err(ConfigError::Conflict(format!(
                     "https_listen {a} and http_listen {b} use the same port; give plain HTTP another port (such as 80 or 8080)"
                 )));
@@ -720,10 +724,41 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_documents_every_key_with_its_default() {
+        let text = include_str!("../enrolld.example.toml");
+        for key in KEYS {
+            assert!(
+                text.contains(&format!("\n{} = ", key.name)) || text.contains(&format!("# {} = ", key.name)),
+                "{}",
+                key.name
+            );
+            if !key.flag.is_empty() {
+                assert!(text.contains(key.flag), "the example names the flag {}", key.flag);
+            }
+        }
+        let mut layers = Layers::default();
+        layers.read_file(Path::new("enrolld.example.toml"), text).unwrap();
+        assert_eq!(layers.resolve(None).unwrap(), Layers::default().resolve(None).unwrap());
+    }
+
+    #[test]
+    fn the_appliance_config_binds_the_standard_ports() {
+        let mut layers = Layers::default();
+        layers.read_file(Path::new("systemd/enrolld.toml"), include_str!("../systemd/enrolld.toml")).unwrap();
+        let config = layers.resolve(Some("/var/lib/enrolld")).unwrap();
+        assert_eq!(config.https_listen, Some("[::]:443".parse().unwrap()));
+        assert_eq!(config.http_listen, Some("[::]:80".parse().unwrap()));
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/enrolld"));
+    }
+
+    #[test]
     fn listen_addresses_and_names_parse() {
         assert_eq!(parse_listen("off").unwrap(), None);
         assert_eq!(parse_listen("443").unwrap(), Some("[::]:443".parse().unwrap()));
         assert_eq!(parse_listen("0.0.0.0:80").unwrap(), Some("0.0.0.0:80".parse().unwrap()));
+        let ephemeral = [("ENROLLD_HTTPS_LISTEN", "127.0.0.1:0"), ("ENROLLD_HTTP_LISTEN", "127.0.0.1:0")];
+        let layers = Layers::gather(&ConfigArgs::default(), env(&ephemeral)).unwrap();
+        assert!(layers.resolve(None).is_ok(), "two ephemeral ports do not clash");
         assert!(parse_listen("localhost:80").is_err());
         assert_eq!(parse_subject_name("Box.Example.COM.").unwrap(), SubjectName::Dns("box.example.com".into()));
         assert_eq!(parse_subject_name("fd00::7").unwrap(), SubjectName::Ip("fd00::7".parse().unwrap()));
