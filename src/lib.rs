@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod healthcheck;
 pub mod http;
 pub mod mdns;
+pub mod model;
 pub mod pki;
 pub mod state_dir;
 pub mod store;

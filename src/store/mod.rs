@@ -1,19 +1,23 @@
-//! The only code that touches sled: typed tables, the schema version with its migrations, and transactions.
+//! The only code that touches sled: typed records with their indexes and counters, the schema version with its
+//! migrations, transactions, and paged scans.
 //!
-//! Records are serde-encoded (JSON, so a field added with `#[serde(default)]` needs no migration). Changes that
-//! touch several records go through [`Store::transact`], so a crash leaves all of them or none.
+//! Records are serde-encoded (JSON, so a field added with `#[serde(default)]` needs no migration). Every record type
+//! says through [`Record`] which index entries and counters it has; [`Tx::put`] and [`Tx::delete`] keep all of them
+//! in step with the record, inside the caller's transaction, so a crash leaves all of a change or none of it.
 
 mod records;
 
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
 
-pub use records::CertificateRecord;
+pub use records::{CertificateRecord, Record, device_status_byte, hardware_key, id_of, invite_status_byte, time_key};
+
+use crate::model::Id;
 
 /// A step that brings a database from schema `n` to `n + 1`; `MIGRATIONS[0]` goes from 1 to 2.
 pub type Migration = fn(&sled::Db) -> Result<(), StoreError>;
@@ -24,10 +28,63 @@ const MIGRATIONS: &[Migration] = &[];
 /// The schema version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1 + MIGRATIONS.len() as u32;
 
-const META: &str = "meta";
-const CERTIFICATES: &str = "certificates";
+/// The trees, by position. Index keys are laid out in `records.rs`; the status bytes there are the enum's order,
+/// so reordering a status enum needs a migration.
+pub mod tree {
+    pub const META: usize = 0;
+    pub const CERTIFICATES: usize = 1;
+    pub const USERS: usize = 2;
+    pub const USERS_BY_EMAIL: usize = 3;
+    pub const GROUPS: usize = 4;
+    pub const GROUPS_BY_NAME: usize = 5;
+    pub const INVITES: usize = 6;
+    pub const INVITES_BY_TOKEN: usize = 7;
+    pub const INVITES_BY_STATUS: usize = 8;
+    pub const INVITES_BY_TIME: usize = 9;
+    pub const INVITES_BY_USER: usize = 10;
+    pub const INVITES_BY_EXPIRY: usize = 11;
+    pub const DEVICES: usize = 12;
+    pub const DEVICES_BY_STATUS: usize = 13;
+    pub const DEVICES_BY_TIME: usize = 14;
+    pub const DEVICES_BY_HARDWARE: usize = 15;
+    pub const DEVICES_BY_USER: usize = 16;
+    pub const STAGED: usize = 17;
+    pub const STAGED_BY_HARDWARE: usize = 18;
+    pub const AUDIT: usize = 19;
+    pub const OUTBOX: usize = 20;
+    pub const ADMINS: usize = 21;
+    pub const SESSIONS: usize = 22;
+
+    pub(super) const NAMES: [&str; 23] = [
+        "meta",
+        "certificates",
+        "users",
+        "users_by_email",
+        "groups",
+        "groups_by_name",
+        "invites",
+        "invites_by_token",
+        "invites_by_status",
+        "invites_by_time",
+        "invites_by_user",
+        "invites_by_expiry",
+        "devices",
+        "devices_by_status",
+        "devices_by_time",
+        "devices_by_hardware",
+        "devices_by_user",
+        "staged",
+        "staged_by_hardware",
+        "audit",
+        "outbox",
+        "admins",
+        "sessions",
+    ];
+}
+
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_CURRENT_SERVER_CERT: &[u8] = b"tls.current_server_serial";
+const COUNTER_PREFIX: &str = "count.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,12 +102,39 @@ pub enum StoreError {
     Io(#[from] sled::Error),
 }
 
+/// Why a transaction did not commit: the caller's own reason, or the store's.
+#[derive(Debug)]
+pub enum TxFailure<E> {
+    Abort(E),
+    Store(StoreError),
+}
+
+/// The error inside a transaction closure. `?` works on store calls and, where the caller provides the `From`, on
+/// the caller's own errors.
+#[derive(Debug)]
+pub enum TxError<E> {
+    Conflict(UnabortableTransactionError),
+    Store(StoreError),
+    Abort(E),
+}
+
+impl<E> From<UnabortableTransactionError> for TxError<E> {
+    fn from(error: UnabortableTransactionError) -> Self {
+        TxError::Conflict(error)
+    }
+}
+
+impl<E> From<StoreError> for TxError<E> {
+    fn from(error: StoreError) -> Self {
+        TxError::Store(error)
+    }
+}
+
 /// A handle on the database; cheap to clone (sled trees are reference-counted).
 #[derive(Clone, Debug)]
 pub struct Store {
     db: sled::Db,
-    meta: sled::Tree,
-    certificates: Table<CertificateRecord>,
+    trees: Vec<sled::Tree>,
 }
 
 impl Store {
@@ -64,7 +148,7 @@ impl Store {
         Self::from_db(db, MIGRATIONS)
     }
 
-    /// An in-memory database that disappears when dropped, for tests.
+    /// An in-memory database that disappears when dropped, for tests and benchmarks.
     pub fn open_temporary() -> Result<Store, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
         Self::from_db(db, MIGRATIONS)
@@ -72,35 +156,41 @@ impl Store {
 
     fn from_db(db: sled::Db, migrations: &[Migration]) -> Result<Store, StoreError> {
         let supported = 1 + migrations.len() as u32;
-        let meta = db.open_tree(META)?;
+        let meta = db.open_tree(tree::NAMES[tree::META])?;
         let found = match meta.get(KEY_SCHEMA_VERSION)? {
             None => {
                 meta.insert(KEY_SCHEMA_VERSION, &supported.to_be_bytes())?;
                 supported
             }
             Some(bytes) => decode_u32(&bytes).ok_or_else(|| StoreError::Corrupt {
-                table: META,
+                table: "meta",
                 key: "schema_version".into(),
                 reason: format!("{} bytes where 4 were expected", bytes.len()),
             })?,
         };
+        if found == 0 {
+            return Err(StoreError::Corrupt {
+                table: "meta",
+                key: "schema_version".into(),
+                reason: "schema version 0 was never written by enrolld".into(),
+            });
+        }
         if found > supported {
             return Err(StoreError::NewerSchema { found, supported });
         }
-        for from in found..supported {
-            let step = migrations[(from - 1) as usize];
+        for (from, step) in (found..supported).zip(migrations.iter().skip((found - 1) as usize)) {
             step(&db).map_err(|error| StoreError::Migration { from, reason: error.to_string() })?;
             meta.insert(KEY_SCHEMA_VERSION, &(from + 1).to_be_bytes())?;
             db.flush()?;
             tracing::info!(from, to = from + 1, "database migrated");
         }
-        let certificates = Table::open(&db, CERTIFICATES)?;
-        Ok(Store { db, meta, certificates })
+        let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Store { db, trees })
     }
 
     /// The schema version stored in the database.
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        let bytes = self.meta.get(KEY_SCHEMA_VERSION)?;
+        let bytes = self.trees[tree::META].get(KEY_SCHEMA_VERSION)?;
         Ok(bytes.as_deref().and_then(decode_u32).unwrap_or(0))
     }
 
@@ -109,93 +199,246 @@ impl Store {
         Ok(self.db.flush()?)
     }
 
+    /// Runs `change` over every tree atomically: either all its writes land or none do. The closure may run more
+    /// than once if it conflicts with a concurrent transaction, so it must not have other side effects.
+    pub fn transact<R, E>(&self, change: impl Fn(&Tx<'_>) -> Result<R, TxError<E>>) -> Result<R, TxFailure<E>> {
+        let result = self.trees[..].transaction(|views| match change(&Tx { views }) {
+            Ok(value) => Ok(value),
+            Err(TxError::Conflict(error)) => Err(error.into()),
+            Err(TxError::Store(error)) => Err(ConflictableTransactionError::Abort(TxFailure::Store(error))),
+            Err(TxError::Abort(error)) => Err(ConflictableTransactionError::Abort(TxFailure::Abort(error))),
+        });
+        match result {
+            Ok(value) => Ok(value),
+            Err(TransactionError::Abort(failure)) => Err(failure),
+            Err(TransactionError::Storage(error)) => Err(TxFailure::Store(StoreError::Io(error))),
+        }
+    }
+
+    /// Reads one record by primary key.
+    pub fn get<R: Record>(&self, key: &[u8]) -> Result<Option<R>, StoreError> {
+        match self.trees[R::TREE].get(key)? {
+            Some(bytes) => Ok(Some(decode(R::TREE, key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Follows a unique index entry to its record's primary key.
+    pub fn lookup(&self, index: usize, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.trees[index].get(key)?.map(|value| value.to_vec()))
+    }
+
+    /// The value of a counter maintained by [`Record::counters`].
+    pub fn count(&self, name: &str) -> Result<u64, StoreError> {
+        let key = format!("{COUNTER_PREFIX}{name}");
+        Ok(self.trees[tree::META].get(key)?.as_deref().and_then(decode_i64).unwrap_or(0).max(0) as u64)
+    }
+
+    /// Pages through `index` (or a record tree) under `prefix`, newest or oldest first, decoding the record each entry
+    /// points at and keeping those `keep` accepts, until `limit` are found. The cursor is the last key returned.
+    pub fn page<R: Record>(
+        &self,
+        scan: Scan<'_>,
+        limit: usize,
+        mut keep: impl FnMut(&R) -> bool,
+    ) -> Result<Page<R>, StoreError> {
+        let index = &self.trees[scan.tree];
+        let mut upper = prefix_end(scan.prefix);
+        let mut lower = scan.prefix.to_vec();
+        if let Some(cursor) = scan.after {
+            if scan.newest_first {
+                upper = Some(cursor.to_vec());
+            } else {
+                lower = [cursor, &[0u8]].concat();
+            }
+        }
+        let range: sled::Iter = match &upper {
+            Some(upper) => index.range(lower.as_slice()..upper.as_slice()),
+            None => index.range(lower.as_slice()..),
+        };
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            if scan.newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        let mut items = Vec::new();
+        let mut last_key = None;
+        for entry in iter {
+            let (key, value) = entry?;
+            let primary = if scan.tree == R::TREE { key.to_vec() } else { value.to_vec() };
+            let record =
+                if scan.tree == R::TREE { Some(decode::<R>(R::TREE, &key, &value)?) } else { self.get::<R>(&primary)? };
+            last_key = Some(key.to_vec());
+            if let Some(record) = record.filter(|r| keep(r)) {
+                items.push(record);
+                if items.len() == limit {
+                    break;
+                }
+            }
+        }
+        let next = if items.len() == limit { last_key } else { None };
+        Ok(Page { items, next })
+    }
+
+    /// Every primary key an index holds under `prefix` (for bulk work over a filter).
+    pub fn keys_under(&self, index: usize, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.trees[index].scan_prefix(prefix).map(|entry| Ok(entry?.1.to_vec())).collect()
+    }
+
+    /// Primary keys in `index` whose keys sort before `upper` (an expiry index, for instance).
+    pub fn keys_before(&self, index: usize, upper: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.trees[index].range(..upper).map(|entry| Ok(entry?.1.to_vec())).collect()
+    }
+
+    /// A value in the meta tree, created with `make` on first use (the appliance's secret keys).
+    pub fn meta_or_insert(&self, key: &str, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let meta = &self.trees[tree::META];
+        if let Some(value) = meta.get(key)? {
+            return Ok(value.to_vec());
+        }
+        let fresh = make();
+        match meta.compare_and_swap(key, None as Option<&[u8]>, Some(fresh.as_slice()))? {
+            Ok(()) => Ok(fresh),
+            Err(current) => Ok(current.current.map(|v| v.to_vec()).unwrap_or(fresh)),
+        }
+    }
+
     /// Records a certificate the appliance's CA issued for its HTTPS server and makes it the current one, in one
     /// transaction.
     pub fn record_server_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
-        let value = encode(record);
-        let key = record.serial.as_bytes();
-        self.transact(|tx| {
-            tx.certificates.insert(key, value.as_slice())?;
-            tx.meta.insert(KEY_CURRENT_SERVER_CERT, key)?;
+        self.transact::<(), StoreError>(|tx| {
+            tx.put(None, record)?;
+            tx.views[tree::META].insert(KEY_CURRENT_SERVER_CERT, record.key())?;
             Ok(())
+        })
+        .map_err(|failure| match failure {
+            TxFailure::Abort(error) | TxFailure::Store(error) => error,
         })
     }
 
     /// The HTTPS certificate currently in use, as last recorded.
     pub fn current_server_certificate(&self) -> Result<Option<CertificateRecord>, StoreError> {
-        match self.meta.get(KEY_CURRENT_SERVER_CERT)? {
-            Some(serial) => self.certificates.get(&serial),
+        match self.trees[tree::META].get(KEY_CURRENT_SERVER_CERT)? {
+            Some(serial) => self.get(&serial),
             None => Ok(None),
         }
     }
 
     /// Every certificate the appliance's CA issued, in serial order.
     pub fn issued_certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
-        self.certificates.values().collect()
-    }
-
-    /// Runs `change` over every table atomically: either all its writes land or none do. The closure may run more
-    /// than once if it conflicts with a concurrent transaction, so it must not have other side effects.
-    fn transact<R>(
-        &self,
-        change: impl Fn(&Tx<'_>) -> Result<R, ConflictableTransactionError<StoreError>>,
-    ) -> Result<R, StoreError> {
-        let trees = [&self.meta, &self.certificates.tree];
-        let result = trees[..].transaction(|views| {
-            let tx = Tx { meta: &views[0], certificates: &views[1] };
-            change(&tx)
-        });
-        match result {
-            Ok(value) => Ok(value),
-            Err(TransactionError::Abort(error)) => Err(error),
-            Err(TransactionError::Storage(error)) => Err(StoreError::Io(error)),
-        }
+        self.trees[tree::CERTIFICATES]
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry?;
+                decode(tree::CERTIFICATES, &key, &bytes)
+            })
+            .collect()
     }
 }
 
-/// The tables as seen inside a transaction.
-struct Tx<'a> {
-    meta: &'a TransactionalTree,
-    certificates: &'a TransactionalTree,
+/// What [`Store::page`] walks.
+#[derive(Debug, Clone, Copy)]
+pub struct Scan<'a> {
+    pub tree: usize,
+    pub prefix: &'a [u8],
+    pub after: Option<&'a [u8]>,
+    pub newest_first: bool,
 }
 
-/// A sled tree whose values are records of one type.
-#[derive(Clone, Debug)]
-struct Table<V> {
-    name: &'static str,
-    tree: sled::Tree,
-    _record: PhantomData<fn() -> V>,
+/// One page of records and the cursor for the next, if there may be more.
+#[derive(Debug, Clone)]
+pub struct Page<R> {
+    pub items: Vec<R>,
+    pub next: Option<Vec<u8>>,
 }
 
-impl<V: Serialize + DeserializeOwned> Table<V> {
-    fn open(db: &sled::Db, name: &'static str) -> Result<Self, StoreError> {
-        Ok(Table { name, tree: db.open_tree(name)?, _record: PhantomData })
-    }
+/// The trees as seen inside a transaction.
+pub struct Tx<'a> {
+    views: &'a [TransactionalTree],
+}
 
-    fn get(&self, key: &[u8]) -> Result<Option<V>, StoreError> {
-        match self.tree.get(key)? {
-            Some(bytes) => Ok(Some(decode(self.name, key, &bytes)?)),
+impl Tx<'_> {
+    pub fn get<R: Record, E>(&self, key: &[u8]) -> Result<Option<R>, TxError<E>> {
+        match self.views[R::TREE].get(key)? {
+            Some(bytes) => Ok(Some(decode(R::TREE, key, &bytes)?)),
             None => Ok(None),
         }
     }
 
-    fn values(&self) -> impl Iterator<Item = Result<V, StoreError>> + '_ {
-        self.tree.iter().map(|item| {
-            let (key, bytes) = item?;
-            decode(self.name, &key, &bytes)
-        })
+    pub fn get_id<R: Record, E>(&self, id: &Id) -> Result<Option<R>, TxError<E>> {
+        self.get(id.as_bytes())
+    }
+
+    /// Follows a unique index entry to its record's primary key.
+    pub fn lookup<E>(&self, index: usize, key: &[u8]) -> Result<Option<Vec<u8>>, TxError<E>> {
+        Ok(self.views[index].get(key)?.map(|value| value.to_vec()))
+    }
+
+    /// Writes `new`, replacing `old` (the record as read in this transaction, or `None` for a new one): index
+    /// entries and counters of `old` that `new` no longer has are removed, the new ones added.
+    pub fn put<R: Record, E>(&self, old: Option<&R>, new: &R) -> Result<(), TxError<E>> {
+        let key = new.key();
+        let old_indexes = old.map(Record::indexes).unwrap_or_default();
+        let new_indexes = new.indexes();
+        for stale in old_indexes.iter().filter(|o| !new_indexes.iter().any(|n| n.tree == o.tree && n.key == o.key)) {
+            self.views[stale.tree].remove(stale.key.as_slice())?;
+        }
+        for index in &new_indexes {
+            self.views[index.tree].insert(index.key.as_slice(), key.as_slice())?;
+        }
+        let old_counters = old.map(Record::counters).unwrap_or_default();
+        let new_counters = new.counters();
+        for name in old_counters.iter().filter(|c| !new_counters.contains(c)) {
+            self.add_to_counter(name, -1)?;
+        }
+        for name in new_counters.iter().filter(|c| !old_counters.contains(c)) {
+            self.add_to_counter(name, 1)?;
+        }
+        self.views[R::TREE].insert(key.as_slice(), encode(new))?;
+        Ok(())
+    }
+
+    /// Removes a record (as read in this transaction) with its index entries and counters.
+    pub fn delete<R: Record, E>(&self, old: &R) -> Result<(), TxError<E>> {
+        for index in old.indexes() {
+            self.views[index.tree].remove(index.key)?;
+        }
+        for name in old.counters() {
+            self.add_to_counter(&name, -1)?;
+        }
+        self.views[R::TREE].remove(old.key())?;
+        Ok(())
+    }
+
+    fn add_to_counter<E>(&self, name: &str, delta: i64) -> Result<(), TxError<E>> {
+        let key = format!("{COUNTER_PREFIX}{name}");
+        let current = self.views[tree::META].get(key.as_bytes())?.as_deref().and_then(decode_i64).unwrap_or(0);
+        self.views[tree::META].insert(key.as_bytes(), &(current + delta).to_be_bytes())?;
+        Ok(())
     }
 }
 
-fn encode<V: Serialize>(value: &V) -> Vec<u8> {
-    // Records are plain structs of strings and numbers; serializing them to JSON cannot fail.
+/// The smallest key greater than every key starting with `prefix`, or `None` if there is none.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn encode<R: serde::Serialize>(value: &R) -> Vec<u8> {
+    // Records are plain structs of strings, numbers and enums; serializing them to JSON cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn decode<V: DeserializeOwned>(table: &'static str, key: &[u8], bytes: &[u8]) -> Result<V, StoreError> {
+fn decode<R: DeserializeOwned>(tree_index: usize, key: &[u8], bytes: &[u8]) -> Result<R, StoreError> {
     serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
-        table,
-        key: String::from_utf8_lossy(key).into_owned(),
+        table: tree::NAMES[tree_index],
+        key: match Id::from_slice(key) {
+            Some(id) => id.to_string(),
+            None => String::from_utf8_lossy(key).into_owned(),
+        },
         reason: error.to_string(),
     })
 }
@@ -204,9 +447,15 @@ fn decode_u32(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.try_into().ok()?))
 }
 
+fn decode_i64(bytes: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(bytes.try_into().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Group, User};
+    use time::OffsetDateTime;
 
     fn record(serial: &str) -> CertificateRecord {
         CertificateRecord {
@@ -217,6 +466,20 @@ mod tests {
             not_after: 1_730_000_000,
             sha256: "00".repeat(32),
             reason: "first start".into(),
+        }
+    }
+
+    fn user(n: u8, email: &str) -> User {
+        let at = OffsetDateTime::from_unix_timestamp(1_790_000_000 + i64::from(n)).unwrap();
+        User {
+            id: Id::new(at, [n; 10]),
+            name: format!("User {n}"),
+            email: email.into(),
+            phone: None,
+            domain: None,
+            notes: String::new(),
+            created_at: at,
+            updated_at: at,
         }
     }
 
@@ -237,9 +500,17 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_schema_version_is_corruption_not_a_panic() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        db.open_tree("meta").unwrap().insert(KEY_SCHEMA_VERSION, &0u32.to_be_bytes()).unwrap();
+        let message = Store::from_db(db, MIGRATIONS).unwrap_err().to_string();
+        assert!(message.contains("schema version 0"), "{message}");
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        db.open_tree(META).unwrap().insert(KEY_SCHEMA_VERSION, &99u32.to_be_bytes()).unwrap();
+        db.open_tree("meta").unwrap().insert(KEY_SCHEMA_VERSION, &99u32.to_be_bytes()).unwrap();
         let message = Store::from_db(db, MIGRATIONS).unwrap_err().to_string();
         assert!(message.contains("newer enrolld (schema 99"), "{message}");
     }
@@ -257,30 +528,76 @@ mod tests {
             Ok(())
         }
         let db = sled::Config::new().temporary(true).open().unwrap();
-        db.open_tree(META).unwrap().insert(KEY_SCHEMA_VERSION, &1u32.to_be_bytes()).unwrap();
+        db.open_tree("meta").unwrap().insert(KEY_SCHEMA_VERSION, &1u32.to_be_bytes()).unwrap();
         let store = Store::from_db(db.clone(), &[add_a, add_b]).unwrap();
         assert_eq!(store.schema_version().unwrap(), 3);
         assert_eq!(db.open_tree("log").unwrap().len(), 2);
     }
 
     #[test]
-    fn an_aborted_transaction_writes_nothing() {
+    fn put_keeps_indexes_and_counters_in_step_and_an_abort_writes_nothing() {
         let store = Store::open_temporary().unwrap();
-        let value = encode(&record("03"));
-        let result: Result<(), _> = store.transact(|tx| {
-            tx.certificates.insert(b"03".as_slice(), value.as_slice())?;
-            tx.meta.insert(KEY_CURRENT_SERVER_CERT, b"03".as_slice())?;
-            Err(ConflictableTransactionError::Abort(StoreError::Migration { from: 0, reason: "test abort".into() }))
+        let ann = user(1, "ann@example.com");
+        store.transact::<_, ()>(|tx| tx.put(None, &ann)).unwrap();
+        assert_eq!(store.lookup(tree::USERS_BY_EMAIL, b"ann@example.com").unwrap(), Some(ann.id.0.to_vec()));
+        assert_eq!(store.count("users").unwrap(), 1);
+
+        let mut renamed = ann.clone();
+        renamed.email = "ann.lee@example.com".into();
+        store.transact::<_, ()>(|tx| tx.put(Some(&ann), &renamed)).unwrap();
+        assert_eq!(store.lookup(tree::USERS_BY_EMAIL, b"ann@example.com").unwrap(), None, "old entry gone");
+        assert!(store.lookup(tree::USERS_BY_EMAIL, b"ann.lee@example.com").unwrap().is_some());
+        assert_eq!(store.count("users").unwrap(), 1, "a replacement does not count twice");
+
+        let bob = user(2, "bob@example.com");
+        let failed = store.transact(|tx| {
+            tx.put(None, &bob)?;
+            tx.delete(&renamed)?;
+            Err::<(), _>(TxError::Abort("changed my mind"))
         });
-        assert!(result.is_err());
-        assert!(store.issued_certificates().unwrap().is_empty());
-        assert!(store.current_server_certificate().unwrap().is_none());
+        assert!(matches!(failed, Err(TxFailure::Abort("changed my mind"))));
+        assert!(store.get::<User>(bob.id.as_bytes()).unwrap().is_none());
+        assert!(store.get::<User>(renamed.id.as_bytes()).unwrap().is_some());
+        assert_eq!(store.count("users").unwrap(), 1);
+
+        store.transact::<_, ()>(|tx| tx.delete(&renamed)).unwrap();
+        assert_eq!(store.count("users").unwrap(), 0);
+        assert_eq!(store.lookup(tree::USERS_BY_EMAIL, b"ann.lee@example.com").unwrap(), None);
+    }
+
+    #[test]
+    fn pages_run_both_ways_with_cursors_and_filters() {
+        let store = Store::open_temporary().unwrap();
+        for n in 0..25u8 {
+            let at = OffsetDateTime::from_unix_timestamp(1_790_000_000 + i64::from(n)).unwrap();
+            let group = Group {
+                id: Id::new(at, [n; 10]),
+                name: format!("g{n:02}"),
+                description: String::new(),
+                created_at: at,
+            };
+            store.transact::<_, ()>(|tx| tx.put(None, &group)).unwrap();
+        }
+        fn scan(after: Option<&[u8]>, newest_first: bool) -> Scan<'_> {
+            Scan { tree: tree::GROUPS, prefix: &[], after, newest_first }
+        }
+        let first = store.page::<Group>(scan(None, false), 10, |_| true).unwrap();
+        assert_eq!(first.items.first().unwrap().name, "g00");
+        let second = store.page::<Group>(scan(first.next.as_deref(), false), 10, |_| true).unwrap();
+        assert_eq!(second.items.first().unwrap().name, "g10");
+        let third = store.page::<Group>(scan(second.next.as_deref(), false), 10, |_| true).unwrap();
+        assert_eq!(third.items.len(), 5);
+        assert!(third.next.is_none());
+
+        let newest = store.page::<Group>(scan(None, true), 3, |g| g.name.ends_with('1')).unwrap();
+        let names: Vec<_> = newest.items.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["g21", "g11", "g01"]);
     }
 
     #[test]
     fn a_damaged_record_is_reported_not_panicked_on() {
         let store = Store::open_temporary().unwrap();
-        store.certificates.tree.insert(b"bad", b"{not json".as_slice()).unwrap();
+        store.trees[tree::CERTIFICATES].insert(b"bad", b"{not json".as_slice()).unwrap();
         let message = store.issued_certificates().unwrap_err().to_string();
         assert!(message.contains("\"bad\" in certificates cannot be read"), "{message}");
     }

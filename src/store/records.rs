@@ -1,6 +1,13 @@
-//! The records the store keeps, as plain serde structs.
+//! How each record is keyed and indexed: the [`Record`] impls that tell the store which index entries and counters a
+//! record has, so that one `put` keeps all of them consistent.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use super::tree;
+use crate::model::{
+    Admin, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, Session, StagedDevice, User,
+};
 
 /// A certificate the appliance's CA issued.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +22,185 @@ pub struct CertificateRecord {
     pub not_after: i64,
     /// SHA-256 of the DER certificate, lower-case hex.
     pub sha256: String,
-    /// Why it was issued ("first start", "expires in 12 days", "addresses changed: +10.0.0.7").
+    /// Why it was issued ("first start", "it expires on 2027-01-02", "names changed: +10.0.0.7").
     pub reason: String,
+}
+
+/// An index entry: in tree `tree`, `key` points at the record's primary key.
+pub struct IndexEntry {
+    pub tree: usize,
+    pub key: Vec<u8>,
+}
+
+/// A kind of record the store keeps.
+pub trait Record: Serialize + DeserializeOwned {
+    /// The tree holding the records.
+    const TREE: usize;
+    /// The primary key.
+    fn key(&self) -> Vec<u8>;
+    /// Secondary index entries, each pointing at [`Record::key`].
+    fn indexes(&self) -> Vec<IndexEntry> {
+        Vec::new()
+    }
+    /// Counters this record adds one to (such as `invites.pending`).
+    fn counters(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+fn entry(tree: usize, parts: &[&[u8]]) -> IndexEntry {
+    IndexEntry { tree, key: parts.concat() }
+}
+
+/// Milliseconds since the epoch, big-endian, so keys sort by time.
+pub fn time_key(at: time::OffsetDateTime) -> [u8; 8] {
+    let millis = (at.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+    millis.to_be_bytes()
+}
+
+pub fn invite_status_byte(status: InviteStatus) -> u8 {
+    status as u8
+}
+
+pub fn device_status_byte(status: DeviceStatus) -> u8 {
+    status as u8
+}
+
+/// Key of a hardware identifier in the device and staged indexes: `serial:C02XK`, `imei:35…`, `hwid:…`.
+pub fn hardware_key(kind: &str, value: &str) -> Vec<u8> {
+    format!("{kind}:{}", value.trim().to_ascii_uppercase()).into_bytes()
+}
+
+impl Record for CertificateRecord {
+    const TREE: usize = tree::CERTIFICATES;
+    fn key(&self) -> Vec<u8> {
+        self.serial.as_bytes().to_vec()
+    }
+}
+
+impl Record for User {
+    const TREE: usize = tree::USERS;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+    fn indexes(&self) -> Vec<IndexEntry> {
+        vec![entry(tree::USERS_BY_EMAIL, &[self.email.as_bytes()])]
+    }
+    fn counters(&self) -> Vec<String> {
+        vec!["users".into()]
+    }
+}
+
+impl Record for Group {
+    const TREE: usize = tree::GROUPS;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+    fn indexes(&self) -> Vec<IndexEntry> {
+        vec![entry(tree::GROUPS_BY_NAME, &[self.name.to_lowercase().as_bytes()])]
+    }
+}
+
+impl Record for Invite {
+    const TREE: usize = tree::INVITES;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+    fn indexes(&self) -> Vec<IndexEntry> {
+        let requested = time_key(self.requested_at);
+        let mut entries = vec![
+            entry(tree::INVITES_BY_TOKEN, &[self.token_hash.as_bytes()]),
+            entry(tree::INVITES_BY_STATUS, &[&[invite_status_byte(self.status)], &requested, &self.id.0]),
+            entry(tree::INVITES_BY_TIME, &[&requested, &self.id.0]),
+            entry(tree::INVITES_BY_USER, &[&self.user_id.0, &self.id.0]),
+        ];
+        if self.status == InviteStatus::Pending {
+            entries.push(entry(tree::INVITES_BY_EXPIRY, &[&time_key(self.expires_at), &self.id.0]));
+        }
+        entries
+    }
+    fn counters(&self) -> Vec<String> {
+        vec![format!("invites.{}", self.status)]
+    }
+}
+
+impl Record for Device {
+    const TREE: usize = tree::DEVICES;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+    fn indexes(&self) -> Vec<IndexEntry> {
+        let enrolled = time_key(self.enrolled_at);
+        let mut entries = vec![
+            entry(tree::DEVICES_BY_STATUS, &[&[device_status_byte(self.status)], &enrolled, &self.id.0]),
+            entry(tree::DEVICES_BY_TIME, &[&enrolled, &self.id.0]),
+        ];
+        for (kind, value) in [("serial", &self.serial), ("imei", &self.imei), ("hwid", &self.hardware_id)] {
+            if let Some(value) = value.as_deref().filter(|v| !v.trim().is_empty()) {
+                entries.push(IndexEntry { tree: tree::DEVICES_BY_HARDWARE, key: hardware_key(kind, value) });
+            }
+        }
+        if let Some(user) = self.user_id {
+            entries.push(entry(tree::DEVICES_BY_USER, &[&user.0, &self.id.0]));
+        }
+        entries
+    }
+    fn counters(&self) -> Vec<String> {
+        vec![format!("devices.{}", self.status)]
+    }
+}
+
+impl Record for StagedDevice {
+    const TREE: usize = tree::STAGED;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+    fn indexes(&self) -> Vec<IndexEntry> {
+        let mut entries = Vec::new();
+        for (kind, value) in [("serial", &self.serial), ("imei", &self.imei)] {
+            if let Some(value) = value.as_deref().filter(|v| !v.trim().is_empty()) {
+                entries.push(IndexEntry { tree: tree::STAGED_BY_HARDWARE, key: hardware_key(kind, value) });
+            }
+        }
+        entries
+    }
+    fn counters(&self) -> Vec<String> {
+        vec!["staged".into()]
+    }
+}
+
+impl Record for AuditEvent {
+    const TREE: usize = tree::AUDIT;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+}
+
+impl Record for DeliveryJob {
+    const TREE: usize = tree::OUTBOX;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+    fn counters(&self) -> Vec<String> {
+        vec![format!("outbox.{}", self.state)]
+    }
+}
+
+impl Record for Admin {
+    const TREE: usize = tree::ADMINS;
+    fn key(&self) -> Vec<u8> {
+        self.username.as_bytes().to_vec()
+    }
+}
+
+impl Record for Session {
+    const TREE: usize = tree::SESSIONS;
+    fn key(&self) -> Vec<u8> {
+        self.token_hash.as_bytes().to_vec()
+    }
+}
+
+/// Decodes an index value (a primary key) into an [`Id`].
+pub fn id_of(bytes: &[u8]) -> Option<Id> {
+    Id::from_slice(bytes)
 }

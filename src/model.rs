@@ -1,0 +1,350 @@
+//! The enrollment domain's records: users, groups, invites, devices, staged devices, the audit log, delivery jobs,
+//! admin accounts and sessions. Plain data (serde), shared by the store that keeps them and the domain that changes
+//! them; the rules live in `domain`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+/// A record identifier: 6 bytes of creation time (milliseconds) then 10 random bytes, written as 32 hex digits.
+/// Sorts by creation time and cannot be guessed.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id(pub [u8; 16]);
+
+impl Id {
+    pub fn new(at: OffsetDateTime, random: [u8; 10]) -> Id {
+        let millis = (at.unix_timestamp_nanos() / 1_000_000).clamp(0, (1 << 48) - 1) as u64;
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+        bytes[6..].copy_from_slice(&random);
+        Id(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<Id> {
+        Some(Id(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Id {
+    type Err = ();
+    fn from_str(text: &str) -> Result<Id, ()> {
+        if text.len() != 32 || !text.is_ascii() {
+            return Err(());
+        }
+        let mut bytes = [0u8; 16];
+        for (index, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).map_err(|_| ())?;
+        }
+        Ok(Id(bytes))
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Id, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(|()| serde::de::Error::custom("expected a 32-hex-digit id"))
+    }
+}
+
+impl utoipa::PartialSchema for Id {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[0-9a-f]{32}$"))
+            .description(Some("Identifier: 32 hex digits, sortable by creation time"))
+            .into()
+    }
+}
+
+impl ToSchema for Id {}
+
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(text: &str) -> Result<Self, String> {
+                let lowered = text.trim().to_ascii_lowercase();
+                $name::ALL.iter().copied().find(|v| v.as_str() == lowered).ok_or_else(|| {
+                    let names: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                    format!("{text:?} is not one of {}", names.join(", "))
+                })
+            }
+        }
+    };
+}
+
+wire_enum!(
+    /// The device platform an invite is for; `any` lets the enrollment page pick from the device.
+    Platform { Ios = "ios", Ipados = "ipados", Macos = "macos", Android = "android", Windows = "windows", Any = "any" }
+);
+wire_enum!(
+    /// Who owns the device: personal (BYOD) devices can never be factory-reset by the admin.
+    Ownership { Personal = "personal", Corporate = "corporate", NotSet = "not_set" }
+);
+wire_enum!(
+    /// How an invite reaches the user.
+    Channels { Email = "email", Sms = "sms", Both = "both" }
+);
+wire_enum!(
+    /// Where an invite stands. Only `pending` invites can enroll a device.
+    InviteStatus { Pending = "pending", Expired = "expired", Enrolled = "enrolled", Removed = "removed" }
+);
+wire_enum!(
+    /// Where an enrolled device stands.
+    DeviceStatus { Enrolled = "enrolled", Unmanaged = "unmanaged", Deprovisioning = "deprovisioning", Wiped = "wiped" }
+);
+wire_enum!(
+    /// A command waiting for the device's next check-in.
+    CommandKind { DeviceInformation = "device_information", RevokeMdm = "revoke_mdm", FactoryReset = "factory_reset" }
+);
+wire_enum!(
+    /// A delivery job's channel.
+    JobChannel { Email = "email", Sms = "sms" }
+);
+wire_enum!(
+    /// A delivery job's state; the mail worker moves it along.
+    JobState { Queued = "queued", Sending = "sending", Sent = "sent", Deferred = "deferred", Failed = "failed", Stale = "stale" }
+);
+
+impl Channels {
+    pub fn email(self) -> bool {
+        matches!(self, Channels::Email | Channels::Both)
+    }
+    pub fn sms(self) -> bool {
+        matches!(self, Channels::Sms | Channels::Both)
+    }
+}
+
+/// A person who enrolls devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct User {
+    pub id: Id,
+    pub name: String,
+    /// Lower-cased; unique.
+    pub email: String,
+    /// E.164, such as +12025550100.
+    pub phone: Option<String>,
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub notes: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// A device group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Group {
+    pub id: Id,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A line in an invite's history a person can read ("Queued for delivery by email", "Resent by admin").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Remark {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub text: String,
+}
+
+/// An invitation for one user to enroll one device. The link token and passcode are kept only as hashes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Invite {
+    pub id: Id,
+    pub user_id: Id,
+    pub platform: Platform,
+    pub ownership: Ownership,
+    pub group_id: Option<Id>,
+    pub channels: Channels,
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub status: InviteStatus,
+    pub remarks: Vec<Remark>,
+    /// SHA-256 of the link token, hex.
+    pub token_hash: String,
+    /// HMAC-SHA-256 of the passcode under the appliance's secret key, hex.
+    pub passcode_hash: String,
+    /// An admin's own test invite: shown on screen, never mailed.
+    #[serde(default)]
+    pub by_myself: bool,
+    pub created_by: String,
+    pub device_id: Option<Id>,
+    /// Wrong passcodes entered since the last (re)send.
+    #[serde(default)]
+    pub failed_attempts: u32,
+    #[serde(default)]
+    pub locked: bool,
+    /// Bumped on every resend, so a delivery job for an older send is recognised as stale.
+    #[serde(default)]
+    pub generation: u32,
+}
+
+/// A command queued for a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PendingCommand {
+    pub id: Id,
+    pub kind: CommandKind,
+    #[serde(with = "time::serde::rfc3339")]
+    pub queued_at: OffsetDateTime,
+    pub queued_by: String,
+}
+
+/// An enrolled device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Device {
+    pub id: Id,
+    pub platform: Platform,
+    pub name: Option<String>,
+    pub model: Option<String>,
+    pub serial: Option<String>,
+    pub imei: Option<String>,
+    /// UDID (Apple), Android ID or Windows DevId.
+    pub hardware_id: Option<String>,
+    pub os_version: Option<String>,
+    pub user_id: Option<Id>,
+    pub group_id: Option<Id>,
+    pub ownership: Ownership,
+    pub invite_id: Option<Id>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub enrolled_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_contact: OffsetDateTime,
+    pub status: DeviceStatus,
+    #[serde(default)]
+    pub pending_commands: Vec<PendingCommand>,
+}
+
+/// A device registered ahead of enrollment; an enrolling device with the same serial or IMEI takes its user and
+/// group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StagedDevice {
+    pub id: Id,
+    pub serial: Option<String>,
+    pub imei: Option<String>,
+    pub name: Option<String>,
+    pub platform: Platform,
+    pub user_id: Option<Id>,
+    pub email: Option<String>,
+    pub group_id: Option<Id>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEvent {
+    pub id: Id,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The admin's username, `device`, or `system`.
+    pub actor: String,
+    /// The client's address, when a request caused it.
+    pub client: Option<String>,
+    /// What happened, such as `invite.resend` or `login.failed`.
+    pub action: String,
+    /// What it happened to, such as an invite id.
+    pub target: Option<String>,
+    pub detail: String,
+}
+
+/// A message waiting in the outbox. The link and passcode travel with it in clear until it is delivered (the
+/// invite keeps only hashes), after which the mail worker clears them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryJob {
+    pub id: Id,
+    pub invite_id: Id,
+    /// The invite generation this job delivers; an older one is stale.
+    pub generation: u32,
+    pub channel: JobChannel,
+    /// Email address or phone number.
+    pub to: String,
+    pub state: JobState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub link_token: Option<String>,
+    pub passcode: Option<String>,
+}
+
+/// An administrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Admin {
+    pub username: String,
+    /// argon2id, PHC string format.
+    pub password_hash: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+}
+
+/// A signed-in admin: a browser session (cookie) or a bearer token for scripts. Stored under the token's hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// SHA-256 of the token, hex; the store key.
+    pub token_hash: String,
+    pub username: String,
+    /// The CSRF token browser forms must echo.
+    pub csrf_token: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub client: Option<String>,
+}
+
+impl Session {
+    /// The public handle used to list and revoke a session: the first 16 hex digits of the token hash.
+    pub fn public_id(&self) -> &str {
+        &self.token_hash[..16.min(self.token_hash.len())]
+    }
+}
