@@ -211,11 +211,18 @@ impl Layers {
         args: &ConfigArgs,
         env: impl IntoIterator<Item = (OsString, OsString)>,
     ) -> Result<Layers, ConfigError> {
-        let env: BTreeMap<String, String> = env
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
+        let mut ours = BTreeMap::new();
+        for (key, value) in env {
+            let Some(key) = key.to_str().filter(|k| k.starts_with(ENV_PREFIX)).map(str::to_owned) else { continue };
+            let value = value.into_string().map_err(|value| ConfigError::Invalid {
+                key: "environment",
+                value: value.to_string_lossy().into_owned(),
+                origin: Origin::Env(key.clone()),
+                reason: "it is not valid UTF-8; set it again with plain text".into(),
+            })?;
+            ours.insert(key, value);
+        }
+        let env = ours;
         let mut layers = Layers::default();
 
         let file = match (&args.config, env.get("ENROLLD_CONFIG")) {
@@ -359,7 +366,8 @@ impl Layers {
             return Err(self.invalid("state_dir", "it is empty; name a directory enrolld may write to"));
         }
 
-        let hostname = self.text("hostname").unwrap_or("enroll").to_owned();
+        // DNS names compare case-insensitively and certificates store them lower-cased.
+        let hostname = self.text("hostname").unwrap_or("enroll").to_ascii_lowercase();
         validate_hostname(&hostname).map_err(|reason| self.invalid("hostname", &reason))?;
 
         let mut extra_sans = Vec::new();
@@ -424,7 +432,8 @@ impl Layers {
             request_timeout: Duration::from_secs(self.integer("request_timeout_secs", 30, 1..=3_600)?),
             max_body_bytes: usize::try_from(self.integer("max_body_bytes", 1 << 20, 1024..=1 << 30)?)
                 .unwrap_or(usize::MAX),
-            shutdown_grace: Duration::from_secs(self.integer("shutdown_grace_secs", 10, 0..=600)?),
+            // Bounded so shutdown (grace, mDNS goodbyes, flush) ends well inside systemd's TimeoutStopSec=30.
+            shutdown_grace: Duration::from_secs(self.integer("shutdown_grace_secs", 10, 0..=20)?),
         })
     }
 
@@ -676,6 +685,22 @@ mod tests {
         assert!(message.contains("unknown key `https_lisen`"), "{message}");
         assert!(message.contains("line 2"), "{message}");
         assert!(message.contains("https_listen"), "lists the known keys: {message}");
+    }
+
+    #[test]
+    fn hostname_is_lower_cased_and_grace_is_bounded() {
+        let layers = Layers::gather(&ConfigArgs::default(), env(&[("ENROLLD_HOSTNAME", "Enroll")])).unwrap();
+        assert_eq!(layers.resolve(None).unwrap().hostname, "enroll");
+        let layers = Layers::gather(&ConfigArgs::default(), env(&[("ENROLLD_SHUTDOWN_GRACE_SECS", "60")])).unwrap();
+        assert!(layers.resolve(None).unwrap_err().to_string().contains("from 0 to 20"));
+    }
+
+    #[test]
+    fn non_utf8_environment_values_are_refused() {
+        use std::os::unix::ffi::OsStringExt;
+        let vars = vec![(OsString::from("ENROLLD_HOSTNAME"), OsString::from_vec(vec![0x66, 0xff, 0x6f]))];
+        let message = Layers::gather(&ConfigArgs::default(), vars).unwrap_err().to_string();
+        assert!(message.contains("ENROLLD_HOSTNAME") && message.contains("not valid UTF-8"), "{message}");
     }
 
     #[test]

@@ -34,19 +34,30 @@ pub enum DaemonError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(
+        "the system clock says {now}, before this build of enrolld existed; set the time (NTP, or `date -s`) and start again, or certificates issued now would be rejected"
+    )]
+    ClockUnset { now: time::OffsetDateTime },
     #[error("the {task} task stopped unexpectedly; enrolld is shutting down (see the log above for why)")]
     TaskEnded { task: &'static str },
+    #[error("flushing the database on shutdown failed: {0}")]
+    Flush(StoreError),
 }
 
 impl DaemonError {
-    /// 2 for anything that stopped start-up (configuration, ports, state directory), 1 for a failure later.
+    /// 2 for anything that stopped start-up (configuration, ports, state directory, clock), 1 for a failure while
+    /// running, which systemd may restart.
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::TaskEnded { .. } => 1,
+            DaemonError::TaskEnded { .. } | DaemonError::Flush(_) => 1,
             _ => 2,
         }
     }
 }
+
+/// No real clock is earlier than this (the year this enrolld was written); a board without a clock battery that
+/// booted at 1970 is, and must not make a CA or certificates.
+const EARLIEST_PLAUSIBLE_UNIX: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 
 /// The sockets `main` bound before handing over.
 #[derive(Debug)]
@@ -131,6 +142,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     env: Environment,
 ) -> Result<(), DaemonError> {
+    let now = env.clock.now();
+    if now.unix_timestamp() < EARLIEST_PLAUSIBLE_UNIX {
+        return Err(DaemonError::ClockUnset { now });
+    }
     let store = Store::open(&state_dir.database())?;
     let (ca, created) = CertificateAuthority::load_or_create(&state_dir.pki(), &config.hostname, env.clock.now())?;
     if created {
@@ -167,7 +182,14 @@ pub async fn run(
             let listener = tokio_listener(listener, "http_listen")?;
             let addr = listener.local_addr().ok();
             let app = match https_addr {
-                Some(https) => http::http_redirect_router(state.clone(), limits, https.port()),
+                Some(https) => {
+                    let target = http::RedirectTarget {
+                        port: https.port(),
+                        fallback_host: config.mdns_name(),
+                        serving: keeper.serving(),
+                    };
+                    http::http_redirect_router(state.clone(), limits, target)
+                }
                 None => {
                     tracing::warn!(
                         "HTTPS is off: serving everything over plain HTTP; use this only behind a TLS proxy"
@@ -207,12 +229,20 @@ pub async fn run(
     if let Some(announcer) = announcer {
         tokio::task::spawn_blocking(move || announcer.stop()).await.ok();
     }
-    store.flush()?;
+    let flushed = store.flush();
     drop(state_dir);
-    tracing::info!("stopped");
-    match failed {
-        Some(task) => Err(DaemonError::TaskEnded { task }),
-        None => Ok(()),
+    match (failed, flushed) {
+        (Some(task), flushed) => {
+            if let Err(error) = flushed {
+                tracing::error!(%error, "flushing the database failed");
+            }
+            Err(DaemonError::TaskEnded { task })
+        }
+        (None, Err(error)) => Err(DaemonError::Flush(error)),
+        (None, Ok(_)) => {
+            tracing::info!("stopped");
+            Ok(())
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use mdns_sd::{ServiceDaemon, ServiceInfo, UnregisterStatus};
 
 /// How long to wait for each goodbye to be sent on shutdown.
-const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 #[error("mDNS announcement failed: {0}; the box will not be found as .local (check that a LAN interface is up)")]

@@ -39,6 +39,13 @@ impl StateDir {
             .mode(0o700)
             .create(path)
             .map_err(|e| unusable(format!("cannot create it ({e})")))?;
+        // It holds the CA key and every invite: private, even if it was made by hand with looser permissions.
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| unusable(format!("cannot make it private (chmod 0700: {e})")))?;
+        let probe = path.join(".write-probe");
+        fs::write(&probe, b"")
+            .and_then(|()| fs::remove_file(&probe))
+            .map_err(|e| unusable(format!("cannot write in it ({e})")))?;
 
         let lock_path = path.join(LOCK_FILE);
         let mut lock = OpenOptions::new()
@@ -127,6 +134,16 @@ mod tests {
         assert!(message.contains(&format!("pid {}", std::process::id())), "{message}");
         drop(first);
         StateDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn an_existing_directory_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        let _open = StateDir::open(&state).unwrap();
+        assert_eq!(fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
     }
 
     #[test]

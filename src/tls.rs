@@ -30,6 +30,8 @@ pub enum TlsError {
 /// The certificate handed to every new TLS handshake; replacing it leaves established connections alone.
 pub struct ServingCertificate {
     current: ArcSwap<CertifiedKey>,
+    /// The names the current certificate carries (DNS names and addresses as text), for the HTTPS redirect.
+    names: ArcSwap<Vec<String>>,
 }
 
 impl fmt::Debug for ServingCertificate {
@@ -40,18 +42,32 @@ impl fmt::Debug for ServingCertificate {
 
 impl ServingCertificate {
     pub fn new(cert: &ServerCertificate) -> Result<Self, TlsError> {
-        Ok(ServingCertificate { current: ArcSwap::from_pointee(certified_key(cert)?) })
+        Ok(ServingCertificate {
+            current: ArcSwap::from_pointee(certified_key(cert)?),
+            names: ArcSwap::from_pointee(names_of(cert)),
+        })
     }
 
     pub fn replace(&self, cert: &ServerCertificate) -> Result<(), TlsError> {
         self.current.store(Arc::new(certified_key(cert)?));
+        self.names.store(Arc::new(names_of(cert)));
         Ok(())
+    }
+
+    /// Whether `host` (a DNS name or an address, as in a Host header) is one the certificate carries.
+    pub fn covers(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        self.names.load().contains(&host)
     }
 
     /// The leaf certificate now being served.
     pub fn leaf(&self) -> Vec<u8> {
         self.current.load().cert.first().map(|der| der.to_vec()).unwrap_or_default()
     }
+}
+
+fn names_of(cert: &ServerCertificate) -> Vec<String> {
+    cert.info.names.iter().map(|name| name.to_string().to_ascii_lowercase()).collect()
 }
 
 impl ResolvesServerCert for ServingCertificate {
@@ -142,10 +158,11 @@ impl CertificateKeeper {
             TlsSource::SelfIssued => {
                 let now = clock.now();
                 let wanted = pki::wanted_names(&config.hostname, &config.extra_sans, &addresses.addresses());
+                ca.check_validity(now)?;
                 let existing =
                     ServerCertificate::load_issued(&pki_dir)?.filter(|cert| cert.chain.get(1) == Some(ca.cert_der()));
                 let cert = match existing {
-                    Some(cert) => match pki::reissue_reason(&cert.info, &wanted, now) {
+                    Some(cert) => match pki::reissue_reason(&cert.info, &wanted, ca.info().not_after, now) {
                         None => cert,
                         Some(reason) => issue(&ca, &store, &pki_dir, &config.hostname, &wanted, now, reason)?,
                     },
@@ -180,7 +197,7 @@ impl CertificateKeeper {
             KeeperMode::SelfIssued(keep) => {
                 let SelfIssued { ca, store, addresses, pki_dir, hostname, extra, current } = keep.as_mut();
                 let wanted = pki::wanted_names(hostname, extra, &addresses.addresses());
-                let Some(reason) = pki::reissue_reason(current, &wanted, now) else {
+                let Some(reason) = pki::reissue_reason(current, &wanted, ca.info().not_after, now) else {
                     return Ok(CheckOutcome::Unchanged);
                 };
                 let cert = issue(ca, store, pki_dir, hostname, &wanted, now, reason.clone())?;
@@ -212,7 +229,21 @@ impl CertificateKeeper {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match self.check() {
+            // Key generation and fsyncs are blocking work: keep them off the async workers.
+            let (keeper, outcome) = match tokio::task::spawn_blocking(move || {
+                let outcome = self.check();
+                (self, outcome)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(error) => {
+                    tracing::error!(%error, "the TLS certificate check panicked; no more checks until restart");
+                    return;
+                }
+            };
+            self = keeper;
+            match outcome {
                 Ok(CheckOutcome::Unchanged) => {}
                 Ok(CheckOutcome::Replaced(reason)) => {
                     tracing::info!(%reason, "now serving a new TLS certificate")
@@ -275,6 +306,7 @@ mod tests {
         addresses: StaticAddresses,
         store: Store,
         keeper: CertificateKeeper,
+        ca_der: Vec<u8>,
     }
 
     fn fixture() -> Fixture {
@@ -284,6 +316,7 @@ mod tests {
         let addresses = StaticAddresses::new(["192.168.1.20".parse().unwrap()]);
         let store = Store::open_temporary().unwrap();
         let (ca, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", clock.now()).unwrap();
+        let ca_der = ca.cert_der().to_vec();
         let keeper = CertificateKeeper::start(
             &config,
             Arc::new(ca),
@@ -293,7 +326,7 @@ mod tests {
             Arc::new(clock.clone()),
         )
         .unwrap();
-        Fixture { _dir: dir, clock, addresses, store, keeper }
+        Fixture { _dir: dir, clock, addresses, store, keeper, ca_der }
     }
 
     fn served_names(keeper: &CertificateKeeper) -> Vec<String> {
@@ -320,6 +353,12 @@ mod tests {
         assert!(reason.starts_with("it expires on"), "{reason}");
         let after = pki::parse_certificate(&f.keeper.serving().leaf()).unwrap();
         assert_ne!(after.serial, before.serial);
+        let chain = f.keeper.serving().current.load().cert.clone();
+        assert_eq!(chain[1].as_ref(), f.ca_der.as_slice(), "the chain still ends in the same CA");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(&f.ca_der).unwrap();
+        assert_eq!(leaf.issuer(), ca.subject());
+        assert!(leaf.verify_signature(Some(ca.public_key())).is_ok(), "signed by the same CA key");
         assert!(after.not_after > before.not_after);
         let issuers: Vec<_> = f.store.issued_certificates().unwrap();
         assert_eq!(issuers.len(), 2);

@@ -22,6 +22,7 @@ pub use error::HttpError;
 
 use crate::clock::Clock;
 use crate::store::Store;
+use crate::tls::ServingCertificate;
 
 /// Everything a handler may use; every field is a cheap handle.
 #[derive(Clone, Debug)]
@@ -49,10 +50,22 @@ pub fn https_router(state: AppState, limits: Limits) -> Router {
     with_middleware(open_routes().fallback(ops::not_found), limits).with_state(state)
 }
 
+/// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries
+/// that name (so the browser will accept it), otherwise to `fallback_host`.
+#[derive(Clone, Debug)]
+pub struct RedirectTarget {
+    pub port: u16,
+    pub fallback_host: String,
+    pub serving: Arc<ServingCertificate>,
+}
+
 /// The plain-HTTP router: `/healthz` and `/ca.crt` as they are (a device must fetch the CA before it can trust
-/// HTTPS), everything else redirected to HTTPS on `https_port`.
-pub fn http_redirect_router(state: AppState, limits: Limits, https_port: u16) -> Router {
-    let redirect = move |request: axum::extract::Request| async move { ops::redirect_to_https(&request, https_port) };
+/// HTTPS), everything else redirected to HTTPS.
+pub fn http_redirect_router(state: AppState, limits: Limits, target: RedirectTarget) -> Router {
+    let redirect = move |request: axum::extract::Request| {
+        let target = target.clone();
+        async move { ops::redirect_to_https(&request, &target) }
+    };
     with_middleware(open_routes().fallback(redirect), limits).with_state(state)
 }
 
@@ -117,17 +130,32 @@ mod tests {
         assert!(body_text(response).await.starts_with("-----BEGIN CERTIFICATE-----"));
     }
 
+    fn target(port: u16) -> RedirectTarget {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let (ca, _) = crate::pki::CertificateAuthority::load_or_create(dir.path(), "enroll", now).unwrap();
+        let names = crate::pki::wanted_names("enroll", &[], &["fd00::2".parse().unwrap()]);
+        let cert = ca.issue_server("enroll.local", &names, now).unwrap();
+        let serving = Arc::new(ServingCertificate::new(&cert).unwrap());
+        RedirectTarget { port, fallback_host: "enroll.local".into(), serving }
+    }
+
     #[tokio::test]
     async fn plain_http_redirects_everything_else_to_https() {
-        let router = http_redirect_router(state(), limits(), 8443);
+        let router = http_redirect_router(state(), limits(), target(8443));
         let request = Request::get("/admin?tab=pending").header(header::HOST, "enroll.local:8080").body(Body::empty());
         let response = router.clone().oneshot(request.unwrap()).await.unwrap();
         assert_eq!(response.status(), StatusCode::TEMPORARY_REDIRECT);
         assert_eq!(response.headers()[header::LOCATION], "https://enroll.local:8443/admin?tab=pending");
 
         let request = Request::get("/").header(header::HOST, "[fd00::2]:80").body(Body::empty()).unwrap();
-        let response = http_redirect_router(state(), limits(), 443).oneshot(request).await.unwrap();
+        let response = http_redirect_router(state(), limits(), target(443)).oneshot(request).await.unwrap();
         assert_eq!(response.headers()[header::LOCATION], "https://[fd00::2]/");
+
+        // A Host the certificate does not carry is not followed anywhere else.
+        let request = Request::get("/x").header(header::HOST, "evil.example:8080").body(Body::empty()).unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.headers()[header::LOCATION], "https://enroll.local:8443/x");
 
         let response = router.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "healthz is not redirected");

@@ -35,23 +35,21 @@ pub async fn ca_certificate(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Sends a plain-HTTP request to the same host over HTTPS. A temporary (307) redirect, so browsers do not remember
-/// it if the admin later changes ports.
-pub fn redirect_to_https(request: &Request, https_port: u16) -> Response {
-    let host = request
+/// Sends a plain-HTTP request over HTTPS: to the host the client used when the certificate carries it, else to the
+/// box's own name, so a forged Host header cannot send anyone elsewhere. A temporary (307) redirect, so browsers do
+/// not remember it if the admin later changes ports.
+pub fn redirect_to_https(request: &Request, target: &super::RedirectTarget) -> Response {
+    let asked = request
         .headers()
         .get(header::HOST)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<Authority>().ok())
         .map(|authority| authority.host().to_owned());
-    let Some(host) = host else {
-        return HttpError::new(
-            StatusCode::BAD_REQUEST,
-            "missing_host",
-            "this address serves HTTPS only; open it with https:// and the box's name",
-        )
-        .into_response();
+    let host = match asked {
+        Some(host) if target.serving.covers(&host) => host,
+        _ => target.fallback_host.clone(),
     };
+    let https_port = target.port;
     let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
     let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
     Redirect::temporary(&format!("https://{host}{port}{path}")).into_response()

@@ -34,12 +34,20 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_concurrent_streams(100);
     let builder = Arc::new(builder);
+    // Every connection task, so none outlives `serve` (the store is flushed only after it returns).
+    let mut connections = tokio::task::JoinSet::new();
 
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -55,7 +63,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match acceptor {
                 Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => serve_connection(&builder, watcher, tls, peer, app).await,
@@ -73,6 +81,9 @@ pub async fn serve(
             tracing::warn!(grace_secs = grace.as_secs(), "requests still open after the shutdown grace period; closing them");
         }
     }
+    // Connections still in their TLS handshake, and any past the grace period, end here.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 async fn serve_connection<S>(
@@ -91,5 +102,69 @@ async fn serve_connection<S>(
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Err(error) = watcher.watch(connection.into_owned()).await {
         tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{CertificateAuthority, wanted_names};
+    use crate::tls::{ServingCertificate, server_config};
+    use http_body_util::Empty;
+    use hyper::body::Bytes;
+    use rustls_pki_types::{CertificateDer, ServerName};
+
+    async fn connect(
+        addr: SocketAddr,
+        ca: &CertificateDer<'static>,
+    ) -> (hyper::client::conn::http1::SendRequest<Empty<Bytes>>, CertificateDer<'static>) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("enroll.local").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(connection);
+        (sender, leaf)
+    }
+
+    async fn get_ok(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -> u16 {
+        let request = hyper::Request::get("/").header("host", "enroll.local").body(Empty::new()).unwrap();
+        sender.send_request(request).await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn a_certificate_swap_keeps_open_connections_and_new_ones_get_the_new_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let (ca, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", now).unwrap();
+        let first = ca.issue_server("enroll.local", &wanted_names("enroll", &[], &[]), now).unwrap();
+        let second = ca.issue_server("enroll.local", &wanted_names("enroll", &[], &[]), now).unwrap();
+        let serving = Arc::new(ServingCertificate::new(&first).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let token = CancellationToken::new();
+        let tls = server_config(serving.clone()).unwrap();
+        let server = tokio::spawn(serve(listener, Some(tls), app, token.clone(), Duration::from_secs(1)));
+
+        let (mut open, leaf) = connect(addr, ca.cert_der()).await;
+        assert_eq!(leaf, first.chain[0]);
+        assert_eq!(get_ok(&mut open).await, 200);
+
+        serving.replace(&second).unwrap();
+        assert_eq!(get_ok(&mut open).await, 200, "the open connection survives the swap");
+        let (mut fresh, leaf) = connect(addr, ca.cert_der()).await;
+        assert_eq!(leaf, second.chain[0], "a new connection gets the new certificate");
+        assert_eq!(get_ok(&mut fresh).await, 200);
+
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
     }
 }

@@ -79,12 +79,18 @@ impl CertificateAuthority {
     pub fn load_or_create(dir: &Path, hostname: &str, now: OffsetDateTime) -> Result<(Self, bool), PkiError> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
-        match (cert_path.exists(), key_path.exists()) {
+        // The certificate is written before the key, so a certificate without its key and without any server
+        // certificate is a first start that was cut short: nothing was ever issued or trusted, start again.
+        let interrupted_first_start = cert_path.exists() && !key_path.exists() && !dir.join(SERVER_CERT).exists();
+        if interrupted_first_start {
+            tracing::warn!(dir = %dir.display(), "the first start was interrupted while creating the CA; creating it again");
+        }
+        match (cert_path.exists() && !interrupted_first_start, key_path.exists()) {
             (true, true) => Ok((Self::load(&cert_path, &key_path)?, false)),
             (false, false) => {
                 let ca = Self::generate(hostname, now)?;
-                write_file(&key_path, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
                 write_file(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
+                write_file(&key_path, ca.issuer.key().serialize_pem().as_bytes(), 0o600)?;
                 Ok((ca, true))
             }
             (true, false) | (false, true) => Err(PkiError::Unusable {
@@ -147,6 +153,30 @@ impl CertificateAuthority {
 
     pub fn info(&self) -> &CertInfo {
         &self.info
+    }
+
+    /// Refuses a CA that is expired or not yet valid: every certificate it issues would be rejected. There is no
+    /// fix that keeps enrolled devices, so the message says what each choice costs.
+    pub fn check_validity(&self, now: OffsetDateTime) -> Result<(), PkiError> {
+        let problem = if now > self.info.not_after {
+            format!("the appliance CA expired on {}", self.info.not_after.date())
+        } else if now + Duration::days(1) < self.info.not_before {
+            format!(
+                "the appliance CA is not valid until {} (it was made while the clock was wrong)",
+                self.info.not_before.date()
+            )
+        } else {
+            if self.info.not_after - now < SERVER_CERT_VALIDITY {
+                tracing::warn!(not_after = %self.info.not_after.date(), "the appliance CA expires within a year; server certificates are cut short to its end");
+            }
+            return Ok(());
+        };
+        Err(PkiError::Unusable {
+            path: CA_CERT.into(),
+            reason: format!(
+                "{problem}; restore a backup of the state directory with a valid CA, or move pki/ away to create a new CA (every enrolled device must then enroll again)"
+            ),
+        })
     }
 
     /// Issues an HTTPS server certificate for `names`, valid from shortly before `now` for [`SERVER_CERT_VALIDITY`]
@@ -285,15 +315,21 @@ pub fn wanted_names(hostname: &str, extra: &[SubjectName], addresses: &[IpAddr])
     names
 }
 
-/// Why a server certificate must be replaced now, or `None` if it is still good.
-pub fn reissue_reason(info: &CertInfo, wanted: &BTreeSet<SubjectName>, now: OffsetDateTime) -> Option<String> {
+/// Why a server certificate must be replaced now, or `None` if it is still good. `ca_not_after` is the CA's expiry:
+/// a certificate already cut short to it is not renewed for expiry, since a new one could not last longer.
+pub fn reissue_reason(
+    info: &CertInfo,
+    wanted: &BTreeSet<SubjectName>,
+    ca_not_after: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Option<String> {
     if now < info.not_before {
         return Some(format!(
             "it is not valid until {} (the clock was wrong when it was issued)",
             info.not_before.date()
         ));
     }
-    if now + RENEW_BEFORE >= info.not_after {
+    if now + RENEW_BEFORE >= info.not_after && info.not_after < ca_not_after {
         return Some(format!("it expires on {}", info.not_after.date()));
     }
     if &info.names != wanted {
@@ -415,9 +451,26 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_first_start_makes_a_new_ca_and_an_expired_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", now()).unwrap();
+        std::fs::remove_file(dir.path().join(CA_KEY)).unwrap();
+        let (second, created) = CertificateAuthority::load_or_create(dir.path(), "enroll", now()).unwrap();
+        assert!(created, "no server certificate was ever issued, so the CA is made again");
+        assert_ne!(second.cert_der(), first.cert_der());
+
+        assert!(second.check_validity(now()).is_ok());
+        let expired = second.check_validity(now() + Duration::days(3700)).unwrap_err().to_string();
+        assert!(expired.contains("expired on") && expired.contains("restore a backup"), "{expired}");
+        let early = second.check_validity(now() - Duration::days(30)).unwrap_err().to_string();
+        assert!(early.contains("not valid until"), "{early}");
+    }
+
+    #[test]
     fn half_a_ca_is_refused_rather_than_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        CertificateAuthority::load_or_create(dir.path(), "enroll", now()).unwrap();
+        let (ca, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", now()).unwrap();
+        ca.issue_server("enroll.local", &names(), now()).unwrap().save_issued(dir.path()).unwrap();
         std::fs::remove_file(dir.path().join(CA_KEY)).unwrap();
         let message = CertificateAuthority::load_or_create(dir.path(), "enroll", now()).unwrap_err().to_string();
         assert!(message.contains("restore both from a backup"), "{message}");
@@ -464,15 +517,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", now()).unwrap();
         let info = ca.issue_server("enroll.local", &names(), now()).unwrap().info;
-        assert_eq!(reissue_reason(&info, &names(), now()), None);
-        assert_eq!(reissue_reason(&info, &names(), now() + Duration::days(360)), None);
-        let late = reissue_reason(&info, &names(), now() + Duration::days(368)).unwrap();
+        let ca_end = ca.info().not_after;
+        assert_eq!(reissue_reason(&info, &names(), ca_end, now()), None);
+        assert_eq!(reissue_reason(&info, &names(), ca_end, now() + Duration::days(360)), None);
+        let late = reissue_reason(&info, &names(), ca_end, now() + Duration::days(368)).unwrap();
         assert!(late.starts_with("it expires on"), "{late}");
-        let early = reissue_reason(&info, &names(), now() - Duration::days(2)).unwrap();
+        let early = reissue_reason(&info, &names(), ca_end, now() - Duration::days(2)).unwrap();
         assert!(early.contains("not valid until"), "{early}");
         let moved =
             wanted_names("enroll", &[SubjectName::Dns("mdm.example.com".into())], &["10.0.0.9".parse().unwrap()]);
-        let changed = reissue_reason(&info, &moved, now()).unwrap();
+        let changed = reissue_reason(&info, &moved, ca_end, now()).unwrap();
         assert_eq!(changed, "names changed: +10.0.0.9 -10.0.0.5");
+        // Cut short to the CA's own end: renewing could not help, so it is not renewed in a loop.
+        assert_eq!(reissue_reason(&info, &names(), info.not_after, now() + Duration::days(368)), None);
     }
 }
