@@ -10,6 +10,7 @@ pub mod addrs;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod domain;
 pub mod healthcheck;
 pub mod http;
 pub mod mdns;

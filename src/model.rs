@@ -30,6 +30,31 @@ impl Id {
     pub fn from_slice(bytes: &[u8]) -> Option<Id> {
         Some(Id(bytes.try_into().ok()?))
     }
+
+    /// The next id in sort order (the 128-bit number plus one).
+    pub fn successor(&self) -> Id {
+        Id(u128::from_be_bytes(self.0).wrapping_add(1).to_be_bytes())
+    }
+}
+
+/// Hands out ids that increase strictly, even when several are made in the same millisecond (then each is the
+/// previous one plus one), so records sort in the order they were made.
+#[derive(Debug, Default)]
+pub struct IdSequence {
+    last: std::sync::Mutex<Option<Id>>,
+}
+
+impl IdSequence {
+    pub fn next(&self, at: OffsetDateTime, random: [u8; 10]) -> Id {
+        let fresh = Id::new(at, random);
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id = match *last {
+            Some(previous) if fresh <= previous => previous.successor(),
+            _ => fresh,
+        };
+        *last = Some(id);
+        id
+    }
 }
 
 impl fmt::Display for Id {
@@ -171,6 +196,9 @@ pub struct User {
     pub domain: Option<String>,
     #[serde(default)]
     pub notes: String,
+    /// Groups the user belongs to ("invite a group" invites these users); an invite with a group adds it.
+    #[serde(default)]
+    pub groups: Vec<Id>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

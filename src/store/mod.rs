@@ -478,6 +478,7 @@ mod tests {
             phone: None,
             domain: None,
             notes: String::new(),
+            groups: Vec::new(),
             created_at: at,
             updated_at: at,
         }

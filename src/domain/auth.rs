@@ -1,0 +1,528 @@
+//! Admin accounts and sign-in: argon2id password hashes, the one-time setup code that lets the first admin claim an
+//! unconfigured box, sessions and bearer tokens stored only as SHA-256 hashes, and growing delays after failed
+//! logins, per account and per client address.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use time::{Duration, OffsetDateTime};
+use utoipa::ToSchema;
+
+use super::{Actor, DomainError, DomainResult, Enrollment, random_bytes, sha256_hex};
+use crate::model::{Admin, Session};
+use crate::store::{Scan, tree};
+
+/// Failed attempts allowed before delays start.
+const FREE_FAILURES: u32 = 3;
+/// The longest delay a run of failures earns.
+const MAX_DELAY: Duration = Duration::minutes(15);
+/// Shortest admin password accepted.
+pub const MIN_PASSWORD_CHARS: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("wrong username or password")]
+    BadCredentials,
+    #[error("too many failed sign-ins; try again in {retry_after_secs} s")]
+    TooManyAttempts { retry_after_secs: u64 },
+    #[error("this appliance is set up already; sign in instead")]
+    AlreadySetUp,
+    #[error("the setup code is wrong; it is printed in enrolld's log (journalctl -u enrolld) at start")]
+    BadSetupCode,
+    #[error("{0}")]
+    WeakPassword(String),
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+}
+
+impl From<crate::store::StoreError> for AuthError {
+    fn from(error: crate::store::StoreError) -> Self {
+        AuthError::Domain(error.into())
+    }
+}
+
+/// A successful sign-in: the token (shown once) and the CSRF token browser forms must echo.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SignedIn {
+    /// Send as `Authorization: Bearer <token>`; the browser gets it as an HttpOnly cookie instead.
+    pub token: String,
+    /// Send back in the `X-CSRF-Token` header (or `csrf_token` form field) with every change made through the
+    /// session cookie.
+    pub csrf_token: String,
+    pub username: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// A session as listed: never its token.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SessionView {
+    /// Use to revoke the session.
+    pub id: String,
+    pub username: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub client: Option<String>,
+}
+
+/// An admin account as listed: never its hash.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdminView {
+    pub username: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+}
+
+/// Sign-in and admin accounts; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Auth {
+    domain: Enrollment,
+    session_ttl: Duration,
+    limiter: Arc<Mutex<Limiter>>,
+    /// The code that claims an unconfigured box, while there is no admin yet.
+    setup_code: Arc<Mutex<Option<String>>>,
+    /// A hash to verify against when the username is unknown, so timing does not tell which usernames exist.
+    decoy_hash: Arc<str>,
+}
+
+impl Auth {
+    pub fn new(domain: Enrollment, session_ttl: Duration) -> DomainResult<Auth> {
+        let decoy_hash = hash_password(&String::from_utf8_lossy(&random_bytes::<16>()))?.into();
+        Ok(Auth { domain, session_ttl, limiter: Arc::default(), setup_code: Arc::default(), decoy_hash })
+    }
+
+    pub fn has_admin(&self) -> DomainResult<bool> {
+        let scan = Scan { tree: tree::ADMINS, prefix: &[], after: None, newest_first: false };
+        Ok(!self.domain.store().page::<Admin>(scan, 1, |_| true)?.items.is_empty())
+    }
+
+    /// At start-up: with no admin yet, creates `username` from `password` if one is configured, or else makes a
+    /// setup code and returns it (for the log).
+    pub fn bootstrap(&self, username: &str, password: Option<&str>) -> Result<Option<String>, AuthError> {
+        if self.has_admin()? {
+            return Ok(None);
+        }
+        if let Some(password) = password {
+            self.insert_admin(&Actor::system(), username, password)?;
+            return Ok(None);
+        }
+        let code = setup_code();
+        *self.setup_code.lock().unwrap_or_else(PoisonError::into_inner) = Some(code.clone());
+        Ok(Some(code))
+    }
+
+    /// Whether the box still waits for its first admin.
+    pub fn needs_setup(&self) -> DomainResult<bool> {
+        Ok(!self.has_admin()?)
+    }
+
+    /// Claims an unconfigured box with the setup code from the log: creates the first admin and signs them in.
+    pub fn setup(
+        &self,
+        code: &str,
+        username: &str,
+        password: &str,
+        client: Option<String>,
+    ) -> Result<SignedIn, AuthError> {
+        if self.has_admin()? {
+            return Err(AuthError::AlreadySetUp);
+        }
+        let actor = Actor { name: username.to_owned(), client: client.clone() };
+        self.check_limits(&format!("setup:{}", client.as_deref().unwrap_or("-")), None)?;
+        let expected = self.setup_code.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let matches = expected.as_deref().is_some_and(|expected| {
+            let given = normalize_setup_code(code);
+            bool::from(given.as_bytes().ct_eq(normalize_setup_code(expected).as_bytes()))
+        });
+        if !matches {
+            self.note_failure(&format!("setup:{}", client.as_deref().unwrap_or("-")), None);
+            self.domain.record(&actor, "setup.failed", None, "wrong setup code")?;
+            return Err(AuthError::BadSetupCode);
+        }
+        let admin = self.insert_admin(&actor, username, password)?;
+        *self.setup_code.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.start_session(&admin.username, client)
+    }
+
+    /// Checks a username and password; on success starts a session.
+    pub fn login(&self, username: &str, password: &str, client: Option<String>) -> Result<SignedIn, AuthError> {
+        let username = username.trim().to_lowercase();
+        let account_key = format!("user:{username}");
+        let client_key = client.as_ref().map(|c| format!("client:{c}"));
+        self.check_limits(&account_key, client_key.as_deref())?;
+        let admin = self.domain.store().get::<Admin>(username.as_bytes())?;
+        let hash = admin.as_ref().map_or(&*self.decoy_hash, |a| a.password_hash.as_str());
+        let verified = verify_password(password, hash) && admin.is_some();
+        let actor = Actor { name: username.clone(), client: client.clone() };
+        if !verified {
+            self.note_failure(&account_key, client_key.as_deref());
+            self.domain.record(&actor, "login.failed", Some(username.clone()), "wrong username or password")?;
+            return Err(AuthError::BadCredentials);
+        }
+        self.clear_failures(&account_key, client_key.as_deref());
+        self.domain.record(&actor, "login", Some(username.clone()), "")?;
+        self.start_session(&username, client)
+    }
+
+    fn start_session(&self, username: &str, client: Option<String>) -> Result<SignedIn, AuthError> {
+        use base64::Engine as _;
+        let encode = |bytes: [u8; 32]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let token = encode(random_bytes());
+        let now = self.domain.now();
+        let session = Session {
+            token_hash: sha256_hex(token.as_bytes()),
+            username: username.to_owned(),
+            csrf_token: encode(random_bytes()),
+            created_at: now,
+            expires_at: now + self.session_ttl,
+            client,
+        };
+        self.domain.store().transact::<_, DomainError>(|tx| tx.put(None, &session)).map_err(DomainError::from)?;
+        Ok(SignedIn {
+            token,
+            csrf_token: session.csrf_token,
+            username: username.to_owned(),
+            expires_at: session.expires_at,
+        })
+    }
+
+    /// The live session a token belongs to; expired sessions are deleted on sight.
+    pub fn session(&self, token: &str) -> DomainResult<Option<Session>> {
+        let key = sha256_hex(token.as_bytes());
+        let Some(session) = self.domain.store().get::<Session>(key.as_bytes())? else { return Ok(None) };
+        if session.expires_at <= self.domain.now() {
+            self.domain.store().transact::<_, DomainError>(|tx| tx.delete(&session))?;
+            return Ok(None);
+        }
+        Ok(Some(session))
+    }
+
+    /// Ends the session a token belongs to.
+    pub fn logout(&self, actor: &Actor, token: &str) -> DomainResult<()> {
+        if let Some(session) = self.session(token)? {
+            self.domain.store().transact::<_, DomainError>(|tx| tx.delete(&session))?;
+            self.domain.record(actor, "logout", Some(session.username.clone()), "")?;
+        }
+        Ok(())
+    }
+
+    /// Every live session.
+    pub fn sessions(&self) -> DomainResult<Vec<SessionView>> {
+        let now = self.domain.now();
+        Ok(self
+            .all_sessions()?
+            .into_iter()
+            .filter(|s| s.expires_at > now)
+            .map(|s| SessionView {
+                id: s.public_id().to_owned(),
+                username: s.username.clone(),
+                created_at: s.created_at,
+                expires_at: s.expires_at,
+                client: s.client.clone(),
+            })
+            .collect())
+    }
+
+    fn all_sessions(&self) -> DomainResult<Vec<Session>> {
+        let scan = Scan { tree: tree::SESSIONS, prefix: &[], after: None, newest_first: false };
+        Ok(self.domain.store().page::<Session>(scan, usize::MAX, |_| true)?.items)
+    }
+
+    /// Revokes the session with the listed id.
+    pub fn revoke(&self, actor: &Actor, id: &str) -> DomainResult<()> {
+        let session = self
+            .all_sessions()?
+            .into_iter()
+            .find(|s| s.public_id() == id)
+            .ok_or_else(|| DomainError::not_found("session", id))?;
+        self.domain.store().transact::<_, DomainError>(|tx| tx.delete(&session))?;
+        self.domain.record(actor, "session.revoke", Some(session.username.clone()), id)
+    }
+
+    pub fn admins(&self) -> DomainResult<Vec<AdminView>> {
+        let scan = Scan { tree: tree::ADMINS, prefix: &[], after: None, newest_first: false };
+        let page = self.domain.store().page::<Admin>(scan, usize::MAX, |_| true)?;
+        Ok(page.items.into_iter().map(admin_view).collect())
+    }
+
+    pub fn create_admin(&self, actor: &Actor, username: &str, password: &str) -> Result<AdminView, AuthError> {
+        Ok(admin_view(self.insert_admin(actor, username, password)?))
+    }
+
+    fn insert_admin(&self, actor: &Actor, username: &str, password: &str) -> Result<Admin, AuthError> {
+        let username = validate_username(username)?;
+        check_password_strength(password)?;
+        let admin = Admin {
+            username: username.clone(),
+            password_hash: hash_password(password)?,
+            created_at: self.domain.now(),
+            created_by: actor.name.clone(),
+        };
+        self.domain
+            .store()
+            .transact(|tx| {
+                if tx.get::<Admin, DomainError>(admin.username.as_bytes())?.is_some() {
+                    return Err(DomainError::conflict(
+                        "admin_exists",
+                        format!("an admin named {username} exists already"),
+                    )
+                    .into());
+                }
+                tx.put(None, &admin)?;
+                self.domain.audit(tx, actor, "admin.create", Some(username.clone()), "")
+            })
+            .map_err(DomainError::from)?;
+        Ok(admin)
+    }
+
+    /// Deletes an admin and their sessions; the last admin cannot be deleted.
+    pub fn delete_admin(&self, actor: &Actor, username: &str) -> DomainResult<()> {
+        let sessions: Vec<Session> = self.all_sessions()?.into_iter().filter(|s| s.username == username).collect();
+        let count = self.admins()?.len();
+        self.domain.store().transact(|tx| {
+            let admin: Admin = tx.get(username.as_bytes())?.ok_or_else(|| DomainError::not_found("admin", username))?;
+            if count <= 1 {
+                return Err(DomainError::conflict(
+                    "last_admin",
+                    "the last admin cannot be deleted; add another admin first",
+                )
+                .into());
+            }
+            for session in &sessions {
+                tx.delete(session)?;
+            }
+            tx.delete(&admin)?;
+            self.domain.audit(tx, actor, "admin.delete", Some(username.to_owned()), "")
+        })?;
+        Ok(())
+    }
+
+    /// Sets a new password for an admin; their other sessions are ended.
+    pub fn change_password(&self, actor: &Actor, username: &str, password: &str) -> Result<(), AuthError> {
+        check_password_strength(password)?;
+        let hash = hash_password(password)?;
+        let sessions: Vec<Session> = self.all_sessions()?.into_iter().filter(|s| s.username == username).collect();
+        self.domain
+            .store()
+            .transact(|tx| {
+                let old: Admin =
+                    tx.get(username.as_bytes())?.ok_or_else(|| DomainError::not_found("admin", username))?;
+                tx.put(Some(&old), &Admin { password_hash: hash.clone(), ..old.clone() })?;
+                for session in &sessions {
+                    tx.delete(session)?;
+                }
+                self.domain.audit(tx, actor, "admin.password", Some(username.to_owned()), "other sessions ended")
+            })
+            .map_err(DomainError::from)?;
+        Ok(())
+    }
+
+    fn check_limits(&self, account: &str, client: Option<&str>) -> Result<(), AuthError> {
+        let now = self.domain.now();
+        let limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
+        let wait = [Some(account), client]
+            .into_iter()
+            .flatten()
+            .filter_map(|key| limiter.blocked_until(key))
+            .max()
+            .filter(|until| *until > now);
+        match wait {
+            Some(until) => {
+                Err(AuthError::TooManyAttempts { retry_after_secs: (until - now).whole_seconds().max(1) as u64 })
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn note_failure(&self, account: &str, client: Option<&str>) {
+        let now = self.domain.now();
+        let mut limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in [Some(account), client].into_iter().flatten() {
+            limiter.fail(key, now);
+        }
+    }
+
+    fn clear_failures(&self, account: &str, client: Option<&str>) {
+        let mut limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in [Some(account), client].into_iter().flatten() {
+            limiter.entries.remove(key);
+        }
+    }
+}
+
+/// Failed attempts per key, with the time the key may try again. After [`FREE_FAILURES`] the delay doubles with
+/// each failure, from 1 s up to [`MAX_DELAY`].
+#[derive(Debug, Default)]
+struct Limiter {
+    entries: HashMap<String, (u32, OffsetDateTime)>,
+}
+
+impl Limiter {
+    fn fail(&mut self, key: &str, now: OffsetDateTime) {
+        if self.entries.len() > 10_000 {
+            // Forget keys idle for an hour, so a flood of addresses cannot grow this without bound.
+            self.entries.retain(|_, (_, until)| *until + Duration::hours(1) > now);
+        }
+        let (count, until) = self.entries.entry(key.to_owned()).or_insert((0, now));
+        *count += 1;
+        if *count > FREE_FAILURES {
+            let exponent = (*count - FREE_FAILURES - 1).min(20);
+            let delay = Duration::seconds(1 << exponent).min(MAX_DELAY);
+            *until = now + delay;
+        }
+    }
+
+    fn blocked_until(&self, key: &str) -> Option<OffsetDateTime> {
+        self.entries.get(key).map(|(_, until)| *until)
+    }
+}
+
+fn admin_view(admin: Admin) -> AdminView {
+    AdminView { username: admin.username, created_at: admin.created_at, created_by: admin.created_by }
+}
+
+fn validate_username(username: &str) -> Result<String, AuthError> {
+    let username = username.trim().to_lowercase();
+    let ok = (1..=64).contains(&username.len())
+        && username.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+    if ok {
+        Ok(username)
+    } else {
+        Err(DomainError::invalid("username", "use 1 to 64 letters, digits, '.', '_', '-' or '@'").into())
+    }
+}
+
+fn check_password_strength(password: &str) -> Result<(), AuthError> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Err(AuthError::WeakPassword(format!(
+            "the password is too short: use at least {MIN_PASSWORD_CHARS} characters (a few unrelated words are easy to remember)"
+        )));
+    }
+    if chars > 1024 {
+        return Err(AuthError::WeakPassword("the password is longer than 1024 characters".into()));
+    }
+    Ok(())
+}
+
+/// argon2id with the crate's defaults (19 MiB, 2 passes), a random salt, in PHC string form.
+pub fn hash_password(password: &str) -> DomainResult<String> {
+    let hash: PasswordHash = Argon2::default()
+        .hash_password_with_salt(password.as_bytes(), &random_bytes::<16>())
+        .map_err(|error| DomainError::invalid("password", format!("cannot hash the password: {error}")))?;
+    Ok(hash.to_string())
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    Argon2::default().verify_password(password.as_bytes(), hash).is_ok()
+}
+
+/// A setup code such as `K7QM-2XWP-9RTA`: 12 characters from an alphabet without look-alikes (60 bits).
+fn setup_code() -> String {
+    const ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
+    let raw = random_bytes::<12>();
+    let chars: Vec<char> = raw.iter().map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char).collect();
+    chars.chunks(4).map(|c| c.iter().collect::<String>()).collect::<Vec<_>>().join("-")
+}
+
+fn normalize_setup_code(code: &str) -> String {
+    code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::domain;
+    use super::*;
+
+    const PASSWORD: &str = "correct horse battery";
+
+    fn auth() -> (Auth, crate::clock::ManualClock) {
+        let (d, clock) = domain();
+        (Auth::new(d, Duration::hours(12)).unwrap(), clock)
+    }
+
+    #[test]
+    fn the_first_admin_comes_from_the_setup_code_once() {
+        let (auth, _) = auth();
+        let code = auth.bootstrap("admin", None).unwrap().expect("a setup code while there is no admin");
+        assert!(matches!(auth.setup("WRONG-CODE-0000", "admin", PASSWORD, None), Err(AuthError::BadSetupCode)));
+        let weak = auth.setup(&code, "admin", "short", None).unwrap_err();
+        assert!(matches!(weak, AuthError::WeakPassword(_)), "{weak}");
+        let signed_in = auth.setup(&code.to_lowercase(), "Admin", PASSWORD, Some("192.0.2.7".into())).unwrap();
+        assert_eq!(signed_in.username, "admin");
+        assert!(auth.session(&signed_in.token).unwrap().is_some());
+        assert!(matches!(auth.setup(&code, "eve", PASSWORD, None), Err(AuthError::AlreadySetUp)));
+        assert_eq!(auth.bootstrap("admin", None).unwrap(), None, "no code once an admin exists");
+    }
+
+    #[test]
+    fn passwords_are_argon2id_and_tokens_are_stored_only_as_hashes() {
+        let (auth, _) = auth();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        let admin = auth.domain.store().get::<Admin>(b"admin").unwrap().unwrap();
+        assert!(admin.password_hash.starts_with("$argon2id$"), "{}", admin.password_hash);
+        let signed_in = auth.login("admin", PASSWORD, None).unwrap();
+        assert!(auth.domain.store().get::<Session>(signed_in.token.as_bytes()).unwrap().is_none());
+        let stored = auth.domain.store().get::<Session>(sha256_hex(signed_in.token.as_bytes()).as_bytes()).unwrap();
+        assert_eq!(stored.unwrap().username, "admin");
+    }
+
+    #[test]
+    fn failed_logins_earn_growing_delays_per_account_and_per_client() {
+        let (auth, clock) = auth();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        let from = || Some("198.51.100.9".to_owned());
+        for _ in 0..FREE_FAILURES {
+            assert!(matches!(auth.login("admin", "nope nope nope", from()), Err(AuthError::BadCredentials)));
+        }
+        assert!(matches!(auth.login("admin", "nope nope nope", from()), Err(AuthError::BadCredentials)));
+        // Now even the right password waits: the delay is per account.
+        match auth.login("admin", PASSWORD, Some("203.0.113.5".into())) {
+            Err(AuthError::TooManyAttempts { retry_after_secs }) => assert_eq!(retry_after_secs, 1),
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::seconds(2));
+        assert!(matches!(auth.login("admin", "nope nope nope", from()), Err(AuthError::BadCredentials)));
+        match auth.login("admin", PASSWORD, from()) {
+            Err(AuthError::TooManyAttempts { retry_after_secs }) => assert_eq!(retry_after_secs, 2, "doubled"),
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::seconds(3));
+        assert!(auth.login("admin", PASSWORD, from()).is_ok(), "the right password after the wait");
+        let log = auth.domain.audit_log(None, 50).unwrap();
+        assert_eq!(log.items.iter().filter(|e| e.action == "login.failed").count(), 5);
+    }
+
+    #[test]
+    fn sessions_expire_and_can_be_listed_and_revoked() {
+        let (auth, clock) = auth();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        let a = auth.login("admin", PASSWORD, None).unwrap();
+        let b = auth.login("admin", PASSWORD, None).unwrap();
+        let listed = auth.sessions().unwrap();
+        assert_eq!(listed.len(), 2);
+        let b_id = &sha256_hex(b.token.as_bytes())[..16];
+        auth.revoke(&Actor::system(), b_id).unwrap();
+        assert!(auth.session(&b.token).unwrap().is_none(), "revoked");
+        assert!(auth.session(&a.token).unwrap().is_some());
+        clock.advance(Duration::hours(13));
+        assert!(auth.session(&a.token).unwrap().is_none(), "expired");
+    }
+
+    #[test]
+    fn the_last_admin_stays() {
+        let (auth, _) = auth();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        let actor = Actor::system();
+        assert!(auth.delete_admin(&actor, "admin").is_err());
+        auth.create_admin(&actor, "second", PASSWORD).unwrap();
+        auth.delete_admin(&actor, "admin").unwrap();
+        assert!(matches!(auth.login("admin", PASSWORD, None), Err(AuthError::BadCredentials)));
+    }
+}

@@ -1,0 +1,364 @@
+//! The enrollment domain: users, groups, invites (and their state machine), devices, staged devices, the audit log
+//! and the dashboard counts. It knows nothing of HTTP; it reads and changes records only through the store's typed
+//! transactions, so every multi-record change (an invite and its delivery jobs and audit entry) lands whole or not
+//! at all.
+
+pub mod auth;
+mod devices;
+mod invites;
+mod users;
+
+use std::sync::Arc;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use utoipa::ToSchema;
+
+pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment};
+pub use invites::{
+    BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, InviteQuery, InviteView, LinkProblem,
+    NewInvite, PasscodeCheck,
+};
+pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
+
+use crate::clock::Clock;
+use crate::model::{AuditEvent, Id, IdSequence};
+use crate::store::{Page, Scan, Store, StoreError, TxError, TxFailure, tree};
+
+/// Why a domain operation was refused. Each carries a message a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("no {what} with id {id}")]
+    NotFound { what: &'static str, id: String },
+    #[error("{message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DomainError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        DomainError::Invalid { field, message: message.into() }
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        DomainError::Conflict { code, message: message.into() }
+    }
+    pub fn not_found(what: &'static str, id: impl ToString) -> Self {
+        DomainError::NotFound { what, id: id.to_string() }
+    }
+}
+
+impl From<DomainError> for TxError<DomainError> {
+    fn from(error: DomainError) -> Self {
+        TxError::Abort(error)
+    }
+}
+
+impl From<TxFailure<DomainError>> for DomainError {
+    fn from(failure: TxFailure<DomainError>) -> Self {
+        match failure {
+            TxFailure::Abort(error) => error,
+            TxFailure::Store(error) => DomainError::Store(error),
+        }
+    }
+}
+
+pub type DomainResult<T> = Result<T, DomainError>;
+type TxResult<T> = Result<T, TxError<DomainError>>;
+
+/// Who is acting: an admin's username (or `system`, `device`) and the client address, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub name: String,
+    pub client: Option<String>,
+}
+
+impl Actor {
+    pub fn system() -> Actor {
+        Actor { name: "system".into(), client: None }
+    }
+    pub fn device(client: Option<String>) -> Actor {
+        Actor { name: "device".into(), client }
+    }
+}
+
+/// Settings the domain's rules depend on.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// How long an invite link is valid after it is (re)sent.
+    pub invite_validity: Duration,
+    /// Wrong passcodes an invite tolerates before it locks.
+    pub passcode_attempts: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { invite_validity: Duration::days(7), passcode_attempts: 5 }
+    }
+}
+
+/// The domain service: cheap to clone, shared by every request.
+#[derive(Clone, Debug)]
+pub struct Enrollment {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    policy: Policy,
+    /// The key passcodes are hashed under (HMAC-SHA-256), so a copy of the database alone does not reveal them.
+    passcode_key: Arc<ring::hmac::Key>,
+    ids: Arc<IdSequence>,
+}
+
+/// One page of results for the API: the items and an opaque cursor for the next page.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Paged<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Counts for the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DashboardCounts {
+    pub pending: u64,
+    pub expired: u64,
+    pub enrolled: u64,
+    pub unmanaged: u64,
+    pub staged: u64,
+    pub users: u64,
+    pub queued_messages: u64,
+}
+
+impl Enrollment {
+    pub fn new(store: Store, clock: Arc<dyn Clock>, policy: Policy) -> DomainResult<Enrollment> {
+        let key = store.meta_or_insert("secret.passcode_hmac_key", || random_bytes::<32>().to_vec())?;
+        let passcode_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key));
+        Ok(Enrollment { store, clock, policy, passcode_key, ids: Arc::default() })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn new_id(&self) -> Id {
+        self.ids.next(self.now(), random_bytes())
+    }
+
+    /// Runs `change` in one store transaction, mapping failures to domain errors.
+    fn transact<R>(&self, change: impl Fn(&crate::store::Tx<'_>) -> TxResult<R>) -> DomainResult<R> {
+        Ok(self.store.transact(change)?)
+    }
+
+    /// Adds an audit entry inside a transaction.
+    fn audit(
+        &self,
+        tx: &crate::store::Tx<'_>,
+        actor: &Actor,
+        action: &str,
+        target: Option<String>,
+        detail: impl Into<String>,
+    ) -> TxResult<()> {
+        let event = AuditEvent {
+            id: self.new_id(),
+            at: self.now(),
+            actor: actor.name.clone(),
+            client: actor.client.clone(),
+            action: action.to_owned(),
+            target,
+            detail: detail.into(),
+        };
+        tx.put(None, &event)
+    }
+
+    /// Records an event outside any other change (a failed login, say).
+    pub fn record(&self, actor: &Actor, action: &str, target: Option<String>, detail: &str) -> DomainResult<()> {
+        self.transact(|tx| self.audit(tx, actor, action, target.clone(), detail))
+    }
+
+    /// The audit log, newest first.
+    pub fn audit_log(&self, cursor: Option<&str>, limit: usize) -> DomainResult<Paged<AuditEvent>> {
+        let after = decode_cursor(cursor)?;
+        let scan = Scan { tree: tree::AUDIT, prefix: &[], after: after.as_deref(), newest_first: true };
+        Ok(paged(self.store.page(scan, clamp_limit(limit), |_| true)?))
+    }
+
+    /// Counts for the dashboard (expired invites are swept first, so the counts are current).
+    pub fn dashboard(&self) -> DomainResult<DashboardCounts> {
+        self.sweep_expired()?;
+        let count = |name: &str| self.store.count(name);
+        Ok(DashboardCounts {
+            pending: count("invites.pending")?,
+            expired: count("invites.expired")?,
+            enrolled: count("devices.enrolled")?,
+            unmanaged: count("devices.unmanaged")?,
+            staged: count("staged")?,
+            users: count("users")?,
+            queued_messages: count("outbox.queued")? + count("outbox.deferred")?,
+        })
+    }
+}
+
+/// Fills a buffer from the system's secure random source.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // The kernel's CSPRNG does not fail once the system has booted; a failure here is unrecoverable anyway.
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        panic!("the system random number generator failed");
+    }
+    bytes
+}
+
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    crate::pki::sha256_hex(data)
+}
+
+pub(crate) fn clamp_limit(limit: usize) -> usize {
+    limit.clamp(1, 500)
+}
+
+pub(crate) fn encode_cursor(key: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+}
+
+pub(crate) fn decode_cursor(cursor: Option<&str>) -> DomainResult<Option<Vec<u8>>> {
+    use base64::Engine as _;
+    cursor
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| {
+                DomainError::invalid("cursor", "the cursor is not one this server handed out; start again without it")
+            })
+        })
+        .transpose()
+}
+
+pub(crate) fn paged<R>(page: Page<R>) -> Paged<R> {
+    Paged { items: page.items, next_cursor: page.next.as_deref().map(encode_cursor) }
+}
+
+/// Checks an email address's shape and lower-cases it.
+pub fn normalize_email(email: &str) -> DomainResult<String> {
+    let email = email.trim().to_lowercase();
+    let valid = email.len() <= 254
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',' || c == ';')
+        && matches!(email.split_once('@'), Some((local, domain))
+            if !local.is_empty() && local.len() <= 64 && !domain.contains('@') && domain.contains('.')
+                && !domain.starts_with('.') && !domain.ends_with('.') && !domain.contains(".."));
+    if valid {
+        Ok(email)
+    } else {
+        Err(DomainError::invalid("email", format!("{email:?} is not an email address such as ann@example.com")))
+    }
+}
+
+/// Normalises a phone number to E.164 (`+` and 8 to 15 digits); spaces, dashes, dots and brackets are dropped.
+pub fn normalize_phone(phone: &str) -> DomainResult<String> {
+    let kept: String = phone.chars().filter(|c| !matches!(c, ' ' | '-' | '.' | '(' | ')' | '\u{a0}')).collect();
+    let digits = kept.strip_prefix('+').unwrap_or(&kept);
+    let valid = kept.starts_with('+')
+        && (8..=15).contains(&digits.len())
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && !digits.starts_with('0');
+    if valid {
+        Ok(format!("+{digits}"))
+    } else {
+        Err(DomainError::invalid(
+            "phone",
+            format!("{phone:?} is not a phone number in international form, such as +1 202 555 0100"),
+        ))
+    }
+}
+
+/// Checks a 15-digit IMEI and its Luhn check digit.
+pub fn validate_imei(imei: &str) -> DomainResult<String> {
+    let digits: String = imei.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    if digits.len() != 15 || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return Err(DomainError::invalid("imei", format!("{imei:?} is not an IMEI (15 digits)")));
+    }
+    let sum: u32 = digits
+        .chars()
+        .rev()
+        .enumerate()
+        .map(|(index, c)| {
+            let digit = c.to_digit(10).unwrap_or(0);
+            if index % 2 == 1 {
+                let doubled = digit * 2;
+                if doubled > 9 { doubled - 9 } else { doubled }
+            } else {
+                digit
+            }
+        })
+        .sum();
+    if sum.is_multiple_of(10) {
+        Ok(digits)
+    } else {
+        Err(DomainError::invalid("imei", format!("{imei:?} has a wrong check digit; check it for typos")))
+    }
+}
+
+pub(crate) fn required_text(field: &'static str, value: &str, max: usize) -> DomainResult<String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(DomainError::invalid(field, format!("{field} is required")));
+    }
+    if value.chars().count() > max {
+        return Err(DomainError::invalid(field, format!("{field} is longer than {max} characters")));
+    }
+    Ok(value.to_owned())
+}
+
+pub(crate) fn optional_text(value: Option<&str>) -> Option<String> {
+    value.map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    pub fn start() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap()
+    }
+
+    pub fn domain() -> (Enrollment, ManualClock) {
+        let clock = ManualClock::new(start());
+        let enrollment =
+            Enrollment::new(Store::open_temporary().unwrap(), Arc::new(clock.clone()), Policy::default()).unwrap();
+        (enrollment, clock)
+    }
+
+    pub fn admin() -> Actor {
+        Actor { name: "admin".into(), client: Some("192.0.2.10".into()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_phones_and_imeis_are_checked_and_normalised() {
+        assert_eq!(normalize_email(" Ann@Example.COM ").unwrap(), "ann@example.com");
+        for bad in ["ann", "ann@", "@example.com", "ann@example", "a b@example.com", "ann@@example.com", "a@b..com"] {
+            assert!(normalize_email(bad).is_err(), "{bad}");
+        }
+        assert_eq!(normalize_phone("+1-202-555-0100").unwrap(), "+12025550100");
+        assert_eq!(normalize_phone("+44 (20) 7946 0958").unwrap(), "+442079460958");
+        assert!(normalize_phone("202-555-0100").unwrap_err().to_string().contains("international form"));
+        assert!(normalize_phone("+1 202 555 0100 ext 9").is_err());
+        assert_eq!(validate_imei("490154203237518").unwrap(), "490154203237518");
+        assert!(validate_imei("490154203237519").unwrap_err().to_string().contains("check digit"));
+        assert!(validate_imei("12345").is_err());
+    }
+}
