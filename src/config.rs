@@ -39,6 +39,15 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub shutdown_grace: Duration,
+    /// The first admin's username, created at first start.
+    pub admin_user: String,
+    /// The first admin's password (from `ENROLLD_ADMIN_PASSWORD` or `admin_password_file`); without it, the first
+    /// visit asks for the setup code enrolld logs.
+    pub admin_password: Option<String>,
+    /// How long an invite link is valid after it is sent.
+    pub invite_validity: Duration,
+    /// How long an admin session or token lasts.
+    pub session_ttl: Duration,
 }
 
 /// A name a certificate is issued for.
@@ -103,6 +112,9 @@ pub struct ConfigArgs {
     /// The private key (PEM) for --tls-cert.
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// A file holding the first admin's password (used at first start only).
+    #[arg(long, value_name = "FILE")]
+    pub admin_password_file: Option<PathBuf>,
     /// Log filter: error, warn, info, debug, trace, or a directive such as `enrolld=debug,info`.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -173,6 +185,11 @@ const KEYS: &[Key] = &[
     Key { name: "request_timeout_secs", kind: Kind::Integer, flag: "" },
     Key { name: "max_body_bytes", kind: Kind::Integer, flag: "" },
     Key { name: "shutdown_grace_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "admin_user", kind: Kind::Text, flag: "" },
+    Key { name: "admin_password", kind: Kind::Text, flag: "" },
+    Key { name: "admin_password_file", kind: Kind::Text, flag: "--admin-password-file" },
+    Key { name: "invite_validity_days", kind: Kind::Integer, flag: "" },
+    Key { name: "session_ttl_hours", kind: Kind::Integer, flag: "" },
 ];
 
 /// Environment variables that are not configuration keys but are still ours.
@@ -316,6 +333,9 @@ impl Layers {
         if let Some(level) = &args.log_level {
             set("log_level", Raw::Text(level.clone()));
         }
+        if let Some(path) = &args.admin_password_file {
+            set("admin_password_file", path_text(path));
+        }
         Ok(())
     }
 
@@ -344,6 +364,16 @@ impl Layers {
                 "request_timeout_secs" => config.request_timeout.as_secs().to_string(),
                 "max_body_bytes" => config.max_body_bytes.to_string(),
                 "shutdown_grace_secs" => config.shutdown_grace.as_secs().to_string(),
+                "admin_user" => config.admin_user.clone(),
+                "admin_password" | "admin_password_file" => {
+                    if config.admin_password.is_some() {
+                        "(set)".to_owned()
+                    } else {
+                        "(not set)".to_owned()
+                    }
+                }
+                "invite_validity_days" => (config.invite_validity.as_secs() / 86_400).to_string(),
+                "session_ttl_hours" => (config.session_ttl.as_secs() / 3_600).to_string(),
                 _ => String::new(),
             }
         };
@@ -419,6 +449,34 @@ impl Layers {
             ));
         }
 
+        let admin_password = match (self.text("admin_password"), self.text("admin_password_file")) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "admin_password and admin_password_file are both set; keep one".into(),
+                ));
+            }
+            (Some(password), None) => Some(password.to_owned()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|error| {
+                    self.invalid(
+                        "admin_password_file",
+                        &format!("cannot read it ({error}); check the path and permissions"),
+                    )
+                })?;
+                Some(text.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            (None, None) => None,
+        };
+        if admin_password.as_ref().is_some_and(|p| p.chars().count() < crate::domain::auth::MIN_PASSWORD_CHARS) {
+            let key = if self.text("admin_password").is_some() { "admin_password" } else { "admin_password_file" };
+            return Err(ConfigError::Invalid {
+                key,
+                value: "(hidden)".into(),
+                origin: self.get(key).map_or(Origin::Default, |(_, o)| o.clone()),
+                reason: format!("the password is shorter than {} characters", crate::domain::auth::MIN_PASSWORD_CHARS),
+            });
+        }
+
         Ok(Config {
             state_dir,
             hostname,
@@ -434,6 +492,10 @@ impl Layers {
                 .unwrap_or(usize::MAX),
             // Bounded so shutdown (grace, mDNS goodbyes, flush) ends well inside systemd's TimeoutStopSec=30.
             shutdown_grace: Duration::from_secs(self.integer("shutdown_grace_secs", 10, 0..=20)?),
+            admin_user: self.text("admin_user").unwrap_or("admin").trim().to_lowercase(),
+            admin_password,
+            invite_validity: Duration::from_secs(self.integer("invite_validity_days", 7, 1..=90)? * 86_400),
+            session_ttl: Duration::from_secs(self.integer("session_ttl_hours", 12, 1..=720)? * 3_600),
         })
     }
 

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::addrs::{AddressSource, SystemAddresses};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::domain::auth::{Auth, AuthError};
+use crate::domain::{DomainError, Enrollment, Policy};
 use crate::http::{self, AppState, Limits};
 use crate::mdns::{Announcement, Announcer};
 use crate::pki::{CertificateAuthority, PkiError};
@@ -34,6 +36,10 @@ pub enum DaemonError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("creating the first admin from the configuration: {0}")]
+    Admin(#[from] AuthError),
     #[error(
         "the system clock says {now}, before this build of enrolld existed; set the time (NTP, or `date -s`) and start again, or certificates issued now would be rejected"
     )]
@@ -160,7 +166,15 @@ pub async fn run(
         state_dir.pki(),
         env.clock.clone(),
     )?;
-    let state = AppState { store: store.clone(), ca_pem: ca.cert_pem().into(), clock: env.clock.clone() };
+    let policy = Policy {
+        invite_validity: time::Duration::try_from(config.invite_validity).unwrap_or(time::Duration::days(7)),
+        ..Policy::default()
+    };
+    let enrollment = Enrollment::new(store.clone(), env.clock.clone(), policy)?;
+    let session_ttl = time::Duration::try_from(config.session_ttl).unwrap_or(time::Duration::hours(12));
+    let auth = Auth::new(enrollment.clone(), session_ttl)?;
+    let setup_code = auth.bootstrap(&config.admin_user, config.admin_password.as_deref())?;
+    let state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
     let limits = Limits { request_timeout: config.request_timeout, max_body_bytes: config.max_body_bytes };
     let token = CancellationToken::new();
     let mut tasks = Tasks::default();
@@ -204,6 +218,7 @@ pub async fn run(
         None => None,
     };
     tasks.spawn("tls-keeper", keeper.run(config.cert_check_interval, token.clone()));
+    tasks.spawn("invite-sweeper", sweep_invites(enrollment, token.clone()));
 
     let web = https_addr.map(|a| (a.port(), true)).or(http_addr.map(|a| (a.port(), false)));
     let announcer = match web {
@@ -217,6 +232,11 @@ pub async fn run(
 
     notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     tracing::info!("{}", banner(&config, https_addr, http_addr, &env.addresses.addresses()));
+    if let Some(code) = setup_code {
+        tracing::warn!(
+            "enrolld has no admin yet: open the page above and enter the setup code {code} to create one (or restart with ENROLLD_ADMIN_PASSWORD set)"
+        );
+    }
 
     let failed = tokio::select! {
         () = shutdown => None,
@@ -250,6 +270,25 @@ fn tokio_listener(listener: std::net::TcpListener, key: &'static str) -> Result<
     let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     listener.set_nonblocking(true).map_err(|error| bind_error(key, addr, &error))?;
     tokio::net::TcpListener::from_std(listener).map_err(|error| bind_error(key, addr, &error))
+}
+
+/// Marks invites expired as their time runs out (listing and counting also sweep, so this keeps remarks and the
+/// audit log timely).
+async fn sweep_invites(enrollment: Enrollment, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let domain = enrollment.clone();
+        match tokio::task::spawn_blocking(move || domain.sweep_expired()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(expired)) => tracing::info!(expired, "invites expired"),
+            Ok(Err(error)) => tracing::error!(%error, "expiring invites failed; trying again in a minute"),
+            Err(error) => tracing::error!(%error, "the invite sweeper panicked; trying again in a minute"),
+        }
+    }
 }
 
 /// The daemon's long-running tasks, by name, so the log says which one stopped.

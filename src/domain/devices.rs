@@ -5,14 +5,14 @@
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::invites::link_state;
+use super::invites::{AdditionalInvite, CreatedInvite, NewInvite, link_state};
 use super::{
     Actor, DomainError, DomainResult, Enrollment, Paged, clamp_limit, decode_cursor, optional_text, paged,
     validate_imei,
 };
 use crate::model::{
-    CommandKind, Device, DeviceStatus, Group, Id, Invite, InviteStatus, Ownership, PendingCommand, Platform, Remark,
-    StagedDevice, User,
+    Channels, CommandKind, Device, DeviceStatus, Group, Id, Invite, InviteStatus, Ownership, PendingCommand, Platform,
+    Remark, StagedDevice, User,
 };
 use crate::store::{Scan, Tx, device_status_byte, hardware_key, tree};
 
@@ -413,6 +413,48 @@ impl Enrollment {
         let after = decode_cursor(cursor)?;
         let scan = Scan { tree: tree::STAGED, prefix: &[], after: after.as_deref(), newest_first: false };
         Ok(paged(self.store.page(scan, clamp_limit(limit), |_| true)?))
+    }
+
+    /// "Enroll additional device" from a managed device: a new invite for its user.
+    pub fn additional_invite_for_device(
+        &self,
+        actor: &Actor,
+        id: &Id,
+        extra: &AdditionalInvite,
+    ) -> DomainResult<CreatedInvite> {
+        let device = self.device(id)?;
+        let user_id = device
+            .user_id
+            .ok_or_else(|| DomainError::invalid("user_id", "the device has no user; reassign it to a user first"))?;
+        let defaults = NewInvite {
+            user_id,
+            platform: device.platform,
+            ownership: device.ownership,
+            group_id: device.group_id,
+            channels: Channels::Email,
+        };
+        self.create_invite(actor, &extra.apply(defaults))
+    }
+
+    /// "Re-enroll" a staged device: a new invite for the user it is assigned to.
+    pub fn reenroll_staged(&self, actor: &Actor, id: &Id, extra: &AdditionalInvite) -> DomainResult<CreatedInvite> {
+        let staged = self.staged_device(id)?;
+        let user = match (staged.user_id, staged.email.as_deref()) {
+            (Some(user), _) => Some(user),
+            (None, Some(email)) => self.user_by_email(email)?.map(|u| u.id),
+            (None, None) => None,
+        };
+        let user_id = user.ok_or_else(|| {
+            DomainError::invalid("user_id", "the staged device has no user; assign it to a user first")
+        })?;
+        let defaults = NewInvite {
+            user_id,
+            platform: staged.platform,
+            ownership: Ownership::Corporate,
+            group_id: staged.group_id,
+            channels: Channels::Email,
+        };
+        self.create_invite(actor, &extra.apply(defaults))
     }
 
     pub fn staged_device(&self, id: &Id) -> DomainResult<StagedDevice> {

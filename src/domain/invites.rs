@@ -103,6 +103,28 @@ pub struct InviteQuery {
     pub limit: Option<usize>,
 }
 
+/// Overrides for an invite made from an existing invite, device or staged device; absent fields are taken from it.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdditionalInvite {
+    pub platform: Option<Platform>,
+    pub ownership: Option<Ownership>,
+    pub group_id: Option<Id>,
+    pub channels: Option<Channels>,
+}
+
+impl AdditionalInvite {
+    pub(crate) fn apply(&self, defaults: NewInvite) -> NewInvite {
+        NewInvite {
+            user_id: defaults.user_id,
+            platform: self.platform.unwrap_or(defaults.platform),
+            ownership: self.ownership.unwrap_or(defaults.ownership),
+            group_id: self.group_id.or(defaults.group_id),
+            channels: self.channels.unwrap_or(defaults.channels),
+        }
+    }
+}
+
 /// Which invites a bulk action applies to: listed ids, or everything a filter matches.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -421,10 +443,18 @@ impl Enrollment {
         Ok(invite)
     }
 
-    /// A new invite for the same user as `id` (platform, ownership, group and channels as given); the existing
-    /// invites stay valid.
-    pub fn additional_invite(&self, actor: &Actor, new: &NewInvite) -> DomainResult<CreatedInvite> {
-        self.create_invite(actor, new)
+    /// "Enroll additional device": a new invite for the same user as invite `id`, with its platform, ownership,
+    /// group and channels unless `extra` says otherwise; the existing invites stay valid.
+    pub fn additional_invite(&self, actor: &Actor, id: &Id, extra: &AdditionalInvite) -> DomainResult<CreatedInvite> {
+        let source = self.store.get::<Invite>(id.as_bytes())?.ok_or_else(|| DomainError::not_found("invite", id))?;
+        let defaults = NewInvite {
+            user_id: source.user_id,
+            platform: source.platform,
+            ownership: source.ownership,
+            group_id: source.group_id,
+            channels: source.channels,
+        };
+        self.create_invite(actor, &extra.apply(defaults))
     }
 
     /// Resends every selected invite, each in its own transaction, reporting each result.

@@ -17,8 +17,8 @@ use utoipa::ToSchema;
 
 pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment};
 pub use invites::{
-    BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, InviteQuery, InviteView, LinkProblem,
-    NewInvite, PasscodeCheck,
+    AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
+    InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
 

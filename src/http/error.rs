@@ -1,8 +1,8 @@
-//! The error every handler returns: a status code and a JSON body `{"error": code, "message": text}` a person can
-//! act on.
+//! The error every handler returns: a status code and a JSON body `{"error": code, "message": text, "field"?: name}`
+//! a person can act on.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -13,13 +13,17 @@ pub struct HttpError {
     /// A stable, machine-readable code such as `not_found`.
     pub error: &'static str,
     pub message: String,
+    /// The request field the problem concerns, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<&'static str>,
+    /// Seconds to wait before trying again (sent as `Retry-After`).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl HttpError {
     pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
-        HttpError { status, error, message: message.into(), field: None }
+        HttpError { status, error, message: message.into(), field: None, retry_after: None }
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -29,6 +33,10 @@ impl HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (self.status, Json(&self)).into_response()
+        let mut response = (self.status, Json(&self)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }

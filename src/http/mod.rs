@@ -1,6 +1,7 @@
 //! HTTP: the HTTPS application router, the plain-HTTP router that redirects to it, the middleware every route gets
 //! (request timeout, body-size limit, tracing, `nosniff`), and the shared [`AppState`].
 
+pub mod api;
 mod error;
 mod ops;
 pub mod serve;
@@ -21,6 +22,8 @@ use tower_http::trace::TraceLayer;
 pub use error::HttpError;
 
 use crate::clock::Clock;
+use crate::domain::Enrollment;
+use crate::domain::auth::Auth;
 use crate::store::Store;
 use crate::tls::ServingCertificate;
 
@@ -31,6 +34,16 @@ pub struct AppState {
     /// The appliance CA in PEM, served at `/ca.crt`.
     pub ca_pem: Arc<str>,
     pub clock: Arc<dyn Clock>,
+    pub enrollment: Enrollment,
+    pub auth: Auth,
+    /// The API's OpenAPI document, filled in when the router is built.
+    pub openapi: Arc<std::sync::OnceLock<serde_json::Value>>,
+}
+
+impl AppState {
+    pub fn new(store: Store, ca_pem: Arc<str>, clock: Arc<dyn Clock>, enrollment: Enrollment, auth: Auth) -> Self {
+        AppState { store, ca_pem, clock, enrollment, auth, openapi: Arc::default() }
+    }
 }
 
 /// Limits applied to every route.
@@ -47,7 +60,9 @@ fn open_routes() -> Router<AppState> {
 
 /// The application served over HTTPS.
 pub fn https_router(state: AppState, limits: Limits) -> Router {
-    with_middleware(open_routes().fallback(ops::not_found), limits).with_state(state)
+    let (api, openapi) = api::router(state.clone());
+    let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
+    with_middleware(open_routes().merge(api).fallback(ops::not_found), limits).with_state(state)
 }
 
 /// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries
@@ -90,11 +105,7 @@ mod tests {
     use tower::ServiceExt;
 
     fn state() -> AppState {
-        AppState {
-            store: Store::open_temporary().unwrap(),
-            ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
-            clock: Arc::new(crate::clock::SystemClock),
-        }
+        api::tests::state_with(Store::open_temporary().unwrap(), Arc::new(crate::clock::SystemClock))
     }
 
     fn limits() -> Limits {

@@ -1,0 +1,235 @@
+//! The admin JSON API under `/api/v1`.
+//!
+//! Every route is registered through utoipa-axum's `routes!`, which adds the handler to the router and its
+//! description to the OpenAPI document in one step, so `/api/v1/openapi.json` cannot drift from what is served.
+//! All routes but sign-in and first-run setup sit behind [`require_admin`], applied as a layer to the whole
+//! protected router rather than per handler.
+
+mod access;
+mod devices;
+mod invites;
+mod system;
+mod users;
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router, middleware};
+use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use access::{SESSION_COOKIE, require_admin};
+
+use super::{AppState, HttpError};
+use crate::domain::auth::AuthError;
+use crate::domain::{Actor, DomainError};
+use crate::model::Session;
+
+/// The API's routes and its OpenAPI document.
+pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let protected = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(access::logout))
+        .routes(routes!(access::sessions))
+        .routes(routes!(access::revoke_session))
+        .routes(routes!(access::admins, access::create_admin))
+        .routes(routes!(access::delete_admin))
+        .routes(routes!(access::set_admin_password))
+        .routes(routes!(users::users, users::create_user))
+        .routes(routes!(users::user, users::update_user, users::delete_user))
+        .routes(routes!(users::groups, users::create_group))
+        .routes(routes!(users::group, users::update_group, users::delete_group))
+        .routes(routes!(users::invite_group))
+        .routes(routes!(invites::invites, invites::create_invite))
+        .routes(routes!(invites::invite))
+        .routes(routes!(invites::resend))
+        .routes(routes!(invites::remove))
+        .routes(routes!(invites::additional))
+        .routes(routes!(invites::by_myself))
+        .routes(routes!(invites::bulk_resend))
+        .routes(routes!(invites::bulk_remove))
+        .routes(routes!(devices::devices))
+        .routes(routes!(devices::device))
+        .routes(routes!(devices::reassign))
+        .routes(routes!(devices::deprovision))
+        .routes(routes!(devices::additional_invite))
+        .routes(routes!(devices::staged, devices::create_staged))
+        .routes(routes!(devices::remove_staged))
+        .routes(routes!(devices::assign_staged))
+        .routes(routes!(devices::reenroll_staged))
+        .routes(routes!(system::dashboard))
+        .routes(routes!(system::audit))
+        .routes(routes!(system::openapi_document))
+        .route_layer(middleware::from_fn_with_state(state, require_admin));
+    let public =
+        OpenApiRouter::new().routes(routes!(access::login)).routes(routes!(access::setup_status, access::setup));
+    protected.merge(public).split_for_parts()
+}
+
+/// Routes that answer without a signed-in admin.
+pub const PUBLIC_ROUTES: &[(&str, &str)] =
+    &[("post", "/api/v1/login"), ("get", "/api/v1/setup"), ("post", "/api/v1/setup")];
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "enrolld admin API",
+        description = "Invite users to enroll devices, and track invites and devices. Sign in with POST /api/v1/login; send the token as `Authorization: Bearer <token>`, or use the session cookie with an `X-CSRF-Token` header on changes."
+    ),
+    modifiers(&Security),
+    security(("bearer" = []), ("session" = []))
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components
+            .add_security_scheme("session", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(SESSION_COOKIE))));
+    }
+}
+
+/// The signed-in admin, put in the request by [`require_admin`].
+#[derive(Debug, Clone)]
+pub struct SignedInAdmin {
+    pub actor: Actor,
+    pub session: Session,
+    /// The token the request carried, for sign-out.
+    pub token: String,
+}
+
+/// The client's address as text, when known (for the audit log and rate limits).
+pub(crate) fn client_of(parts_extensions: &axum::http::Extensions) -> Option<String> {
+    parts_extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip().to_string())
+}
+
+/// A JSON body whose problems are answered in the API's own error format.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, HttpError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_problem(&rejection)),
+        }
+    }
+}
+
+fn json_problem(rejection: &JsonRejection) -> HttpError {
+    let (status, code) = match rejection {
+        JsonRejection::MissingJsonContentType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "json_expected"),
+        JsonRejection::JsonSyntaxError(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+        JsonRejection::JsonDataError(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+        _ => (StatusCode::BAD_REQUEST, "invalid_body"),
+    };
+    HttpError::new(status, code, rejection.body_text())
+}
+
+/// Path parameters, with a 404-style answer for ids that cannot exist.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| ApiPath(value))
+            .map_err(|rejection: PathRejection| {
+                HttpError::new(StatusCode::NOT_FOUND, "not_found", format!("no such record: {}", rejection.body_text()))
+            })
+    }
+}
+
+/// Query parameters, answered with a 422 naming the bad one.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| ApiQuery(value))
+            .map_err(|rejection: QueryRejection| {
+                HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", rejection.body_text())
+            })
+    }
+}
+
+impl From<DomainError> for HttpError {
+    fn from(error: DomainError) -> Self {
+        match error {
+            DomainError::NotFound { .. } => HttpError::new(StatusCode::NOT_FOUND, "not_found", error.to_string()),
+            DomainError::Invalid { field, message } => {
+                HttpError { field: Some(field), ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message) }
+            }
+            DomainError::Conflict { code, message } => HttpError::new(StatusCode::CONFLICT, code, message),
+            DomainError::Store(store) => {
+                tracing::error!(error = %store, "storage failure");
+                HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", store.to_string())
+            }
+        }
+    }
+}
+
+impl From<AuthError> for HttpError {
+    fn from(error: AuthError) -> Self {
+        let message = error.to_string();
+        match error {
+            AuthError::BadCredentials => HttpError::new(StatusCode::UNAUTHORIZED, "bad_credentials", message),
+            AuthError::TooManyAttempts { retry_after_secs } => HttpError {
+                retry_after: Some(retry_after_secs),
+                ..HttpError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", message)
+            },
+            AuthError::AlreadySetUp => HttpError::new(StatusCode::CONFLICT, "already_set_up", message),
+            AuthError::BadSetupCode => HttpError::new(StatusCode::FORBIDDEN, "bad_setup_code", message),
+            AuthError::WeakPassword(_) => HttpError {
+                field: Some("password"),
+                ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "weak_password", message)
+            },
+            AuthError::Domain(domain) => domain.into(),
+        }
+    }
+}
+
+/// Runs domain work (sled, argon2) on the blocking pool so it never stalls the async workers.
+pub(crate) async fn blocking<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, HttpError>
+where
+    T: Send + 'static,
+    E: Into<HttpError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(error) => {
+            tracing::error!(%error, "request work panicked");
+            Err(HttpError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request failed unexpectedly; see the log",
+            ))
+        }
+    }
+}
+
+/// `204 No Content`.
+pub(crate) fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,302 @@
+//! The admin API in-process (tower `oneshot`): authentication on every route, sign-in, cookies and CSRF, rate
+//! limiting, revocation, and the invite lifecycle with its error answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::clock::{Clock, SystemClock};
+use crate::domain::auth::Auth;
+use crate::domain::{Enrollment, Policy};
+use crate::http::{AppState, Limits, https_router};
+use crate::store::Store;
+
+const PASSWORD: &str = "correct horse battery";
+
+pub(crate) fn state_with(store: Store, clock: Arc<dyn Clock>) -> AppState {
+    let enrollment = Enrollment::new(store.clone(), clock.clone(), Policy::default()).unwrap();
+    let auth = Auth::new(enrollment.clone(), time::Duration::hours(12)).unwrap();
+    AppState::new(
+        store,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        clock,
+        enrollment,
+        auth,
+    )
+}
+
+fn app() -> (Router, AppState) {
+    let state = state_with(Store::open_temporary().unwrap(), Arc::new(SystemClock));
+    state.auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+    let limits = Limits { request_timeout: Duration::from_secs(10), max_body_bytes: 1 << 20 };
+    (https_router(state.clone(), limits), state)
+}
+
+struct Call<'a> {
+    method: Method,
+    path: &'a str,
+    bearer: Option<&'a str>,
+    cookie: Option<&'a str>,
+    csrf: Option<&'a str>,
+    body: Option<Value>,
+}
+
+impl<'a> Call<'a> {
+    fn new(method: Method, path: &'a str) -> Self {
+        Call { method, path, bearer: None, cookie: None, csrf: None, body: None }
+    }
+    fn bearer(mut self, token: &'a str) -> Self {
+        self.bearer = Some(token);
+        self
+    }
+    fn json(mut self, body: Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+    async fn send(self, router: &Router) -> (StatusCode, HeaderMap, Value) {
+        let mut request = Request::builder().method(self.method).uri(self.path);
+        if let Some(token) = self.bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some(cookie) = self.cookie {
+            request = request.header(header::COOKIE, format!("enrolld_session={cookie}"));
+        }
+        if let Some(csrf) = self.csrf {
+            request = request.header("x-csrf-token", csrf);
+        }
+        let body = match self.body {
+            Some(body) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = router.clone().oneshot(request.body(body).unwrap()).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, json)
+    }
+}
+
+async fn login(router: &Router) -> (String, String, HeaderMap) {
+    let (status, headers, body) = Call::new(Method::POST, "/api/v1/login")
+        .json(json!({"username": "admin", "password": PASSWORD}))
+        .send(router)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    (body["token"].as_str().unwrap().to_owned(), body["csrf_token"].as_str().unwrap().to_owned(), headers)
+}
+
+#[tokio::test]
+async fn every_route_but_sign_in_and_setup_requires_an_admin() {
+    let (router, state) = app();
+    let document = state.openapi.get().unwrap().clone();
+    assert_eq!(document["openapi"].as_str().map(|v| &v[..3]), Some("3.1"));
+    let paths = document["paths"].as_object().unwrap();
+    let mut checked = 0;
+    for (path, operations) in paths {
+        for method in operations.as_object().unwrap().keys() {
+            let concrete = path.replace("{id}", &"0".repeat(32)).replace("{username}", "someone");
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, headers, body) = Call::new(method.clone(), &concrete).json(json!({})).send(&router).await;
+            let public = super::PUBLIC_ROUTES.contains(&(method.as_str().to_lowercase().as_str(), path.as_str()));
+            if public {
+                assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path} is public");
+            } else {
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} answered without sign-in: {body}");
+                assert_eq!(body["error"], "unauthorized");
+                assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} operations in the document");
+    // An invalid token is no better than none.
+    let (status, _, _) = Call::new(Method::GET, "/api/v1/dashboard").bearer("forged").send(&router).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn sign_in_gives_a_token_and_a_strict_cookie_and_sign_out_ends_it() {
+    let (router, _) = app();
+    let (status, _, body) = Call::new(Method::POST, "/api/v1/login")
+        .json(json!({"username": "admin", "password": "wrong password"}))
+        .send(&router)
+        .await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_credentials")));
+
+    let (token, _, headers) = login(&router).await;
+    let cookie = headers[header::SET_COOKIE].to_str().unwrap();
+    for attribute in ["enrolld_session=", "HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    let (status, _, counts) = Call::new(Method::GET, "/api/v1/dashboard").bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(counts["pending"], 0);
+    let (status, headers, _) = Call::new(Method::POST, "/api/v1/logout").bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(headers[header::SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+    let (status, _, _) = Call::new(Method::GET, "/api/v1/dashboard").bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the token died with the session");
+}
+
+#[tokio::test]
+async fn cookie_sessions_need_the_csrf_token_for_changes() {
+    let (router, _) = app();
+    let (token, csrf, _) = login(&router).await;
+    let user = json!({"name": "Ann", "email": "ann@example.com"});
+    let mut call = Call::new(Method::POST, "/api/v1/users").json(user.clone());
+    call.cookie = Some(&token);
+    let (status, _, body) = call.send(&router).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("csrf")));
+
+    let mut call = Call::new(Method::POST, "/api/v1/users").json(user.clone());
+    call.cookie = Some(&token);
+    call.csrf = Some("not-the-token");
+    assert_eq!(call.send(&router).await.0, StatusCode::FORBIDDEN);
+
+    let mut call = Call::new(Method::POST, "/api/v1/users").json(user);
+    call.cookie = Some(&token);
+    call.csrf = Some(&csrf);
+    assert_eq!(call.send(&router).await.0, StatusCode::CREATED);
+
+    let mut read = Call::new(Method::GET, "/api/v1/users");
+    read.cookie = Some(&token);
+    assert_eq!(read.send(&router).await.0, StatusCode::OK, "reading needs no CSRF token");
+    let bob = json!({"name": "Bob", "email": "bob@example.com"});
+    let (status, _, _) = Call::new(Method::POST, "/api/v1/users").bearer(&token).json(bob).send(&router).await;
+    assert_eq!(status, StatusCode::CREATED, "a bearer token is not sent by browsers on their own, so no CSRF token");
+}
+
+#[tokio::test]
+async fn repeated_failures_are_answered_429_with_retry_after() {
+    let (router, state) = app();
+    let wrong = json!({"username": "admin", "password": "not the password"});
+    for _ in 0..4 {
+        let (status, _, _) = Call::new(Method::POST, "/api/v1/login").json(wrong.clone()).send(&router).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let right = json!({"username": "admin", "password": PASSWORD});
+    let (status, headers, body) = Call::new(Method::POST, "/api/v1/login").json(right).send(&router).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(headers[header::RETRY_AFTER].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let log = state.enrollment.audit_log(None, 50).unwrap();
+    assert_eq!(log.items.iter().filter(|e| e.action == "login.failed").count(), 4);
+}
+
+#[tokio::test]
+async fn tokens_can_be_listed_and_revoked() {
+    let (router, _) = app();
+    let (mine, _, _) = login(&router).await;
+    let (script, _, _) = login(&router).await;
+    let (_, _, sessions) = Call::new(Method::GET, "/api/v1/sessions").bearer(&mine).send(&router).await;
+    let sessions = sessions.as_array().unwrap();
+    assert_eq!(sessions.len(), 2);
+    assert!(sessions.iter().all(|s| !s.to_string().contains(&script)), "tokens are never listed");
+    let script_id = &crate::pki::sha256_hex(script.as_bytes())[..16];
+    let (status, _, _) =
+        Call::new(Method::DELETE, &format!("/api/v1/sessions/{script_id}")).bearer(&mine).send(&router).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) = Call::new(Method::GET, "/api/v1/dashboard").bearer(&script).send(&router).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(Call::new(Method::GET, "/api/v1/dashboard").bearer(&mine).send(&router).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn first_run_setup_over_the_api() {
+    let state = state_with(Store::open_temporary().unwrap(), Arc::new(SystemClock));
+    let code = state.auth.bootstrap("admin", None).unwrap().unwrap();
+    let router = https_router(state, Limits { request_timeout: Duration::from_secs(10), max_body_bytes: 1 << 20 });
+    let (_, _, status) = Call::new(Method::GET, "/api/v1/setup").send(&router).await;
+    assert_eq!(status["needs_setup"], true);
+    let claim = |code: &str| json!({"setup_code": code, "username": "admin", "password": PASSWORD});
+    let (status, _, body) = Call::new(Method::POST, "/api/v1/setup").json(claim("AAAA-BBBB-CCCC")).send(&router).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("bad_setup_code")));
+    let (status, _, body) = Call::new(Method::POST, "/api/v1/setup").json(claim(&code)).send(&router).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    assert_eq!(Call::new(Method::GET, "/api/v1/dashboard").bearer(&token).send(&router).await.0, StatusCode::OK);
+    let (status, _, _) = Call::new(Method::POST, "/api/v1/setup").json(claim(&code)).send(&router).await;
+    assert_eq!(status, StatusCode::CONFLICT, "nobody can claim it twice");
+}
+
+#[tokio::test]
+async fn invite_lifecycle_and_error_answers() {
+    let (router, _) = app();
+    let (token, _, _) = login(&router).await;
+    let post = |path: &'static str, body: Value| Call::new(Method::POST, path).json(body);
+
+    let (status, _, body) =
+        post("/api/v1/users", json!({"name": "Ann", "email": "not an email"})).bearer(&token).send(&router).await;
+    assert_eq!(
+        (status, body["error"].as_str(), body["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid"), Some("email"))
+    );
+    let (status, _, body) = post("/api/v1/users", json!({"name": "Ann", "email": "ann@example.com", "colour": "red"}))
+        .bearer(&token)
+        .send(&router)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["message"].as_str().unwrap().contains("unknown field `colour`"), "{body}");
+    let mut broken = post("/api/v1/users", json!({})).bearer(&token);
+    broken.body = None;
+    let (status, _, body) = broken.send(&router).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("json_expected")));
+
+    let (status, _, user) =
+        post("/api/v1/users", json!({"name": "Ann", "email": "ann@example.com"})).bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _, body) =
+        post("/api/v1/users", json!({"name": "Ann 2", "email": "ANN@example.com"})).bearer(&token).send(&router).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("email_taken")));
+
+    let invite = json!({"user_id": user["id"], "platform": "ios", "ownership": "personal"});
+    let (status, _, created) = post("/api/v1/invites", invite).bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert!(created["link_token"].is_null() && created["passcode"].is_null());
+    let id = created["invite"]["id"].as_str().unwrap().to_owned();
+
+    let (_, _, pending) =
+        Call::new(Method::GET, "/api/v1/invites?status=pending&platform=ios&q=ann").bearer(&token).send(&router).await;
+    assert_eq!(pending["items"].as_array().unwrap().len(), 1);
+    assert_eq!(pending["items"][0]["email"], "ann@example.com");
+    let (status, _, body) = Call::new(Method::GET, "/api/v1/invites?status=maybe").bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    let resend_path = format!("/api/v1/invites/{id}/resend");
+    let (status, _, resent) = Call::new(Method::POST, &resend_path).bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(resent["invite"]["remarks"][1]["text"].as_str().unwrap().starts_with("Resent by admin"));
+    let remove_path = format!("/api/v1/invites/{id}/remove");
+    let (status, _, removed) = Call::new(Method::POST, &remove_path).bearer(&token).send(&router).await;
+    assert_eq!((status, removed["status"].as_str()), (StatusCode::OK, Some("removed")));
+    let (status, _, body) = Call::new(Method::POST, &resend_path).bearer(&token).send(&router).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("invite_removed")));
+
+    let by_myself = json!({"user_id": user["id"], "platform": "any"});
+    let (status, _, mine) = post("/api/v1/invites/by-myself", by_myself).bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(mine["link_token"].as_str().unwrap().len(), 43, "256-bit token, base64url");
+    assert_eq!(mine["passcode"].as_str().unwrap().len(), 8);
+
+    let missing = format!("/api/v1/invites/{}", "f".repeat(32));
+    assert_eq!(Call::new(Method::GET, &missing).bearer(&token).send(&router).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        Call::new(Method::GET, "/api/v1/invites/nonsense").bearer(&token).send(&router).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let (_, _, audit) = Call::new(Method::GET, "/api/v1/audit?limit=3").bearer(&token).send(&router).await;
+    assert_eq!(audit["items"][0]["action"], "invite.by_myself", "newest first");
+    assert!(audit["next_cursor"].is_string());
+    let (status, _, document) = Call::new(Method::GET, "/api/v1/openapi.json").bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(document["components"]["schemas"]["InviteView"].is_object());
+}
