@@ -818,6 +818,22 @@ mod tests {
         assert_eq!(d.open_link(&token).unwrap().unwrap().id, stored.id);
         assert_eq!(created.invite.expires_at - created.invite.requested_at, Duration::days(7));
         assert!(created.invite.remarks[0].text.contains("Queued for delivery by email and sms"));
+
+        // Refused part-way (SMS to a user without a phone): neither the invite nor any job is left behind.
+        let no_phone = d
+            .create_user(&admin(), &NewUser { name: "Bo".into(), email: "bo@example.com".into(), ..Default::default() })
+            .unwrap();
+        let new = NewInvite {
+            user_id: no_phone.id,
+            platform: Platform::Ios,
+            ownership: Ownership::Corporate,
+            group_id: None,
+            channels: Channels::Both,
+        };
+        let refused = d.create_invite(&admin(), &new).unwrap_err();
+        assert!(matches!(refused, DomainError::Invalid { field: "channels", .. }), "{refused}");
+        assert_eq!(self::jobs(&d).len(), 2);
+        assert_eq!(d.dashboard().unwrap().pending, 1);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
@@ -157,7 +157,7 @@ pub struct Fetched {
 /// `GET path` over plain HTTP.
 pub async fn get_plain(addr: SocketAddr, host: &str, path: &str) -> Fetched {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let mut fetched = get(stream, host, path).await;
+    let mut fetched = send(stream, host, hyper::Method::GET, path, None, None).await;
     fetched.peer_chain = Vec::new();
     fetched
 }
@@ -190,18 +190,59 @@ pub async fn get_tls(
         .map_err(|e| e.to_string())?;
     let chain =
         tls.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
-    let mut fetched = get(tls, &host, path).await;
+    let mut fetched = send(tls, &host, hyper::Method::GET, path, None, None).await;
     fetched.peer_chain = chain;
     Ok(fetched)
 }
 
-async fn get<S>(stream: S, host: &str, path: &str) -> Fetched
+/// A JSON API call over TLS to `https://enroll.local` at `addr`, trusting only `ca`.
+pub async fn api(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    method: hyper::Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut store = rustls::RootCertStore::empty();
+    store.add(ca.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("enroll.local").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.unwrap();
+    let fetched = send(tls, "enroll.local", method, path, bearer, body).await;
+    (fetched.status, serde_json::from_str(&fetched.body).unwrap_or(serde_json::Value::Null))
+}
+
+async fn send<S>(
+    stream: S,
+    host: &str,
+    method: hyper::Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Fetched
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(connection);
-    let request = hyper::Request::get(path).header(hyper::header::HOST, host).body(Empty::<Bytes>::new()).unwrap();
+    let mut request = hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, host);
+    if let Some(token) = bearer {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(json) => {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+            Full::new(Bytes::from(json.to_string()))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    let request = request.body(body).unwrap();
     let response = sender.send_request(request).await.unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();

@@ -1,0 +1,69 @@
+//! The admin API through the real binary over HTTPS: an unconfigured box logs a setup code, the first admin claims
+//! it with that code, and what they create survives a restart (after which no setup code is offered).
+
+use hyper::Method;
+use serde_json::json;
+
+use crate::common::{Daemon, api, get_plain, parse_pem_certs};
+
+const PASSWORD: &str = "staple battery horse";
+
+fn setup_code(log: &str) -> String {
+    let line =
+        log.lines().find(|l| l.contains("enter the setup code")).unwrap_or_else(|| panic!("no setup code in:\n{log}"));
+    let after = line.split("setup code ").nth(1).unwrap();
+    after.split_whitespace().next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_admin_claims_the_box_with_the_logged_code_and_the_data_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(&state, &[]);
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let code = setup_code(&daemon.log());
+    assert_eq!(code.len(), 14, "XXXX-XXXX-XXXX: {code}");
+
+    let (status, _) = api(daemon.https, &ca, Method::GET, "/api/v1/dashboard", None, None).await;
+    assert_eq!(status, 401);
+    let claim = json!({"setup_code": code, "username": "admin", "password": PASSWORD});
+    let (status, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/setup", None, Some(claim.clone())).await;
+    assert_eq!(status, 200, "{signed_in}");
+    let token = signed_in["token"].as_str().unwrap().to_owned();
+
+    let user = json!({"name": "Ann Lee", "email": "ann@example.com", "phone": "+1 202 555 0100"});
+    let (status, user) = api(daemon.https, &ca, Method::POST, "/api/v1/users", Some(&token), Some(user)).await;
+    assert_eq!(status, 201, "{user}");
+    let invite = json!({"user_id": user["id"], "platform": "android", "channels": "both"});
+    let (status, created) = api(daemon.https, &ca, Method::POST, "/api/v1/invites", Some(&token), Some(invite)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+
+    let daemon = Daemon::start(&state, &[]);
+    assert!(!daemon.log().contains("setup code"), "no code once an admin exists:\n{}", daemon.log());
+    let (status, _) = api(daemon.https, &ca, Method::POST, "/api/v1/setup", None, Some(claim)).await;
+    assert_eq!(status, 409);
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (status, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    assert_eq!(status, 200);
+    let token = signed_in["token"].as_str().unwrap();
+    let (_, pending) = api(daemon.https, &ca, Method::GET, "/api/v1/invites?status=pending", Some(token), None).await;
+    assert_eq!(pending["items"][0]["email"], "ann@example.com");
+    assert_eq!(pending["items"][0]["channels"], "both");
+    let (_, counts) = api(daemon.https, &ca, Method::GET, "/api/v1/dashboard", Some(token), None).await;
+    assert_eq!((counts["pending"].as_u64(), counts["queued_messages"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_admin_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::spawn(&dir.path().join("state"), &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
+    daemon.wait_healthy();
+    assert!(!daemon.log().contains("setup code"));
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (status, _) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    assert_eq!(status, 200);
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
