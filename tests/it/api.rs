@@ -21,7 +21,7 @@ async fn the_first_admin_claims_the_box_with_the_logged_code_and_the_data_persis
     let state = dir.path().join("state");
     let daemon = Daemon::start(&state, &[]);
     let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
-    let code = setup_code(&daemon.log());
+    let code = setup_code(&daemon.wait_for_log("enter the setup code"));
     assert_eq!(code.len(), 14, "XXXX-XXXX-XXXX: {code}");
 
     let (status, _) = api(daemon.https, &ca, Method::GET, "/api/v1/dashboard", None, None).await;
@@ -40,7 +40,8 @@ async fn the_first_admin_claims_the_box_with_the_logged_code_and_the_data_persis
     assert_eq!(daemon.terminate().0.code(), Some(0));
 
     let daemon = Daemon::start(&state, &[]);
-    assert!(!daemon.log().contains("setup code"), "no code once an admin exists:\n{}", daemon.log());
+    let log = daemon.wait_for_log("ready: open");
+    assert!(!log.contains("setup code"), "no code once an admin exists:\n{log}");
     let (status, _) = api(daemon.https, &ca, Method::POST, "/api/v1/setup", None, Some(claim)).await;
     assert_eq!(status, 409);
     let login = json!({"username": "admin", "password": PASSWORD});
@@ -60,7 +61,7 @@ async fn the_first_admin_can_come_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::spawn(&dir.path().join("state"), &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
     daemon.wait_healthy();
-    assert!(!daemon.log().contains("setup code"));
+    assert!(!daemon.wait_for_log("ready: open").contains("setup code"));
     let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
     let login = json!({"username": "admin", "password": PASSWORD});
     let (status, _) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;

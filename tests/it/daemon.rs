@@ -42,8 +42,7 @@ async fn https_with_its_own_ca_and_the_same_identity_after_restart() {
     assert_eq!(redirected.status, 307);
     assert_eq!(redirected.headers["location"], format!("https://enroll.local:{}/admin", daemon.https.port()));
 
-    let log = daemon.log();
-    assert!(log.contains("ready: open https://enroll.local:"), "banner names the URL:\n{log}");
+    daemon.wait_for_log("ready: open https://enroll.local:");
     let (status, took) = daemon.terminate();
     assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");

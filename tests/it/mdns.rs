@@ -84,6 +84,8 @@ struct Peer {
     child: Child,
     stdin: ChildStdin,
     events: Receiver<Value>,
+    /// Events that arrived but no wait has taken yet (services announce in any order).
+    unclaimed: Vec<Value>,
     seen: Vec<Value>,
 }
 
@@ -109,7 +111,7 @@ impl Peer {
                 }
             }
         });
-        Peer { child, stdin, events, seen: Vec::new() }
+        Peer { child, stdin, events, unclaimed: Vec::new(), seen: Vec::new() }
     }
 
     fn send(&mut self, command: Value) {
@@ -117,8 +119,12 @@ impl Peer {
         self.stdin.flush().unwrap();
     }
 
-    /// Waits for an event matching `want`, keeping everything seen for the failure message.
+    /// Takes the first event matching `want`, from those already arrived or, waiting, from new ones; keeps
+    /// everything seen for the failure message.
     fn expect(&mut self, what: &str, limit: Duration, want: impl Fn(&Value) -> bool) -> Value {
+        if let Some(position) = self.unclaimed.iter().position(&want) {
+            return self.unclaimed.remove(position);
+        }
         let deadline = Instant::now() + limit;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.events.recv_timeout(left) {
@@ -127,6 +133,7 @@ impl Peer {
                     if want(&event) {
                         return event;
                     }
+                    self.unclaimed.push(event);
                 }
                 Err(_) => break,
             }
@@ -139,6 +146,16 @@ impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The daemon process, killed if the test fails before it stops it (an orphan would hold the test's output open).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -155,24 +172,26 @@ fn found_on_the_lan_by_another_host_and_follows_address_changes() {
     let lan = Lan::create();
     let state = tempfile::tempdir().unwrap();
     let log = state.path().join("daemon.log");
-    let mut daemon = lan
-        .exec(&lan.appliance, BIN)
-        .args(["serve", "--state-dir", state.path().join("s").to_str().unwrap(), "--hostname", "enroll"])
-        .args(["--https-listen", "[::]:8443", "--http-listen", "[::]:8080"])
-        .env("ENROLLD_CERT_CHECK_INTERVAL_SECS", "1")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = Running(
+        lan.exec(&lan.appliance, BIN)
+            .args(["serve", "--state-dir", state.path().join("s").to_str().unwrap(), "--hostname", "enroll"])
+            .args(["--https-listen", "[::]:8443", "--http-listen", "[::]:8080"])
+            .env("ENROLLD_CERT_CHECK_INTERVAL_SECS", "1")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !daemon_log().contains("ready: open") {
         assert!(Instant::now() < deadline, "daemon not ready:\n{}", daemon_log());
-        assert!(daemon.try_wait().unwrap().is_none(), "daemon exited:\n{}", daemon_log());
+        assert!(daemon.0.try_wait().unwrap().is_none(), "daemon exited:\n{}", daemon_log());
         std::thread::sleep(Duration::from_millis(50));
     }
 
     let mut peer = Peer::start(&lan);
-    let limit = Duration::from_secs(20);
+    let limit = Duration::from_secs(40);
     let https = peer.expect("_https._tcp service", limit, |e| {
         (is(e, "added", "_https._tcp.local.") || is(e, "updated", "_https._tcp.local.")) && has_address(e, BOX_ADDR)
     });
@@ -223,8 +242,8 @@ fn found_on_the_lan_by_another_host_and_follows_address_changes() {
     assert!(daemon_log().contains("names changed: +10.203.0.9"), "{}", daemon_log());
 
     // SIGTERM: goodbye packets withdraw both services.
-    crate::common::signal(daemon.id(), nix::sys::signal::Signal::SIGTERM);
-    let status = wait_with_deadline(&mut daemon, Duration::from_secs(10));
+    crate::common::signal(daemon.0.id(), nix::sys::signal::Signal::SIGTERM);
+    let status = wait_with_deadline(&mut daemon.0, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{}", daemon_log());
     peer.expect("withdrawal of _https._tcp", limit, |e| is(e, "removed", "_https._tcp.local."));
 }

@@ -34,7 +34,12 @@ def on_change(zeroconf, service_type, name, state_change):
     if state_change is ServiceStateChange.Removed:
         emit({"event": event, "type": service_type, "name": name})
         return
-    info = zeroconf.get_service_info(service_type, name, timeout=3000)
+    # On a loaded machine the first resolution can time out; ask again rather than give up on the service.
+    info = None
+    for _ in range(5):
+        info = zeroconf.get_service_info(service_type, name, timeout=3000)
+        if info is not None and info.parsed_addresses():
+            break
     if info is None:
         emit({"event": "unresolved", "type": service_type, "name": name})
         return
