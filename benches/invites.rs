@@ -40,7 +40,7 @@ fn time_queries(label: &str, runs: usize, mut query: impl FnMut()) {
 fn main() {
     let dir = std::env::temp_dir().join(format!("enrolld-bench-{}", std::process::id()));
     let store = Store::open(&dir.join("db")).expect("open store");
-    let domain = Enrollment::new(store.clone(), Arc::new(SystemClock), Policy::default()).expect("domain");
+    let domain = Enrollment::new(store.clone(), Arc::new(SystemClock), Policy::default(), &[7; 32]).expect("domain");
     let admin = Actor { name: "admin".into(), client: None };
 
     let users: Vec<_> = (0..USERS)

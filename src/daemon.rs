@@ -170,7 +170,9 @@ pub async fn run(
         invite_validity: time::Duration::try_from(config.invite_validity).unwrap_or(time::Duration::days(7)),
         ..Policy::default()
     };
-    let enrollment = Enrollment::new(store.clone(), env.clock.clone(), policy)?;
+    let passcode_key = crate::state_dir::secret_file(&state_dir.pki().join("passcode.key"))
+        .map_err(|error| StateDirError::Unusable { dir: state_dir.pki(), reason: format!("passcode.key: {error}") })?;
+    let enrollment = Enrollment::new(store.clone(), env.clock.clone(), policy, &passcode_key)?;
     let session_ttl = time::Duration::try_from(config.session_ttl).unwrap_or(time::Duration::hours(12));
     let auth = Auth::new(enrollment.clone(), session_ttl)?;
     let setup_code = auth.bootstrap(&config.admin_user, config.admin_password.as_deref())?;

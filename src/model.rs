@@ -353,6 +353,9 @@ pub struct Admin {
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     pub created_by: String,
+    /// Sessions carry the generation they were made under; a password change bumps it, ending them all.
+    #[serde(default)]
+    pub session_generation: u32,
 }
 
 /// A signed-in admin: a browser session (cookie) or a bearer token for scripts. Stored under the token's hash.
@@ -368,6 +371,9 @@ pub struct Session {
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
     pub client: Option<String>,
+    /// The admin's session generation when this session began.
+    #[serde(default)]
+    pub generation: u32,
 }
 
 impl Session {
@@ -375,4 +381,76 @@ impl Session {
     pub fn public_id(&self) -> &str {
         &self.token_hash[..16.min(self.token_hash.len())]
     }
+}
+
+wire_enum!(
+    /// Which CSV format an import reads.
+    ImportKind { Invites = "invites", Staged = "staged" }
+);
+wire_enum!(
+    /// `all`: a file with any invalid row imports nothing. `valid_only`: valid rows are imported, the rest reported.
+    ImportMode { All = "all", ValidOnly = "valid_only" }
+);
+wire_enum!(
+    /// Where an import job stands.
+    ImportState {
+        Queued = "queued",
+        Validating = "validating",
+        Importing = "importing",
+        Done = "done",
+        Rejected = "rejected",
+        RolledBack = "rolled_back",
+        Interrupted = "interrupted",
+        Failed = "failed"
+    }
+);
+
+/// One problem with one row of an uploaded file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RowProblem {
+    /// Line in the file (1 is the header).
+    pub line: u64,
+    /// The column's header, when the problem is in one cell.
+    pub column: Option<String>,
+    pub value: String,
+    pub reason: String,
+}
+
+/// What an import did (or, when rejected, would have had to refuse).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImportReport {
+    pub rows_read: u64,
+    pub users_created: u64,
+    pub users_matched: u64,
+    pub invites_created: u64,
+    pub staged_created: u64,
+    /// Names of the groups the import created.
+    pub groups_created: Vec<String>,
+    /// Rows that already had a pending invite for the same user and platform (a file imported twice).
+    pub already_pending: u64,
+    pub rows_rejected: u64,
+    /// The problems, in line order (the first 1,000; `rows_rejected` counts them all).
+    pub problems: Vec<RowProblem>,
+}
+
+/// A CSV import job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Import {
+    pub id: Id,
+    pub kind: ImportKind,
+    pub mode: ImportMode,
+    pub state: ImportState,
+    pub filename: Option<String>,
+    pub bytes: u64,
+    /// Rows checked or imported so far, of `rows_total` (known once the file has been read through).
+    pub rows_done: u64,
+    pub rows_total: u64,
+    pub report: ImportReport,
+    /// What happened, in a sentence.
+    pub message: String,
+    pub created_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
 }

@@ -106,6 +106,26 @@ impl OpenOptionsExt0600 for OpenOptions {
     }
 }
 
+/// A 256-bit secret kept in a 0600 file (created with fresh random bytes on first use).
+pub fn secret_file(path: &Path) -> io::Result<[u8; 32]> {
+    match fs::read(path) {
+        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not 32 bytes; restore it from a backup", path.display()),
+            )
+        }),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                .map_err(|_| io::Error::other("the system random number generator failed"))?;
+            write_private(path, &secret, 0o600)?;
+            Ok(secret)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Writes `contents` to `path` atomically (temporary file, fsync, rename) with the given permission bits.
 pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -153,6 +173,17 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         let message = StateDir::open(&file).unwrap_err().to_string();
         assert!(message.contains("not a directory") && message.contains("--state-dir"), "{message}");
+    }
+
+    #[test]
+    fn a_secret_file_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret.key");
+        let first = secret_file(&path).unwrap();
+        assert_eq!(secret_file(&path).unwrap(), first);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::write(&path, b"short").unwrap();
+        assert!(secret_file(&path).unwrap_err().to_string().contains("restore it from a backup"));
     }
 
     #[test]

@@ -133,18 +133,19 @@ impl Auth {
         if self.has_admin()? {
             return Err(AuthError::AlreadySetUp);
         }
-        let actor = Actor { name: username.to_owned(), client: client.clone() };
-        self.check_limits(&format!("setup:{}", client.as_deref().unwrap_or("-")), None)?;
+        let actor = Actor { name: truncate(username), client: client.clone() };
+        let limit_key = format!("setup:{}", client.as_deref().unwrap_or("-"));
+        self.reserve_attempt(&actor, &limit_key, None)?;
         let expected = self.setup_code.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let matches = expected.as_deref().is_some_and(|expected| {
             let given = normalize_setup_code(code);
             bool::from(given.as_bytes().ct_eq(normalize_setup_code(expected).as_bytes()))
         });
         if !matches {
-            self.note_failure(&format!("setup:{}", client.as_deref().unwrap_or("-")), None);
             self.domain.record(&actor, "setup.failed", None, "wrong setup code")?;
             return Err(AuthError::BadSetupCode);
         }
+        self.clear_failures(&limit_key, None);
         let admin = self.insert_admin(&actor, username, password)?;
         *self.setup_code.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.start_session(&admin.username, client)
@@ -152,16 +153,16 @@ impl Auth {
 
     /// Checks a username and password; on success starts a session.
     pub fn login(&self, username: &str, password: &str, client: Option<String>) -> Result<SignedIn, AuthError> {
-        let username = username.trim().to_lowercase();
+        let username = truncate(&username.trim().to_lowercase());
         let account_key = format!("user:{username}");
-        let client_key = client.as_ref().map(|c| format!("client:{c}"));
-        self.check_limits(&account_key, client_key.as_deref())?;
+        let client_key = client.as_deref().map(|c| format!("client:{}", client_network(c)));
+        let actor = Actor { name: username.clone(), client: client.clone() };
+        // The attempt is counted before the password is checked, so parallel guesses cannot all slip through.
+        self.reserve_attempt(&actor, &account_key, client_key.as_deref())?;
         let admin = self.domain.store().get::<Admin>(username.as_bytes())?;
         let hash = admin.as_ref().map_or(&*self.decoy_hash, |a| a.password_hash.as_str());
         let verified = verify_password(password, hash) && admin.is_some();
-        let actor = Actor { name: username.clone(), client: client.clone() };
         if !verified {
-            self.note_failure(&account_key, client_key.as_deref());
             self.domain.record(&actor, "login.failed", Some(username.clone()), "wrong username or password")?;
             return Err(AuthError::BadCredentials);
         }
@@ -175,15 +176,28 @@ impl Auth {
         let encode = |bytes: [u8; 32]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         let token = encode(random_bytes());
         let now = self.domain.now();
-        let session = Session {
+        let template = Session {
             token_hash: sha256_hex(token.as_bytes()),
             username: username.to_owned(),
             csrf_token: encode(random_bytes()),
             created_at: now,
             expires_at: now + self.session_ttl,
             client,
+            generation: 0,
         };
-        self.domain.store().transact::<_, DomainError>(|tx| tx.put(None, &session)).map_err(DomainError::from)?;
+        // The session takes the admin's current generation in the same transaction that stores it, so a password
+        // change cannot slip in between.
+        let session = self
+            .domain
+            .store()
+            .transact(|tx| {
+                let admin: Admin =
+                    tx.get(username.as_bytes())?.ok_or_else(|| DomainError::not_found("admin", username))?;
+                let session = Session { generation: admin.session_generation, ..template.clone() };
+                tx.put(None, &session)?;
+                Ok(session)
+            })
+            .map_err(DomainError::from)?;
         Ok(SignedIn {
             token,
             csrf_token: session.csrf_token,
@@ -192,11 +206,14 @@ impl Auth {
         })
     }
 
-    /// The live session a token belongs to; expired sessions are deleted on sight.
+    /// The live session a token belongs to. Expired sessions, and those of an admin who was deleted or changed
+    /// password since, are deleted on sight.
     pub fn session(&self, token: &str) -> DomainResult<Option<Session>> {
         let key = sha256_hex(token.as_bytes());
         let Some(session) = self.domain.store().get::<Session>(key.as_bytes())? else { return Ok(None) };
-        if session.expires_at <= self.domain.now() {
+        let admin = self.domain.store().get::<Admin>(session.username.as_bytes())?;
+        let current = admin.is_some_and(|a| a.session_generation == session.generation);
+        if !current || session.expires_at <= self.domain.now() {
             self.domain.store().transact::<_, DomainError>(|tx| tx.delete(&session))?;
             return Ok(None);
         }
@@ -263,6 +280,7 @@ impl Auth {
             password_hash: hash_password(password)?,
             created_at: self.domain.now(),
             created_by: actor.name.clone(),
+            session_generation: 0,
         };
         self.domain
             .store()
@@ -284,10 +302,10 @@ impl Auth {
     /// Deletes an admin and their sessions; the last admin cannot be deleted.
     pub fn delete_admin(&self, actor: &Actor, username: &str) -> DomainResult<()> {
         let sessions: Vec<Session> = self.all_sessions()?.into_iter().filter(|s| s.username == username).collect();
-        let count = self.admins()?.len();
         self.domain.store().transact(|tx| {
             let admin: Admin = tx.get(username.as_bytes())?.ok_or_else(|| DomainError::not_found("admin", username))?;
-            if count <= 1 {
+            // Counted inside the transaction, so two deletions at once cannot both pass.
+            if tx.count("admins")? <= 1 {
                 return Err(DomainError::conflict(
                     "last_admin",
                     "the last admin cannot be deleted; add another admin first",
@@ -313,7 +331,12 @@ impl Auth {
             .transact(|tx| {
                 let old: Admin =
                     tx.get(username.as_bytes())?.ok_or_else(|| DomainError::not_found("admin", username))?;
-                tx.put(Some(&old), &Admin { password_hash: hash.clone(), ..old.clone() })?;
+                let changed = Admin {
+                    password_hash: hash.clone(),
+                    session_generation: old.session_generation.wrapping_add(1),
+                    ..old.clone()
+                };
+                tx.put(Some(&old), &changed)?;
                 for session in &sessions {
                     tx.delete(session)?;
                 }
@@ -323,28 +346,30 @@ impl Auth {
         Ok(())
     }
 
-    fn check_limits(&self, account: &str, client: Option<&str>) -> Result<(), AuthError> {
+    /// Refuses the attempt while a delay is running; otherwise counts it (as a failure until it succeeds).
+    /// The first refusal in each delay is written to the audit log.
+    fn reserve_attempt(&self, actor: &Actor, account: &str, client: Option<&str>) -> Result<(), AuthError> {
         let now = self.domain.now();
-        let limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
-        let wait = [Some(account), client]
-            .into_iter()
-            .flatten()
-            .filter_map(|key| limiter.blocked_until(key))
-            .max()
-            .filter(|until| *until > now);
-        match wait {
-            Some(until) => {
+        let keys: Vec<&str> = [Some(account), client].into_iter().flatten().collect();
+        let refused = {
+            let mut limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
+            let refused = limiter.blocked(&keys, now);
+            if refused.is_none() {
+                for key in &keys {
+                    limiter.fail(key, now);
+                }
+            }
+            refused
+        };
+        match refused {
+            None => Ok(()),
+            Some((until, first)) => {
+                if first {
+                    let detail = "sign-ins delayed after repeated failures";
+                    self.domain.record(actor, "login.throttled", Some(actor.name.clone()), detail)?;
+                }
                 Err(AuthError::TooManyAttempts { retry_after_secs: (until - now).whole_seconds().max(1) as u64 })
             }
-            None => Ok(()),
-        }
-    }
-
-    fn note_failure(&self, account: &str, client: Option<&str>) {
-        let now = self.domain.now();
-        let mut limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
-        for key in [Some(account), client].into_iter().flatten() {
-            limiter.fail(key, now);
         }
     }
 
@@ -356,30 +381,80 @@ impl Auth {
     }
 }
 
-/// Failed attempts per key, with the time the key may try again. After [`FREE_FAILURES`] the delay doubles with
-/// each failure, from 1 s up to [`MAX_DELAY`].
+/// Most keys the limiter tracks; past this, keys that are not blocked are forgotten first.
+const LIMITER_CAPACITY: usize = 10_000;
+
+/// Attempts per key (account, client network, setup client), with the time the key may try again. After
+/// [`FREE_FAILURES`] the delay doubles with each failure, from 1 s up to [`MAX_DELAY`].
 #[derive(Debug, Default)]
 struct Limiter {
-    entries: HashMap<String, (u32, OffsetDateTime)>,
+    entries: HashMap<String, Attempts>,
+}
+
+#[derive(Debug)]
+struct Attempts {
+    count: u32,
+    until: OffsetDateTime,
+    /// Whether a refusal during the current delay was already audited.
+    reported: bool,
 }
 
 impl Limiter {
     fn fail(&mut self, key: &str, now: OffsetDateTime) {
-        if self.entries.len() > 10_000 {
-            // Forget keys idle for an hour, so a flood of addresses cannot grow this without bound.
-            self.entries.retain(|_, (_, until)| *until + Duration::hours(1) > now);
+        if self.entries.len() >= LIMITER_CAPACITY && !self.entries.contains_key(key) {
+            // Bounded memory whatever a flood of addresses or usernames does: forget keys not blocked now, then,
+            // if that is not enough, half of the rest.
+            self.entries.retain(|_, a| a.until > now);
+            if self.entries.len() >= LIMITER_CAPACITY {
+                let drop: Vec<String> = self.entries.keys().take(LIMITER_CAPACITY / 2).cloned().collect();
+                for key in drop {
+                    self.entries.remove(&key);
+                }
+            }
         }
-        let (count, until) = self.entries.entry(key.to_owned()).or_insert((0, now));
-        *count += 1;
-        if *count > FREE_FAILURES {
-            let exponent = (*count - FREE_FAILURES - 1).min(20);
-            let delay = Duration::seconds(1 << exponent).min(MAX_DELAY);
-            *until = now + delay;
+        let attempts = self.entries.entry(key.to_owned()).or_insert(Attempts { count: 0, until: now, reported: false });
+        attempts.count += 1;
+        if attempts.count > FREE_FAILURES {
+            let exponent = (attempts.count - FREE_FAILURES - 1).min(20);
+            attempts.until = now + Duration::seconds(1 << exponent).min(MAX_DELAY);
+            attempts.reported = false;
         }
     }
 
-    fn blocked_until(&self, key: &str) -> Option<OffsetDateTime> {
-        self.entries.get(key).map(|(_, until)| *until)
+    /// The latest time any of `keys` may try again, if that is still ahead, and whether this is the first refusal
+    /// of a delay.
+    fn blocked(&mut self, keys: &[&str], now: OffsetDateTime) -> Option<(OffsetDateTime, bool)> {
+        let mut result: Option<(OffsetDateTime, bool)> = None;
+        for key in keys {
+            if let Some(attempts) = self.entries.get_mut(*key)
+                && attempts.until > now
+            {
+                let first = !attempts.reported;
+                attempts.reported = true;
+                result = Some(match result {
+                    Some((until, earlier)) => (until.max(attempts.until), earlier || first),
+                    None => (attempts.until, first),
+                });
+            }
+        }
+        result
+    }
+}
+
+/// Usernames become limiter keys and audit actors; a megabyte-long one must not.
+fn truncate(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// The limiter counts IPv6 clients by /64, the block one household or office gets, so rotating addresses within
+/// it does not reset the delay.
+fn client_network(client: &str) -> String {
+    match client.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        _ => client.to_owned(),
     }
 }
 
@@ -497,6 +572,53 @@ mod tests {
         assert!(auth.login("admin", PASSWORD, from()).is_ok(), "the right password after the wait");
         let log = auth.domain.audit_log(None, 50).unwrap();
         assert_eq!(log.items.iter().filter(|e| e.action == "login.failed").count(), 5);
+    }
+
+    #[test]
+    fn a_password_change_ends_every_session_even_one_made_meanwhile() {
+        let (auth, _) = auth();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        let before = auth.login("admin", PASSWORD, None).unwrap();
+        auth.change_password(&Actor::system(), "admin", "a new long password").unwrap();
+        assert!(auth.session(&before.token).unwrap().is_none());
+        // A session stored under the old generation (as if its login raced the change) is refused too.
+        let raced = Session {
+            token_hash: sha256_hex(b"raced"),
+            username: "admin".into(),
+            csrf_token: String::new(),
+            created_at: auth.domain.now(),
+            expires_at: auth.domain.now() + Duration::hours(1),
+            client: None,
+            generation: 0,
+        };
+        auth.domain.store().transact::<_, DomainError>(|tx| tx.put(None, &raced)).unwrap();
+        assert!(auth.session("raced").unwrap().is_none());
+        assert!(auth.login("admin", "a new long password", None).is_ok());
+    }
+
+    #[test]
+    fn the_limiter_stays_bounded_and_audits_one_refusal_per_delay() {
+        let (auth, _) = auth();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        for n in 0..(LIMITER_CAPACITY + 500) {
+            auth.limiter.lock().unwrap().fail(&format!("user:nobody{n}"), auth.domain.now());
+        }
+        assert!(auth.limiter.lock().unwrap().entries.len() <= LIMITER_CAPACITY);
+        for _ in 0..4 {
+            let _ = auth.login("admin", "wrong wrong", Some("2001:db8:1:2::7".into()));
+        }
+        // Another address in the same /64 is the same client.
+        let other = auth.login("somebody", "x", Some("2001:db8:1:2::99".into()));
+        assert!(matches!(other, Err(AuthError::TooManyAttempts { .. })), "{other:?}");
+        for _ in 0..3 {
+            let _ = auth.login("admin", PASSWORD, None);
+        }
+        let log = auth.domain.audit_log(None, 500).unwrap();
+        assert_eq!(log.items.iter().filter(|e| e.action == "login.throttled" && e.actor == "admin").count(), 1);
+        let long = "x".repeat(100_000);
+        let _ = auth.login(&long, "x", None);
+        let log = auth.domain.audit_log(None, 1).unwrap();
+        assert_eq!(log.items[0].actor.len(), 64, "long usernames are cut before they are stored");
     }
 
     #[test]

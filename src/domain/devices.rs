@@ -97,7 +97,9 @@ impl Enrollment {
             }
             let existing = find_device(tx, &[("hwid", &hardware_id), ("serial", &serial), ("imei", &imei)])?;
             let staged = find_staged(tx, &[("serial", &serial), ("imei", &imei)])?;
-            let (mut user_id, mut group_id) = (Some(old_invite.user_id), old_invite.group_id);
+            // Read inside the transaction: a user deleted meanwhile leaves the device without one.
+            let invited = tx.get_id::<User, _>(&old_invite.user_id)?.map(|u| u.id);
+            let (mut user_id, mut group_id) = (invited, old_invite.group_id);
             if let Some(staged) = &staged {
                 user_id = staged.user_id.or(user_id);
                 group_id = staged.group_id.or(group_id);
@@ -147,6 +149,7 @@ impl Enrollment {
                 }],
                 ..base
             };
+            claim_identifiers(tx, &device)?;
             tx.put(existing.as_ref(), &device)?;
             let mut invite = old_invite.clone();
             invite.status = InviteStatus::Enrolled;
@@ -186,6 +189,7 @@ impl Enrollment {
             device.imei = optional_text(facts.imei.as_deref()).or(device.imei);
             device.serial = optional_text(facts.serial.as_deref()).or(device.serial);
             device.os_version = optional_text(facts.os_version.as_deref()).or(device.os_version);
+            claim_identifiers(tx, &device)?;
             tx.put(Some(&old), &device)?;
             Ok(device)
         })
@@ -270,10 +274,10 @@ impl Enrollment {
         let command_id = self.new_id();
         self.transact(|tx| {
             let old: Device = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("device", id))?;
-            if kind == DeprovisionKind::FactoryReset && old.ownership == Ownership::Personal {
+            if kind == DeprovisionKind::FactoryReset && old.ownership != Ownership::Corporate {
                 return Err(DomainError::conflict(
                     "personal_device",
-                    "a personal device is never factory-reset: it holds the owner's own data; revoke MDM instead, which removes only what the organisation installed",
+                    "only corporate devices are factory-reset: a personal device (or one whose owner is not set) holds its owner's own data; revoke MDM instead, which removes only what the organisation installed",
                 )
                 .into());
             }
@@ -476,6 +480,30 @@ fn find_device(
     Ok(None)
 }
 
+/// A serial number, IMEI or hardware id names one device. When a device reports one that another record holds (a
+/// device re-imaged and enrolled afresh, a board swap), the identifier moves to this device and the other record
+/// loses it, so the index never points at a record that no longer carries the identifier.
+fn claim_identifiers(tx: &Tx<'_>, device: &Device) -> Result<(), crate::store::TxError<DomainError>> {
+    let claims = [("hwid", &device.hardware_id), ("serial", &device.serial), ("imei", &device.imei)];
+    for (kind, value) in claims {
+        let Some(value) = value else { continue };
+        let Some(key) = tx.lookup(tree::DEVICES_BY_HARDWARE, &hardware_key(kind, value))? else { continue };
+        if key == device.id.0 {
+            continue;
+        }
+        if let Some(old) = tx.get::<Device, _>(&key)? {
+            let mut other = old.clone();
+            match kind {
+                "hwid" => other.hardware_id = None,
+                "serial" => other.serial = None,
+                _ => other.imei = None,
+            }
+            tx.put(Some(&old), &other)?;
+        }
+    }
+    Ok(())
+}
+
 fn find_staged(
     tx: &Tx<'_>,
     keys: &[(&str, &Option<String>)],
@@ -586,7 +614,7 @@ mod tests {
         let (d, _, invite) = setup(Ownership::Personal);
         let device = d.complete_enrollment(&Actor::device(None), &invite, &facts("P1")).unwrap();
         let refused = d.deprovision_device(&admin(), &device.id, DeprovisionKind::FactoryReset).unwrap_err();
-        assert!(refused.to_string().contains("never factory-reset"), "{refused}");
+        assert!(refused.to_string().contains("only corporate devices are factory-reset"), "{refused}");
         let revoking = d.deprovision_device(&admin(), &device.id, DeprovisionKind::RevokeMdm).unwrap();
         assert_eq!(revoking.status, DeviceStatus::Deprovisioning);
         let command = revoking.pending_commands.iter().find(|c| c.kind == CommandKind::RevokeMdm).unwrap().id;
@@ -605,6 +633,60 @@ mod tests {
             d.deprovision_device(&admin(), &device.id, DeprovisionKind::RevokeMdm).is_err(),
             "a wiped device takes no commands"
         );
+    }
+
+    #[test]
+    fn an_unknown_owner_is_not_factory_reset_either() {
+        let (d, _, invite) = setup(Ownership::NotSet);
+        let device = d.complete_enrollment(&Actor::device(None), &invite, &facts("N1")).unwrap();
+        assert!(d.deprovision_device(&admin(), &device.id, DeprovisionKind::FactoryReset).is_err());
+    }
+
+    #[test]
+    fn a_spaced_imei_from_the_device_still_matches_its_staged_record() {
+        let (d, _, invite) = setup(Ownership::Corporate);
+        let fleet = d.create_group(&admin(), &NewGroup { name: "Fleet".into(), description: String::new() }).unwrap();
+        let new = NewStaged {
+            serial: None,
+            imei: Some("490154203237518".into()),
+            name: None,
+            platform: Platform::Ios,
+            user_id: None,
+            email: None,
+            group_id: Some(fleet.id),
+        };
+        d.create_staged(&admin(), &new).unwrap();
+        let reported = DeviceFacts { imei: Some("49 015420 323751 8".into()), ..facts("X9") };
+        let device = d.complete_enrollment(&Actor::device(None), &invite, &reported).unwrap();
+        assert_eq!(device.group_id, Some(fleet.id));
+        assert_eq!(d.dashboard().unwrap().staged, 0);
+    }
+
+    #[test]
+    fn an_identifier_moves_to_the_device_that_reports_it() {
+        let (d, ann, first) = setup(Ownership::Corporate);
+        let a = d.complete_enrollment(&Actor::device(None), &first, &facts("SER-A")).unwrap();
+        let invite = |d: &Enrollment| {
+            let new = NewInvite {
+                user_id: ann.id,
+                platform: Platform::Ios,
+                ownership: Ownership::Corporate,
+                group_id: None,
+                channels: Channels::Email,
+            };
+            d.create_invite(&admin(), &new).unwrap().invite.id
+        };
+        let b = d.complete_enrollment(&Actor::device(None), &invite(&d), &facts("SER-B")).unwrap();
+        // Device A (known by its hardware id) now reports the serial number B's record holds.
+        let swapped = DeviceFacts { hardware_id: a.hardware_id.clone(), ..facts("SER-B") };
+        let again = d.complete_enrollment(&Actor::device(None), &invite(&d), &swapped).unwrap();
+        assert_eq!(again.id, a.id);
+        assert_eq!(d.device(&b.id).unwrap().serial, None, "B's record gives the serial up");
+        let owner =
+            |d: &Enrollment| d.store().lookup(tree::DEVICES_BY_HARDWARE, &hardware_key("serial", "SER-B")).unwrap();
+        assert_eq!(owner(&d), Some(a.id.0.to_vec()));
+        d.device_checked_out(&Actor::device(None), &b.id).unwrap();
+        assert_eq!(owner(&d), Some(a.id.0.to_vec()), "changing B later leaves A's entry alone");
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl Enrollment {
         jobs
     }
 
-    fn delivery_remark(jobs: &[DeliveryJob]) -> String {
+    pub(crate) fn delivery_remark(jobs: &[DeliveryJob]) -> String {
         match jobs.iter().map(|j| j.channel.as_str()).collect::<Vec<_>>().as_slice() {
             [] => "Shown to the admin; not sent".to_owned(),
             channels => format!("Queued for delivery by {}", channels.join(" and ")),
@@ -266,7 +266,14 @@ impl Enrollment {
 
     fn create_invite_inner(&self, actor: &Actor, new: &NewInvite, by_myself: bool) -> DomainResult<CreatedInvite> {
         let secrets = new_secrets();
-        let invite = self.transact(|tx| self.insert_invite(tx, actor, new, by_myself, &secrets, "Invited"))?;
+        let invite = self.transact(|tx| {
+            let (invite, jobs) = self.insert_invite(tx, actor, new, by_myself, &secrets, "Invited")?;
+            let user = tx.get_id::<User, _>(&invite.user_id)?.map(|u| u.email).unwrap_or_default();
+            let detail = format!("{} for {user} ({})", invite.platform, Self::delivery_remark(&jobs));
+            let action = if by_myself { "invite.by_myself" } else { "invite.create" };
+            self.audit(tx, actor, action, Some(invite.id.to_string()), detail)?;
+            Ok(invite)
+        })?;
         Ok(CreatedInvite {
             invite: self.view(&invite)?,
             link_token: by_myself.then(|| secrets.token.clone()),
@@ -274,7 +281,8 @@ impl Enrollment {
         })
     }
 
-    /// Writes a new invite with its jobs and audit entry inside `tx`; shared by single, group and CSV invites.
+    /// Writes a new invite with its delivery jobs (and the user's membership of its group) inside `tx`; shared by
+    /// single, group and CSV invites. The caller writes the audit entry.
     pub(crate) fn insert_invite(
         &self,
         tx: &Tx<'_>,
@@ -283,7 +291,7 @@ impl Enrollment {
         by_myself: bool,
         secrets: &Secrets,
         verb: &str,
-    ) -> TxResult<Invite> {
+    ) -> TxResult<(Invite, Vec<DeliveryJob>)> {
         let old_user: User = tx.get_id(&new.user_id)?.ok_or_else(|| DomainError::not_found("user", new.user_id))?;
         if let Some(group) = &new.group_id {
             tx.get_id::<Group, _>(group)?.ok_or_else(|| DomainError::not_found("group", group))?;
@@ -332,15 +340,7 @@ impl Enrollment {
             user.groups.push(group);
             tx.put(Some(&old_user), &user)?;
         }
-        let detail = format!("{} for {} ({})", invite.platform, old_user.email, Self::delivery_remark(&jobs));
-        self.audit(
-            tx,
-            actor,
-            if by_myself { "invite.by_myself" } else { "invite.create" },
-            Some(id.to_string()),
-            detail,
-        )?;
-        Ok(invite)
+        Ok((invite, jobs))
     }
 
     pub fn invite(&self, id: &Id) -> DomainResult<InviteView> {
@@ -357,7 +357,8 @@ impl Enrollment {
     /// starts again, delivery is queued again and any lock is lifted.
     pub fn resend_invite(&self, actor: &Actor, id: &Id) -> DomainResult<CreatedInvite> {
         let secrets = new_secrets();
-        let invite = self.transact(|tx| self.resend_in(tx, actor, id, &secrets))?;
+        let earlier = self.store.keys_under(tree::OUTBOX_BY_INVITE, id.as_bytes())?;
+        let invite = self.transact(|tx| self.resend_in(tx, actor, id, &secrets, &earlier))?;
         Ok(CreatedInvite {
             link_token: invite.by_myself.then(|| secrets.token.clone()),
             passcode: invite.by_myself.then(|| secrets.passcode.clone()),
@@ -365,7 +366,28 @@ impl Enrollment {
         })
     }
 
-    fn resend_in(&self, tx: &Tx<'_>, actor: &Actor, id: &Id, secrets: &Secrets) -> TxResult<Invite> {
+    /// Retires the delivery jobs of earlier sends: marked stale and their clear-text link and passcode dropped, so
+    /// a dead link is never mailed and the secrets do not linger.
+    fn retire_jobs(&self, tx: &Tx<'_>, keys: &[Vec<u8>]) -> TxResult<()> {
+        for key in keys {
+            if let Some(old) = tx.get::<DeliveryJob, _>(key)?
+                && matches!(old.state, JobState::Queued | JobState::Deferred | JobState::Sending)
+            {
+                let job = DeliveryJob { state: JobState::Stale, link_token: None, passcode: None, ..old.clone() };
+                tx.put(Some(&old), &job)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn resend_in(
+        &self,
+        tx: &Tx<'_>,
+        actor: &Actor,
+        id: &Id,
+        secrets: &Secrets,
+        earlier: &[Vec<u8>],
+    ) -> TxResult<Invite> {
         let old: Invite = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("invite", id))?;
         match old.status {
             InviteStatus::Pending | InviteStatus::Expired => {}
@@ -400,6 +422,7 @@ impl Enrollment {
                 Self::delivery_remark(&jobs)
             ),
         });
+        self.retire_jobs(tx, earlier)?;
         tx.put(Some(&old), &invite)?;
         for job in &jobs {
             tx.put(None, job)?;
@@ -416,11 +439,12 @@ impl Enrollment {
 
     /// Cancels an invite; its link answers "removed" from then on.
     pub fn remove_invite(&self, actor: &Actor, id: &Id) -> DomainResult<InviteView> {
-        let invite = self.transact(|tx| self.remove_in(tx, actor, id))?;
+        let earlier = self.store.keys_under(tree::OUTBOX_BY_INVITE, id.as_bytes())?;
+        let invite = self.transact(|tx| self.remove_in(tx, actor, id, &earlier))?;
         self.view(&invite)
     }
 
-    fn remove_in(&self, tx: &Tx<'_>, actor: &Actor, id: &Id) -> TxResult<Invite> {
+    fn remove_in(&self, tx: &Tx<'_>, actor: &Actor, id: &Id, earlier: &[Vec<u8>]) -> TxResult<Invite> {
         let old: Invite = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("invite", id))?;
         match old.status {
             InviteStatus::Pending | InviteStatus::Expired => {}
@@ -438,6 +462,7 @@ impl Enrollment {
         let mut invite = old.clone();
         invite.status = InviteStatus::Removed;
         invite.remarks.push(Remark { at: self.now(), text: format!("Removed by {}", actor.name) });
+        self.retire_jobs(tx, earlier)?;
         tx.put(Some(&old), &invite)?;
         self.audit(tx, actor, "invite.remove", Some(id.to_string()), invite.platform.to_string())?;
         Ok(invite)
@@ -464,7 +489,12 @@ impl Enrollment {
             .into_iter()
             .map(|id| {
                 let secrets = new_secrets();
-                outcome(id, self.transact(|tx| self.resend_in(tx, actor, &id, &secrets)))
+                let result = self
+                    .store
+                    .keys_under(tree::OUTBOX_BY_INVITE, id.as_bytes())
+                    .map_err(DomainError::from)
+                    .and_then(|earlier| self.transact(|tx| self.resend_in(tx, actor, &id, &secrets, &earlier)));
+                outcome(id, result)
             })
             .collect())
     }
@@ -472,7 +502,17 @@ impl Enrollment {
     /// Removes every selected invite, each in its own transaction, reporting each result.
     pub fn bulk_remove(&self, actor: &Actor, selection: &BulkSelection) -> DomainResult<Vec<BulkOutcome>> {
         let ids = self.select(selection)?;
-        Ok(ids.into_iter().map(|id| outcome(id, self.transact(|tx| self.remove_in(tx, actor, &id)))).collect())
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let result = self
+                    .store
+                    .keys_under(tree::OUTBOX_BY_INVITE, id.as_bytes())
+                    .map_err(DomainError::from)
+                    .and_then(|earlier| self.transact(|tx| self.remove_in(tx, actor, &id, &earlier)));
+                outcome(id, result)
+            })
+            .collect())
     }
 
     fn select(&self, selection: &BulkSelection) -> DomainResult<Vec<Id>> {
@@ -509,23 +549,23 @@ impl Enrollment {
             Some("oldest") => false,
             Some(other) => return Err(DomainError::invalid("order", format!("{other:?} is not newest or oldest"))),
         };
-        let status_prefix;
-        let user_prefix;
-        let scan = match (query.status, query.user_id) {
-            (_, Some(user)) => {
-                user_prefix = user.0;
-                Scan { tree: tree::INVITES_BY_USER, prefix: &user_prefix, after: after.as_deref(), newest_first }
+        // The narrowest index for the filters given; the filter below still checks every condition.
+        let (index, prefix): (usize, Vec<u8>) = match (query.user_id, query.group_id, query.status, query.platform) {
+            (Some(user), ..) => (tree::INVITES_BY_USER, user.0.to_vec()),
+            (None, Some(group), ..) => (tree::INVITES_BY_GROUP, group.0.to_vec()),
+            (None, None, Some(status), Some(platform)) => {
+                (tree::INVITES_BY_STATUS_PLATFORM, vec![invite_status_byte(status), platform as u8])
             }
-            (Some(status), None) => {
-                status_prefix = [invite_status_byte(status)];
-                Scan { tree: tree::INVITES_BY_STATUS, prefix: &status_prefix, after: after.as_deref(), newest_first }
-            }
-            (None, None) => Scan { tree: tree::INVITES_BY_TIME, prefix: &[], after: after.as_deref(), newest_first },
+            (None, None, Some(status), None) => (tree::INVITES_BY_STATUS, vec![invite_status_byte(status)]),
+            (None, None, None, Some(platform)) => (tree::INVITES_BY_PLATFORM, vec![platform as u8]),
+            (None, None, None, None) => (tree::INVITES_BY_TIME, Vec::new()),
         };
+        let scan = Scan { tree: index, prefix: &prefix, after: after.as_deref(), newest_first };
         let needle = query.q.as_deref().map(str::to_lowercase).filter(|q| !q.trim().is_empty());
         let mut names = NameCache::default();
         let page = self.store.page(scan, clamp_limit(query.limit.unwrap_or(50)), |invite: &Invite| {
             query.status.is_none_or(|s| s == invite.status)
+                && query.user_id.is_none_or(|u| u == invite.user_id)
                 && query.platform.is_none_or(|p| p == invite.platform)
                 && query.group_id.is_none_or(|g| Some(g) == invite.group_id)
                 && needle.as_ref().is_none_or(|needle| names.user_matches(self, &invite.user_id, needle))
@@ -849,7 +889,14 @@ mod tests {
         assert_ne!(new_token, old_token);
         assert_eq!(d.open_link(&new_token).unwrap().unwrap().generation, 1);
         assert_eq!(resent.invite.expires_at, d.now() + Duration::days(7));
-        assert_eq!(jobs(&d).len(), 2, "delivery queued again");
+        let all = jobs(&d);
+        assert_eq!(all.len(), 2, "delivery queued again");
+        let old_job = all.iter().find(|j| j.generation == 0).unwrap();
+        assert_eq!(old_job.state, JobState::Stale, "the old link is never mailed");
+        assert_eq!((old_job.link_token.as_deref(), old_job.passcode.as_deref()), (None, None), "its secrets are gone");
+        assert_eq!(d.dashboard().unwrap().queued_messages, 1);
+        d.remove_invite(&admin(), &id).unwrap();
+        assert_eq!(d.dashboard().unwrap().queued_messages, 0, "a removed invite sends nothing");
     }
 
     #[test]

@@ -106,7 +106,8 @@ pub struct Enrollment {
     store: Store,
     clock: Arc<dyn Clock>,
     policy: Policy,
-    /// The key passcodes are hashed under (HMAC-SHA-256), so a copy of the database alone does not reveal them.
+    /// The key passcodes are hashed under (HMAC-SHA-256). It lives in a file beside the CA key, not in the
+    /// database, so a copy of the database alone does not reveal passcodes.
     passcode_key: Arc<ring::hmac::Key>,
     ids: Arc<IdSequence>,
 }
@@ -132,9 +133,13 @@ pub struct DashboardCounts {
 }
 
 impl Enrollment {
-    pub fn new(store: Store, clock: Arc<dyn Clock>, policy: Policy) -> DomainResult<Enrollment> {
-        let key = store.meta_or_insert("secret.passcode_hmac_key", || random_bytes::<32>().to_vec())?;
-        let passcode_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key));
+    pub fn new(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        policy: Policy,
+        passcode_key: &[u8; 32],
+    ) -> DomainResult<Enrollment> {
+        let passcode_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, passcode_key));
         Ok(Enrollment { store, clock, policy, passcode_key, ids: Arc::default() })
     }
 
@@ -333,8 +338,13 @@ pub(crate) mod testing {
 
     pub fn domain() -> (Enrollment, ManualClock) {
         let clock = ManualClock::new(start());
-        let enrollment =
-            Enrollment::new(Store::open_temporary().unwrap(), Arc::new(clock.clone()), Policy::default()).unwrap();
+        let enrollment = Enrollment::new(
+            Store::open_temporary().unwrap(),
+            Arc::new(clock.clone()),
+            Policy::default(),
+            &random_bytes(),
+        )
+        .unwrap();
         (enrollment, clock)
     }
 

@@ -5,11 +5,11 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{
-    Actor, DomainError, DomainResult, Enrollment, Paged, decode_cursor, normalize_email, normalize_phone,
+    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, decode_cursor, normalize_email, normalize_phone,
     optional_text, paged, required_text,
 };
 use crate::model::{CommandKind, Device, DeviceStatus, Group, Id, Invite, InviteStatus, PendingCommand, Remark, User};
-use crate::store::{Scan, tree};
+use crate::store::{Scan, Tx, tree};
 
 /// A user to create.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -159,16 +159,14 @@ impl Enrollment {
     pub fn delete_user(&self, actor: &Actor, id: &Id, choice: Option<UserChoiceForDevices>) -> DomainResult<()> {
         let invite_keys = self.store.keys_under(tree::INVITES_BY_USER, id.as_bytes())?;
         let device_keys = self.store.keys_under(tree::DEVICES_BY_USER, id.as_bytes())?;
-        let now = self.now();
         self.transact(|tx| {
             let user: User = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("user", id))?;
-            let mut managed = Vec::new();
+            let mut active = 0;
             for key in &device_keys {
                 if let Some(device) = tx.get::<Device, _>(key)? {
-                    managed.push(device);
+                    active += usize::from(device.user_id == Some(*id) && device.status != DeviceStatus::Wiped);
                 }
             }
-            let active = managed.iter().filter(|d| d.status != DeviceStatus::Wiped).count();
             if active > 0 && choice.is_none() {
                 return Err(DomainError::conflict(
                     "user_has_devices",
@@ -179,33 +177,56 @@ impl Enrollment {
                 )
                 .into());
             }
-            for old in &managed {
-                let mut device = old.clone();
-                device.user_id = None;
-                if choice == Some(UserChoiceForDevices::RevokeMdm) && device.status == DeviceStatus::Enrolled {
-                    device.status = DeviceStatus::Deprovisioning;
-                    device.pending_commands.push(PendingCommand {
-                        id: self.new_id(),
-                        kind: CommandKind::RevokeMdm,
-                        queued_at: now,
-                        queued_by: actor.name.clone(),
-                    });
-                }
-                tx.put(Some(old), &device)?;
-            }
-            for key in &invite_keys {
-                if let Some(old) = tx.get::<Invite, _>(key)?
-                    && matches!(old.status, InviteStatus::Pending | InviteStatus::Expired)
-                {
-                    let mut invite = old.clone();
-                    invite.status = InviteStatus::Removed;
-                    invite.remarks.push(Remark { at: now, text: format!("Removed with user {} by {}", user.name, actor.name) });
-                    tx.put(Some(&old), &invite)?;
-                }
-            }
+            self.detach_from_user(tx, actor, id, &device_keys, &invite_keys, choice)?;
             tx.delete(&user)?;
             self.audit(tx, actor, "user.delete", Some(id.to_string()), format!("{} <{}>", user.name, user.email))
-        })
+        })?;
+        // An invite or enrollment that committed while the deletion was under way still points at the user; let go
+        // of it too. None can start afterwards: both read the user inside their transaction.
+        let invite_keys = self.store.keys_under(tree::INVITES_BY_USER, id.as_bytes())?;
+        let device_keys = self.store.keys_under(tree::DEVICES_BY_USER, id.as_bytes())?;
+        self.transact(|tx| self.detach_from_user(tx, actor, id, &device_keys, &invite_keys, choice))
+    }
+
+    /// Unassigns (or revokes, as chosen) the user's devices and removes their open invites.
+    fn detach_from_user(
+        &self,
+        tx: &Tx<'_>,
+        actor: &Actor,
+        id: &Id,
+        device_keys: &[Vec<u8>],
+        invite_keys: &[Vec<u8>],
+        choice: Option<UserChoiceForDevices>,
+    ) -> TxResult<()> {
+        let now = self.now();
+        for key in device_keys {
+            let Some(old) = tx.get::<Device, _>(key)? else { continue };
+            if old.user_id != Some(*id) {
+                continue;
+            }
+            let mut device = old.clone();
+            device.user_id = None;
+            if choice == Some(UserChoiceForDevices::RevokeMdm) && device.status == DeviceStatus::Enrolled {
+                device.status = DeviceStatus::Deprovisioning;
+                device.pending_commands.push(PendingCommand {
+                    id: self.new_id(),
+                    kind: CommandKind::RevokeMdm,
+                    queued_at: now,
+                    queued_by: actor.name.clone(),
+                });
+            }
+            tx.put(Some(&old), &device)?;
+        }
+        for key in invite_keys {
+            let Some(old) = tx.get::<Invite, _>(key)? else { continue };
+            if matches!(old.status, InviteStatus::Pending | InviteStatus::Expired) {
+                let mut invite = old.clone();
+                invite.status = InviteStatus::Removed;
+                invite.remarks.push(Remark { at: now, text: format!("Removed with its user by {}", actor.name) });
+                tx.put(Some(&old), &invite)?;
+            }
+        }
+        Ok(())
     }
 
     /// Users, oldest first, optionally only those whose name or email contains `text`.

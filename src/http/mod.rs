@@ -38,11 +38,21 @@ pub struct AppState {
     pub auth: Auth,
     /// The API's OpenAPI document, filled in when the router is built.
     pub openapi: Arc<std::sync::OnceLock<serde_json::Value>>,
+    /// Password hashing runs at most this many at a time (each argon2 check takes 19 MiB), whatever floods in.
+    pub password_checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     pub fn new(store: Store, ca_pem: Arc<str>, clock: Arc<dyn Clock>, enrollment: Enrollment, auth: Auth) -> Self {
-        AppState { store, ca_pem, clock, enrollment, auth, openapi: Arc::default() }
+        AppState {
+            store,
+            ca_pem,
+            clock,
+            enrollment,
+            auth,
+            openapi: Arc::default(),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
+        }
     }
 }
 

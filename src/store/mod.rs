@@ -54,8 +54,15 @@ pub mod tree {
     pub const OUTBOX: usize = 20;
     pub const ADMINS: usize = 21;
     pub const SESSIONS: usize = 22;
+    pub const IMPORTS: usize = 23;
+    /// What each import created (import id, tree, key), so an interrupted all-or-nothing import can be undone.
+    pub const IMPORT_LOG: usize = 24;
+    pub const INVITES_BY_PLATFORM: usize = 25;
+    pub const INVITES_BY_STATUS_PLATFORM: usize = 26;
+    pub const INVITES_BY_GROUP: usize = 27;
+    pub const OUTBOX_BY_INVITE: usize = 28;
 
-    pub(super) const NAMES: [&str; 23] = [
+    pub(super) const NAMES: [&str; 29] = [
         "meta",
         "certificates",
         "users",
@@ -79,6 +86,12 @@ pub mod tree {
         "outbox",
         "admins",
         "sessions",
+        "imports",
+        "import_log",
+        "invites_by_platform",
+        "invites_by_status_platform",
+        "invites_by_group",
+        "outbox_by_invite",
     ];
 }
 
@@ -245,12 +258,18 @@ impl Store {
         let index = &self.trees[scan.tree];
         let mut upper = prefix_end(scan.prefix);
         let mut lower = scan.prefix.to_vec();
+        // A cursor only moves the start within the prefix: one from another listing cannot widen this one.
         if let Some(cursor) = scan.after {
             if scan.newest_first {
-                upper = Some(cursor.to_vec());
+                if upper.as_deref().is_none_or(|end| cursor < end) {
+                    upper = Some(cursor.to_vec());
+                }
             } else {
-                lower = [cursor, &[0u8]].concat();
+                lower = lower.max([cursor, &[0u8]].concat());
             }
+        }
+        if upper.as_deref().is_some_and(|upper| lower.as_slice() >= upper) {
+            return Ok(Page { items: Vec::new(), next: None });
         }
         let range: sled::Iter = match &upper {
             Some(upper) => index.range(lower.as_slice()..upper.as_slice()),
@@ -287,17 +306,15 @@ impl Store {
         self.trees[index].range(..upper).map(|entry| Ok(entry?.1.to_vec())).collect()
     }
 
-    /// A value in the meta tree, created with `make` on first use (the appliance's secret keys).
-    pub fn meta_or_insert(&self, key: &str, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, StoreError> {
-        let meta = &self.trees[tree::META];
-        if let Some(value) = meta.get(key)? {
-            return Ok(value.to_vec());
-        }
-        let fresh = make();
-        match meta.compare_and_swap(key, None as Option<&[u8]>, Some(fresh.as_slice()))? {
-            Ok(()) => Ok(fresh),
-            Err(current) => Ok(current.current.map(|v| v.to_vec()).unwrap_or(fresh)),
-        }
+    /// What an import created, as (tree, key) pairs.
+    pub fn import_log(&self, import: &Id) -> Result<Vec<(usize, Vec<u8>)>, StoreError> {
+        self.trees[tree::IMPORT_LOG]
+            .scan_prefix(import.as_bytes())
+            .map(|entry| {
+                let (key, _) = entry?;
+                Ok((usize::from(key[16]), key[17..].to_vec()))
+            })
+            .collect()
     }
 
     /// Records a certificate the appliance's CA issued for its HTTPS server and makes it the current one, in one
@@ -405,6 +422,41 @@ impl Tx<'_> {
         }
         self.views[R::TREE].remove(old.key())?;
         Ok(())
+    }
+
+    /// Notes that `import` created the record `key` in `tree`.
+    pub fn log_created<E>(&self, import: &Id, tree: usize, key: &[u8]) -> Result<(), TxError<E>> {
+        let entry = [import.as_bytes().as_slice(), &[tree as u8], key].concat();
+        self.views[tree::IMPORT_LOG].insert(entry, &[])?;
+        Ok(())
+    }
+
+    /// Deletes a record an import created (with its indexes and counters) and its log entry.
+    pub fn undo_created<E>(&self, import: &Id, tree_index: usize, key: &[u8]) -> Result<(), TxError<E>> {
+        match tree_index {
+            tree::USERS => self.delete_if_present::<crate::model::User, E>(key)?,
+            tree::GROUPS => self.delete_if_present::<crate::model::Group, E>(key)?,
+            tree::INVITES => self.delete_if_present::<crate::model::Invite, E>(key)?,
+            tree::OUTBOX => self.delete_if_present::<crate::model::DeliveryJob, E>(key)?,
+            tree::STAGED => self.delete_if_present::<crate::model::StagedDevice, E>(key)?,
+            _ => {}
+        }
+        let entry = [import.as_bytes().as_slice(), &[tree_index as u8], key].concat();
+        self.views[tree::IMPORT_LOG].remove(entry)?;
+        Ok(())
+    }
+
+    fn delete_if_present<R: Record, E>(&self, key: &[u8]) -> Result<(), TxError<E>> {
+        if let Some(record) = self.get::<R, E>(key)? {
+            self.delete(&record)?;
+        }
+        Ok(())
+    }
+
+    /// A counter's value as this transaction sees it.
+    pub fn count<E>(&self, name: &str) -> Result<u64, TxError<E>> {
+        let key = format!("{COUNTER_PREFIX}{name}");
+        Ok(self.views[tree::META].get(key.as_bytes())?.as_deref().and_then(decode_i64).unwrap_or(0).max(0) as u64)
     }
 
     fn add_to_counter<E>(&self, name: &str, delta: i64) -> Result<(), TxError<E>> {
@@ -593,6 +645,19 @@ mod tests {
         let newest = store.page::<Group>(scan(None, true), 3, |g| g.name.ends_with('1')).unwrap();
         let names: Vec<_> = newest.items.iter().map(|g| g.name.as_str()).collect();
         assert_eq!(names, ["g21", "g11", "g01"]);
+
+        // A cursor from outside the prefix does not widen the scan.
+        let group = store.page::<Group>(scan(None, false), 1, |_| true).unwrap().items.remove(0);
+        let prefix = &group.id.0[..8];
+        let foreign = [0xffu8; 16];
+        for newest_first in [false, true] {
+            let within = Scan { tree: tree::GROUPS, prefix, after: Some(&foreign), newest_first };
+            let page = store.page::<Group>(within, 10, |_| true).unwrap();
+            assert!(page.items.iter().all(|g| g.id.0.starts_with(prefix)), "{newest_first}");
+        }
+        let before = [0u8; 16];
+        let within = Scan { tree: tree::GROUPS, prefix, after: Some(&before), newest_first: true };
+        assert!(store.page::<Group>(within, 10, |_| true).unwrap().items.is_empty());
     }
 
     #[test]

@@ -66,9 +66,15 @@ pub fn device_status_byte(status: DeviceStatus) -> u8 {
     status as u8
 }
 
-/// Key of a hardware identifier in the device and staged indexes: `serial:C02XK`, `imei:35…`, `hwid:…`.
+/// Key of a hardware identifier in the device and staged indexes: `serial:C02XK`, `imei:35…`, `hwid:…`. IMEIs keep
+/// only their digits (devices report them with spaces), serials drop spaces and dashes, all upper-cased.
 pub fn hardware_key(kind: &str, value: &str) -> Vec<u8> {
-    format!("{kind}:{}", value.trim().to_ascii_uppercase()).into_bytes()
+    let canonical: String = match kind {
+        "imei" => value.chars().filter(char::is_ascii_digit).collect(),
+        "serial" => value.chars().filter(|c| !c.is_whitespace() && *c != '-').collect(),
+        _ => value.trim().to_owned(),
+    };
+    format!("{kind}:{}", canonical.to_ascii_uppercase()).into_bytes()
 }
 
 impl Record for CertificateRecord {
@@ -114,6 +120,13 @@ impl Record for Invite {
             entry(tree::INVITES_BY_TIME, &[&requested, &self.id.0]),
             entry(tree::INVITES_BY_USER, &[&self.user_id.0, &self.id.0]),
         ];
+        let platform = [self.platform as u8];
+        entries.push(entry(tree::INVITES_BY_PLATFORM, &[&platform, &requested, &self.id.0]));
+        let status = [invite_status_byte(self.status)];
+        entries.push(entry(tree::INVITES_BY_STATUS_PLATFORM, &[&status, &platform, &requested, &self.id.0]));
+        if let Some(group) = self.group_id {
+            entries.push(entry(tree::INVITES_BY_GROUP, &[&group.0, &requested, &self.id.0]));
+        }
         if self.status == InviteStatus::Pending {
             entries.push(entry(tree::INVITES_BY_EXPIRY, &[&time_key(self.expires_at), &self.id.0]));
         }
@@ -181,8 +194,18 @@ impl Record for DeliveryJob {
     fn key(&self) -> Vec<u8> {
         self.id.0.to_vec()
     }
+    fn indexes(&self) -> Vec<IndexEntry> {
+        vec![entry(tree::OUTBOX_BY_INVITE, &[&self.invite_id.0, &self.id.0])]
+    }
     fn counters(&self) -> Vec<String> {
         vec![format!("outbox.{}", self.state)]
+    }
+}
+
+impl Record for crate::model::Import {
+    const TREE: usize = tree::IMPORTS;
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
     }
 }
 
@@ -190,6 +213,9 @@ impl Record for Admin {
     const TREE: usize = tree::ADMINS;
     fn key(&self) -> Vec<u8> {
         self.username.as_bytes().to_vec()
+    }
+    fn counters(&self) -> Vec<String> {
+        vec!["admins".into()]
     }
 }
 

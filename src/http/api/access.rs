@@ -71,6 +71,16 @@ pub async fn require_admin(State(state): State<AppState>, mut request: Request, 
     next.run(request).await
 }
 
+/// Waits for one of the few password-hashing slots.
+async fn password_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, HttpError> {
+    state
+        .password_checks
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| HttpError::unavailable("enrolld is shutting down; try again in a moment"))
+}
+
 fn unauthorized(message: &str) -> Response {
     let mut response = HttpError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -119,6 +129,7 @@ pub async fn login(
     ApiJson(body): ApiJson<Credentials>,
 ) -> Result<Response, HttpError> {
     let auth = state.auth.clone();
+    let _slot = password_slot(&state).await?;
     let signed_in = blocking(move || auth.login(&body.username, &body.password, client)).await?;
     Ok(signed_in_response(&state, signed_in))
 }
@@ -156,6 +167,7 @@ pub async fn setup(
     ApiJson(body): ApiJson<SetupRequest>,
 ) -> Result<Response, HttpError> {
     let auth = state.auth.clone();
+    let _slot = password_slot(&state).await?;
     let signed_in = blocking(move || auth.setup(&body.setup_code, &body.username, &body.password, client)).await?;
     Ok(signed_in_response(&state, signed_in))
 }
@@ -212,6 +224,7 @@ pub async fn create_admin(
     ApiJson(body): ApiJson<Credentials>,
 ) -> Result<(StatusCode, Json<AdminView>), HttpError> {
     let auth = state.auth.clone();
+    let _slot = password_slot(&state).await?;
     let created = blocking(move || auth.create_admin(&admin.actor, &body.username, &body.password)).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -246,6 +259,7 @@ pub async fn set_admin_password(
     ApiJson(body): ApiJson<NewPassword>,
 ) -> Result<Response, HttpError> {
     let auth = state.auth.clone();
+    let _slot = password_slot(&state).await?;
     blocking(move || auth.change_password(&admin.actor, &username, &body.password)).await?;
     Ok(no_content())
 }

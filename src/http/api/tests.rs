@@ -19,7 +19,7 @@ use crate::store::Store;
 const PASSWORD: &str = "correct horse battery";
 
 pub(crate) fn state_with(store: Store, clock: Arc<dyn Clock>) -> AppState {
-    let enrollment = Enrollment::new(store.clone(), clock.clone(), Policy::default()).unwrap();
+    let enrollment = Enrollment::new(store.clone(), clock.clone(), Policy::default(), &[7; 32]).unwrap();
     let auth = Auth::new(enrollment.clone(), time::Duration::hours(12)).unwrap();
     AppState::new(
         store,
