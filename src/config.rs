@@ -37,6 +37,8 @@ pub struct Config {
     pub cert_check_interval: Duration,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Largest CSV file an admin may upload.
+    pub import_max_bytes: usize,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub shutdown_grace: Duration,
     /// The first admin's username, created at first start.
@@ -184,6 +186,7 @@ const KEYS: &[Key] = &[
     Key { name: "cert_check_interval_secs", kind: Kind::Integer, flag: "" },
     Key { name: "request_timeout_secs", kind: Kind::Integer, flag: "" },
     Key { name: "max_body_bytes", kind: Kind::Integer, flag: "" },
+    Key { name: "import_max_bytes", kind: Kind::Integer, flag: "" },
     Key { name: "shutdown_grace_secs", kind: Kind::Integer, flag: "" },
     Key { name: "admin_user", kind: Kind::Text, flag: "" },
     Key { name: "admin_password", kind: Kind::Text, flag: "" },
@@ -363,6 +366,7 @@ impl Layers {
                 "cert_check_interval_secs" => config.cert_check_interval.as_secs().to_string(),
                 "request_timeout_secs" => config.request_timeout.as_secs().to_string(),
                 "max_body_bytes" => config.max_body_bytes.to_string(),
+                "import_max_bytes" => config.import_max_bytes.to_string(),
                 "shutdown_grace_secs" => config.shutdown_grace.as_secs().to_string(),
                 "admin_user" => config.admin_user.clone(),
                 "admin_password" | "admin_password_file" => {
@@ -489,6 +493,8 @@ impl Layers {
             cert_check_interval: Duration::from_secs(self.integer("cert_check_interval_secs", 60, 1..=86_400)?),
             request_timeout: Duration::from_secs(self.integer("request_timeout_secs", 30, 1..=3_600)?),
             max_body_bytes: usize::try_from(self.integer("max_body_bytes", 1 << 20, 1024..=1 << 30)?)
+                .unwrap_or(usize::MAX),
+            import_max_bytes: usize::try_from(self.integer("import_max_bytes", 20 << 20, 1024..=1 << 30)?)
                 .unwrap_or(usize::MAX),
             // Bounded so shutdown (grace, mDNS goodbyes, flush) ends well inside systemd's TimeoutStopSec=30.
             shutdown_grace: Duration::from_secs(self.integer("shutdown_grace_secs", 10, 0..=20)?),

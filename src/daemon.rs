@@ -172,13 +172,22 @@ pub async fn run(
     };
     let passcode_key = crate::state_dir::secret_file(&state_dir.pki().join("passcode.key"))
         .map_err(|error| StateDirError::Unusable { dir: state_dir.pki(), reason: format!("passcode.key: {error}") })?;
-    let enrollment = Enrollment::new(store.clone(), env.clock.clone(), policy, &passcode_key)?;
+    let enrollment = Enrollment::new(store.clone(), env.clock.clone(), policy, &passcode_key)?
+        .with_spool_dir(state_dir.path().join("imports"));
+    for import in enrollment.recover_imports()? {
+        tracing::warn!(import = %import.id, state = %import.state, "{}", import.message);
+    }
     let session_ttl = time::Duration::try_from(config.session_ttl).unwrap_or(time::Duration::hours(12));
     let auth = Auth::new(enrollment.clone(), session_ttl)?;
     let setup_code = auth.bootstrap(&config.admin_user, config.admin_password.as_deref())?;
-    let state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
-    let limits = Limits { request_timeout: config.request_timeout, max_body_bytes: config.max_body_bytes };
     let token = CancellationToken::new();
+    let mut state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
+    state.shutdown = token.clone();
+    let limits = Limits {
+        request_timeout: config.request_timeout,
+        max_body_bytes: config.max_body_bytes,
+        import_max_bytes: config.import_max_bytes,
+    };
     let mut tasks = Tasks::default();
 
     let https_addr = match listeners.https {
@@ -248,6 +257,15 @@ pub async fn run(
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     token.cancel();
     tasks.join_all().await;
+    // Import jobs stop at their next batch once the token is cancelled; what they leave is finished at the next
+    // start (rolled back, or recorded as interrupted).
+    state.jobs.close();
+    if tokio::time::timeout(config.shutdown_grace.max(std::time::Duration::from_secs(1)), state.jobs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("an import did not stop in time; the next start finishes it");
+    }
     if let Some(announcer) = announcer {
         tokio::task::spawn_blocking(move || announcer.stop()).await.ok();
     }

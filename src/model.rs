@@ -342,6 +342,9 @@ pub struct DeliveryJob {
     pub created_at: OffsetDateTime,
     pub link_token: Option<String>,
     pub passcode: Option<String>,
+    /// The CSV import that made this job; the mail worker holds it until that import is done.
+    #[serde(default)]
+    pub import: Option<Id>,
 }
 
 /// An administrator.
@@ -445,6 +448,9 @@ pub struct Import {
     /// Rows checked or imported so far, of `rows_total` (known once the file has been read through).
     pub rows_done: u64,
     pub rows_total: u64,
+    /// The last line of the file imported so far.
+    #[serde(default)]
+    pub last_line: u64,
     pub report: ImportReport,
     /// What happened, in a sentence.
     pub message: String,

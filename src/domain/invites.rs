@@ -194,6 +194,15 @@ pub enum PasscodeCheck {
     Locked,
 }
 
+/// Where a new invite comes from: an admin's own test invite, the words its first remark starts with, and the CSV
+/// import that made it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InviteOrigin<'a> {
+    pub by_myself: bool,
+    pub verb: &'a str,
+    pub import: Option<Id>,
+}
+
 /// Fresh secrets for an invite: the link token and the passcode, in clear. Made outside a transaction, because a
 /// transaction's closure may run more than once and must write the same values each time.
 pub(crate) struct Secrets {
@@ -220,7 +229,7 @@ impl Enrollment {
     }
 
     /// The delivery jobs for one send of `invite` to `user`.
-    fn jobs_for(&self, invite: &Invite, user: &User, secrets: &Secrets) -> Vec<DeliveryJob> {
+    fn jobs_for(&self, invite: &Invite, user: &User, secrets: &Secrets, import: Option<Id>) -> Vec<DeliveryJob> {
         let mut jobs = Vec::new();
         if invite.by_myself {
             return jobs;
@@ -236,6 +245,7 @@ impl Enrollment {
                 created_at: self.now(),
                 link_token: Some(secrets.token.clone()),
                 passcode: Some(secrets.passcode.clone()),
+                import,
             });
         };
         if invite.channels.email() {
@@ -267,7 +277,8 @@ impl Enrollment {
     fn create_invite_inner(&self, actor: &Actor, new: &NewInvite, by_myself: bool) -> DomainResult<CreatedInvite> {
         let secrets = new_secrets();
         let invite = self.transact(|tx| {
-            let (invite, jobs) = self.insert_invite(tx, actor, new, by_myself, &secrets, "Invited")?;
+            let origin = InviteOrigin { by_myself, verb: "Invited", import: None };
+            let (invite, jobs) = self.insert_invite(tx, actor, new, &origin, &secrets)?;
             let user = tx.get_id::<User, _>(&invite.user_id)?.map(|u| u.email).unwrap_or_default();
             let detail = format!("{} for {user} ({})", invite.platform, Self::delivery_remark(&jobs));
             let action = if by_myself { "invite.by_myself" } else { "invite.create" };
@@ -288,10 +299,10 @@ impl Enrollment {
         tx: &Tx<'_>,
         actor: &Actor,
         new: &NewInvite,
-        by_myself: bool,
+        origin: &InviteOrigin<'_>,
         secrets: &Secrets,
-        verb: &str,
     ) -> TxResult<(Invite, Vec<DeliveryJob>)> {
+        let InviteOrigin { by_myself, verb, import } = *origin;
         let old_user: User = tx.get_id(&new.user_id)?.ok_or_else(|| DomainError::not_found("user", new.user_id))?;
         if let Some(group) = &new.group_id {
             tx.get_id::<Group, _>(group)?.ok_or_else(|| DomainError::not_found("group", group))?;
@@ -325,7 +336,7 @@ impl Enrollment {
             locked: false,
             generation: 0,
         };
-        let jobs = self.jobs_for(&invite, &old_user, secrets);
+        let jobs = self.jobs_for(&invite, &old_user, secrets, import);
         invite
             .remarks
             .push(Remark { at: now, text: format!("{verb} by {}: {}", actor.name, Self::delivery_remark(&jobs)) });
@@ -413,7 +424,7 @@ impl Enrollment {
         invite.generation += 1;
         invite.failed_attempts = 0;
         invite.locked = false;
-        let jobs = self.jobs_for(&invite, &user, secrets);
+        let jobs = self.jobs_for(&invite, &user, secrets, None);
         invite.remarks.push(Remark {
             at: now,
             text: format!(

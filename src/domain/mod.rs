@@ -5,6 +5,7 @@
 
 pub mod auth;
 mod devices;
+mod import;
 mod invites;
 mod users;
 
@@ -16,6 +17,7 @@ use time::{Duration, OffsetDateTime};
 use utoipa::ToSchema;
 
 pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment};
+pub use import::{ExportList, ImportRequest};
 pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
@@ -110,6 +112,8 @@ pub struct Enrollment {
     /// database, so a copy of the database alone does not reveal passcodes.
     passcode_key: Arc<ring::hmac::Key>,
     ids: Arc<IdSequence>,
+    /// Where CSV uploads wait while they are imported.
+    spool_dir: Option<Arc<std::path::PathBuf>>,
 }
 
 /// One page of results for the API: the items and an opaque cursor for the next page.
@@ -140,7 +144,7 @@ impl Enrollment {
         passcode_key: &[u8; 32],
     ) -> DomainResult<Enrollment> {
         let passcode_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, passcode_key));
-        Ok(Enrollment { store, clock, policy, passcode_key, ids: Arc::default() })
+        Ok(Enrollment { store, clock, policy, passcode_key, ids: Arc::default(), spool_dir: None })
     }
 
     pub fn store(&self) -> &Store {

@@ -40,6 +40,12 @@ pub struct AppState {
     pub openapi: Arc<std::sync::OnceLock<serde_json::Value>>,
     /// Password hashing runs at most this many at a time (each argon2 check takes 19 MiB), whatever floods in.
     pub password_checks: Arc<tokio::sync::Semaphore>,
+    /// Background jobs (CSV imports); the daemon waits for them on shutdown.
+    pub jobs: tokio_util::task::TaskTracker,
+    /// The daemon's shutdown signal, which background jobs watch.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Largest CSV upload; set from [`Limits`] by [`https_router`].
+    pub import_max_bytes: usize,
 }
 
 impl AppState {
@@ -52,6 +58,9 @@ impl AppState {
             auth,
             openapi: Arc::default(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
+            jobs: tokio_util::task::TaskTracker::new(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            import_max_bytes: 20 << 20,
         }
     }
 }
@@ -60,7 +69,10 @@ impl AppState {
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub request_timeout: Duration,
+    /// Largest JSON body.
     pub max_body_bytes: usize,
+    /// Largest CSV upload (the import route streams and counts it itself).
+    pub import_max_bytes: usize,
 }
 
 /// The routes both listeners serve as they are: health and the CA certificate.
@@ -69,7 +81,8 @@ fn open_routes() -> Router<AppState> {
 }
 
 /// The application served over HTTPS.
-pub fn https_router(state: AppState, limits: Limits) -> Router {
+pub fn https_router(mut state: AppState, limits: Limits) -> Router {
+    state.import_max_bytes = limits.import_max_bytes;
     let (api, openapi) = api::router(state.clone());
     let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
     with_middleware(open_routes().merge(api).fallback(ops::not_found), limits).with_state(state)
@@ -95,6 +108,9 @@ pub fn http_redirect_router(state: AppState, limits: Limits, target: RedirectTar
 }
 
 fn with_middleware(router: Router<AppState>, limits: Limits) -> Router<AppState> {
+    // Extractors (JSON) stop at max_body_bytes; the hard limit on any body leaves room for the largest CSV upload,
+    // which the import route counts and refuses itself with a JSON answer.
+    let hard_limit = limits.max_body_bytes.max(limits.import_max_bytes.saturating_add(64 << 10));
     router.layer(DefaultBodyLimit::max(limits.max_body_bytes)).layer(
         ServiceBuilder::new()
             .layer(TraceLayer::new_for_http())
@@ -103,7 +119,7 @@ fn with_middleware(router: Router<AppState>, limits: Limits) -> Router<AppState>
                 HeaderValue::from_static("nosniff"),
             ))
             .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
-            .layer(RequestBodyLimitLayer::new(limits.max_body_bytes)),
+            .layer(RequestBodyLimitLayer::new(hard_limit)),
     )
 }
 
@@ -119,7 +135,7 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { request_timeout: Duration::from_secs(5), max_body_bytes: 4096 }
+        Limits { request_timeout: Duration::from_secs(5), max_body_bytes: 4096, import_max_bytes: 8192 }
     }
 
     async fn body_text(response: axum::response::Response) -> String {

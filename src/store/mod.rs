@@ -306,6 +306,15 @@ impl Store {
         self.trees[index].range(..upper).map(|entry| Ok(entry?.1.to_vec())).collect()
     }
 
+    /// Forgets an import's undo log once the import is finished.
+    pub fn clear_import_log(&self, import: &Id) -> Result<(), StoreError> {
+        let log = &self.trees[tree::IMPORT_LOG];
+        for entry in log.scan_prefix(import.as_bytes()).keys() {
+            log.remove(entry?)?;
+        }
+        Ok(())
+    }
+
     /// What an import created, as (tree, key) pairs.
     pub fn import_log(&self, import: &Id) -> Result<Vec<(usize, Vec<u8>)>, StoreError> {
         self.trees[tree::IMPORT_LOG]

@@ -7,6 +7,7 @@
 
 mod access;
 mod devices;
+mod imports;
 mod invites;
 mod system;
 mod users;
@@ -63,6 +64,12 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(devices::remove_staged))
         .routes(routes!(devices::assign_staged))
         .routes(routes!(devices::reenroll_staged))
+        .routes(routes!(imports::upload, imports::imports))
+        .routes(routes!(imports::import))
+        .routes(routes!(imports::sample))
+        .routes(routes!(imports::export_invites))
+        .routes(routes!(imports::export_staged))
+        .routes(routes!(imports::export_devices))
         .routes(routes!(system::dashboard))
         .routes(routes!(system::audit))
         .routes(routes!(system::openapi_document))
@@ -134,6 +141,7 @@ fn json_problem(rejection: &JsonRejection) -> HttpError {
         JsonRejection::MissingJsonContentType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "json_expected"),
         JsonRejection::JsonSyntaxError(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
         JsonRejection::JsonDataError(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
         _ => (StatusCode::BAD_REQUEST, "invalid_body"),
     };
     HttpError::new(status, code, rejection.body_text())

@@ -19,7 +19,10 @@ use crate::store::Store;
 const PASSWORD: &str = "correct horse battery";
 
 pub(crate) fn state_with(store: Store, clock: Arc<dyn Clock>) -> AppState {
-    let enrollment = Enrollment::new(store.clone(), clock.clone(), Policy::default(), &[7; 32]).unwrap();
+    let spool = std::env::temp_dir()
+        .join(format!("enrolld-test-spool-{}", crate::model::Id::new(clock.now(), crate::domain::random_bytes())));
+    let enrollment =
+        Enrollment::new(store.clone(), clock.clone(), Policy::default(), &[7; 32]).unwrap().with_spool_dir(spool);
     let auth = Auth::new(enrollment.clone(), time::Duration::hours(12)).unwrap();
     AppState::new(
         store,
@@ -33,7 +36,8 @@ pub(crate) fn state_with(store: Store, clock: Arc<dyn Clock>) -> AppState {
 fn app() -> (Router, AppState) {
     let state = state_with(Store::open_temporary().unwrap(), Arc::new(SystemClock));
     state.auth.bootstrap("admin", Some(PASSWORD)).unwrap();
-    let limits = Limits { request_timeout: Duration::from_secs(10), max_body_bytes: 1 << 20 };
+    let limits =
+        Limits { request_timeout: Duration::from_secs(10), max_body_bytes: 1 << 20, import_max_bytes: 1 << 20 };
     (https_router(state.clone(), limits), state)
 }
 
@@ -213,7 +217,9 @@ async fn tokens_can_be_listed_and_revoked() {
 async fn first_run_setup_over_the_api() {
     let state = state_with(Store::open_temporary().unwrap(), Arc::new(SystemClock));
     let code = state.auth.bootstrap("admin", None).unwrap().unwrap();
-    let router = https_router(state, Limits { request_timeout: Duration::from_secs(10), max_body_bytes: 1 << 20 });
+    let limits =
+        Limits { request_timeout: Duration::from_secs(10), max_body_bytes: 1 << 20, import_max_bytes: 1 << 20 };
+    let router = https_router(state, limits);
     let (_, _, status) = Call::new(Method::GET, "/api/v1/setup").send(&router).await;
     assert_eq!(status["needs_setup"], true);
     let claim = |code: &str| json!({"setup_code": code, "username": "admin", "password": PASSWORD});
@@ -299,4 +305,89 @@ async fn invite_lifecycle_and_error_answers() {
     let (status, _, document) = Call::new(Method::GET, "/api/v1/openapi.json").bearer(&token).send(&router).await;
     assert_eq!(status, StatusCode::OK);
     assert!(document["components"]["schemas"]["InviteView"].is_object());
+}
+
+async fn upload(router: &Router, token: &str, query: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    let request = Request::post(format!("/api/v1/imports?{query}"))
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "text/csv")
+        .body(Body::from(body))
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn text(router: &Router, token: &str, path: &str) -> (StatusCode, HeaderMap, String) {
+    let request =
+        Request::get(path).header(header::AUTHORIZATION, format!("Bearer {token}")).body(Body::empty()).unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_uploads_run_as_jobs_with_a_report_and_lists_export_as_csv() {
+    let (router, _) = app();
+    let (token, _, _) = login(&router).await;
+    let file = "user name,email address,platform type,group name\nAnn,ann@example.com,iOS,Sales\nBob,bob@,Android,\n";
+
+    let (status, refused) = upload(&router, &token, "kind=invites&wait=true&filename=people.csv", file.into()).await;
+    assert_eq!(status, StatusCode::OK, "{refused}");
+    assert_eq!(refused["state"], "rejected");
+    assert_eq!(refused["report"]["problems"][0]["line"], 3);
+    assert_eq!(refused["report"]["problems"][0]["column"], "EMAIL ADDRESS");
+
+    let (status, queued) = upload(&router, &token, "kind=invites&mode=valid_only", file.into()).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let path = format!("/api/v1/imports/{}", queued["id"].as_str().unwrap());
+    let mut done = Value::Null;
+    for _ in 0..200 {
+        let (_, _, polled) = Call::new(Method::GET, &path).bearer(&token).send(&router).await;
+        if polled["state"] == "done" {
+            done = polled;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(done["report"]["invites_created"], 1, "{done}");
+    assert_eq!(done["report"]["groups_created"][0], "Sales");
+    let (_, _, listed) = Call::new(Method::GET, "/api/v1/imports").bearer(&token).send(&router).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2);
+
+    let (status, headers, csv) = text(&router, &token, "/api/v1/invites/export?status=pending").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/csv; charset=utf-8");
+    assert!(headers[header::CONTENT_DISPOSITION].to_str().unwrap().contains("enrolld-invites-pending.csv"));
+    assert!(
+        csv.starts_with("USER NAME,EMAIL ADDRESS,PLATFORM TYPE,OWNED BY,DOMAIN NAME,GROUP NAME,PHONE NUMBER,STATUS")
+    );
+    assert!(csv.contains("Ann,ann@example.com,iOS,Corporate,,Sales,,pending"), "{csv}");
+    for path in ["/api/v1/staged/export", "/api/v1/devices/export", "/api/v1/imports/sample?kind=staged"] {
+        let (status, _, body) = text(&router, &token, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(body.contains("SERIAL NUMBER"), "{path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_uploads_and_bodies_get_413_in_the_api_format() {
+    let (router, _) = app();
+    let (token, _, _) = login(&router).await;
+    let big = vec![b'x'; (1 << 20) + 10];
+    let (status, body) = upload(&router, &token, "kind=invites", big).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("import_max_bytes"));
+    let (_, _, listed) = Call::new(Method::GET, "/api/v1/imports").bearer(&token).send(&router).await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(0), "refused before any job was made");
+
+    let huge_name = "x".repeat(2 << 20);
+    let (status, _, body) = Call::new(Method::POST, "/api/v1/users")
+        .bearer(&token)
+        .json(json!({"name": huge_name, "email": "a@example.com"}))
+        .send(&router)
+        .await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")));
 }

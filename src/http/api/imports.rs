@@ -1,0 +1,205 @@
+//! `/api/v1/imports` (CSV uploads run as jobs, with progress and a report), the sample files, and the CSV exports
+//! of the Pending, Staged and Managed lists.
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use utoipa::IntoParams;
+
+use super::users::ListQuery;
+use super::{ApiPath, ApiQuery, SignedInAdmin, blocking};
+use crate::csvfile::CsvKind;
+use crate::domain::{ExportList, ImportRequest, InviteQuery, Paged};
+use crate::http::{AppState, HttpError};
+use crate::model::{Id, Import, ImportKind, ImportMode};
+
+/// How to import an upload.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UploadQuery {
+    /// `invites` or `staged`.
+    pub kind: ImportKind,
+    /// `all` (default): a file with any invalid row imports nothing. `valid_only`: import the valid rows.
+    pub mode: Option<ImportMode>,
+    /// The file's name, for the record.
+    pub filename: Option<String>,
+    /// Answer only when the import has finished (for scripts); otherwise answer at once and poll.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// Upload a CSV file (the request body, `text/csv`) to import. The answer comes at once with the job (202); poll
+/// `/api/v1/imports/{id}` for progress and the report, or pass `wait=true`.
+#[utoipa::path(post, path = "/api/v1/imports", tag = "imports", params(UploadQuery),
+    request_body(content = String, content_type = "text/csv", description = "The CSV file"),
+    responses((status = 202, body = Import), (status = 200, body = Import, description = "with wait=true"),
+        (status = 413, description = "larger than import_max_bytes")))]
+pub async fn upload(
+    State(state): State<AppState>,
+    Extension(admin): Extension<SignedInAdmin>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
+    body: Body,
+) -> Result<(StatusCode, Json<Import>), HttpError> {
+    let limit = state.import_max_bytes as u64;
+    let too_large = |size: String| {
+        HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the file is {size}; the limit is {} MiB (import_max_bytes); split it into smaller files",
+                limit >> 20
+            ),
+        )
+    };
+    let declared = body.size_hint().exact();
+    if let Some(declared) = declared.filter(|d| *d > limit) {
+        return Err(too_large(format!("{declared} bytes")));
+    }
+    let request =
+        ImportRequest { kind: query.kind, mode: query.mode.unwrap_or(ImportMode::All), filename: query.filename };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    let import = blocking(move || domain.create_import(&actor, &request)).await?;
+    let id = import.id;
+    let domain = state.enrollment.clone();
+    let path = blocking(move || domain.import_file(&id)).await?;
+
+    let mut written: u64 = 0;
+    let spooled: Result<(), HttpError> = async {
+        let io =
+            |e: std::io::Error| HttpError::unavailable(format!("cannot store the upload: {e}; check free disk space"));
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(io)?;
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                HttpError::new(StatusCode::BAD_REQUEST, "upload_failed", format!("the upload was cut off: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                written += data.len() as u64;
+                if written > limit {
+                    return Err(too_large(format!("more than {limit} bytes")));
+                }
+                file.write_all(&data).await.map_err(io)?;
+            }
+        }
+        file.sync_all().await.map_err(io)
+    }
+    .await;
+    if let Err(error) = spooled {
+        let domain = state.enrollment.clone();
+        let message = error.message.clone();
+        blocking(move || domain.fail_import(&id, &message)).await?;
+        return Err(error);
+    }
+
+    let domain = state.enrollment.clone();
+    let stop = state.shutdown.clone();
+    let actor = admin.actor.clone();
+    let job = state.jobs.spawn_blocking(move || {
+        let result = domain.run_import(&actor, &id, written, &|| stop.is_cancelled());
+        if let Err(error) = &result {
+            tracing::error!(import = %id, %error, "import failed");
+            let _ = domain.fail_import(&id, &format!("the import failed: {error}"));
+        }
+        result
+    });
+    if query.wait {
+        let finished = job.await.map_err(|_| {
+            HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the import stopped unexpectedly")
+        })??;
+        return Ok((StatusCode::OK, Json(finished)));
+    }
+    Ok((StatusCode::ACCEPTED, Json(import)))
+}
+
+/// Imports, newest first.
+#[utoipa::path(get, path = "/api/v1/imports", tag = "imports", params(ListQuery), responses((status = 200, body = Paged<Import>)))]
+pub async fn imports(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<Paged<Import>>, HttpError> {
+    let domain = state.enrollment.clone();
+    Ok(Json(blocking(move || domain.imports(query.cursor.as_deref(), query.limit.unwrap_or(50))).await?))
+}
+
+/// One import: its state, progress (`rows_done` of `rows_total`) and report.
+#[utoipa::path(get, path = "/api/v1/imports/{id}", tag = "imports", params(("id" = Id, Path)),
+    responses((status = 200, body = Import), (status = 404)))]
+pub async fn import(State(state): State<AppState>, ApiPath(id): ApiPath<Id>) -> Result<Json<Import>, HttpError> {
+    let domain = state.enrollment.clone();
+    Ok(Json(blocking(move || domain.import(&id)).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SampleQuery {
+    /// `invites` or `staged`.
+    pub kind: ImportKind,
+}
+
+/// A sample file to fill in.
+#[utoipa::path(get, path = "/api/v1/imports/sample", tag = "imports", params(SampleQuery),
+    responses((status = 200, content_type = "text/csv", body = String)))]
+pub async fn sample(ApiQuery(query): ApiQuery<SampleQuery>) -> Response {
+    let (kind, name) = match query.kind {
+        ImportKind::Invites => (CsvKind::Invites, "enrolld-invites-sample.csv"),
+        ImportKind::Staged => (CsvKind::Staged, "enrolld-staged-sample.csv"),
+    };
+    csv_response(kind.sample().as_bytes().to_vec(), name)
+}
+
+/// Invites as CSV (the invite file's columns plus status, times and the last remark), with the list's filters.
+#[utoipa::path(get, path = "/api/v1/invites/export", tag = "invites", params(InviteQuery),
+    responses((status = 200, content_type = "text/csv", body = String)))]
+pub async fn export_invites(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<InviteQuery>,
+) -> Result<Response, HttpError> {
+    let domain = state.enrollment.clone();
+    let name = match query.status {
+        Some(status) => format!("enrolld-invites-{status}.csv"),
+        None => "enrolld-invites.csv".to_owned(),
+    };
+    let bytes = blocking(move || domain.export_csv(ExportList::Invites, &query)).await?;
+    Ok(csv_response(bytes, &name))
+}
+
+/// Staged devices as CSV, in the staged file's columns.
+#[utoipa::path(get, path = "/api/v1/staged/export", tag = "staged", responses((status = 200, content_type = "text/csv", body = String)))]
+pub async fn export_staged(State(state): State<AppState>) -> Result<Response, HttpError> {
+    let domain = state.enrollment.clone();
+    let bytes = blocking(move || domain.export_csv(ExportList::Staged, &InviteQuery::default())).await?;
+    Ok(csv_response(bytes, "enrolld-staged.csv"))
+}
+
+/// Managed devices as CSV.
+#[utoipa::path(get, path = "/api/v1/devices/export", tag = "devices", responses((status = 200, content_type = "text/csv", body = String)))]
+pub async fn export_devices(State(state): State<AppState>) -> Result<Response, HttpError> {
+    let domain = state.enrollment.clone();
+    let bytes = blocking(move || domain.export_csv(ExportList::Managed, &InviteQuery::default())).await?;
+    Ok(csv_response(bytes, "enrolld-managed.csv"))
+}
+
+fn csv_response(bytes: Vec<u8>, filename: &str) -> Response {
+    let mut response = bytes.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    response
+}
