@@ -192,6 +192,7 @@ pub struct CsvReader<R: Read> {
     /// For each field position, the column it holds (`None`: an export-only column, ignored).
     columns: Vec<Option<Column>>,
     record: csv::ByteRecord,
+    splitter: FieldSplitter,
 }
 
 /// The longest record accepted (a quote that never closes would otherwise swallow the rest of the file).
@@ -230,9 +231,52 @@ impl<R: std::io::BufRead> Records<R> {
     }
 }
 
-/// Splits one record's bytes into fields, undoing RFC 4180 quoting.
-fn fields(bytes: &[u8], out: &mut csv::ByteRecord) -> csv::Result<bool> {
-    csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(bytes).read_byte_record(out)
+/// Splits records into fields, undoing RFC 4180 quoting. One parser serves the whole file (building one is costly).
+struct FieldSplitter {
+    parser: csv_core::Reader,
+    output: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl FieldSplitter {
+    fn new() -> Self {
+        FieldSplitter { parser: csv_core::Reader::new(), output: vec![0; 4096], ends: vec![0; 64] }
+    }
+
+    /// Fills `out` with the fields of one record's bytes; `false` for a record with nothing in it.
+    fn split(&mut self, bytes: &[u8], out: &mut csv::ByteRecord) -> bool {
+        use csv_core::ReadRecordResult as Step;
+        self.parser.reset();
+        out.clear();
+        let (mut input, mut written, mut fields) = (bytes, 0, 0);
+        loop {
+            let (step, read, wrote, ended) =
+                self.parser.read_record(input, &mut self.output[written..], &mut self.ends[fields..]);
+            input = &input[read..];
+            written += wrote;
+            fields += ended;
+            match step {
+                Step::OutputFull => self.output.resize(self.output.len() * 2, 0),
+                Step::OutputEndsFull => self.ends.resize(self.ends.len() * 2, 0),
+                Step::InputEmpty if input.is_empty() => {
+                    // The last record has no line end: an empty input tells the parser the file is over.
+                    // Field ends count from the record's start across calls, so only the output slice moves.
+                    let (_, _, _, ended) =
+                        self.parser.read_record(&[], &mut self.output[written..], &mut self.ends[fields..]);
+                    fields += ended;
+                    break;
+                }
+                Step::InputEmpty => {}
+                Step::Record | Step::End => break,
+            }
+        }
+        let mut start = 0;
+        for end in &self.ends[..fields] {
+            out.push_field(&self.output[start..*end]);
+            start = *end;
+        }
+        fields > 0
+    }
 }
 
 impl<R: Read> CsvReader<R> {
@@ -241,22 +285,17 @@ impl<R: Read> CsvReader<R> {
     pub fn open(input: R, kind: CsvKind) -> Result<CsvReader<R>, Vec<RowProblem>> {
         let mut records = Records { input: std::io::BufReader::new(BomSkipping::new(input)), lines: 0 };
         let mut header = csv::ByteRecord::new();
+        let mut splitter = FieldSplitter::new();
         let problem =
             |column: Option<String>, value: String, reason: String| RowProblem { line: 1, column, value, reason };
         let empty =
             || vec![problem(None, String::new(), "the file is empty; the first row must name the columns".into())];
         match records.next() {
-            Ok(Some((_, bytes))) => match fields(&bytes, &mut header) {
-                Ok(true) => {}
-                Ok(false) => return Err(empty()),
-                Err(error) => {
-                    return Err(vec![problem(
-                        None,
-                        String::new(),
-                        format!("the first row cannot be read as CSV: {error}"),
-                    )]);
+            Ok(Some((_, bytes))) => {
+                if !splitter.split(&bytes, &mut header) {
+                    return Err(empty());
                 }
-            },
+            }
             Ok(None) => return Err(empty()),
             Err(error) => return Err(vec![problem(None, String::new(), format!("the file cannot be read: {error}"))]),
         }
@@ -318,7 +357,7 @@ impl<R: Read> CsvReader<R> {
             ));
         }
         if problems.is_empty() {
-            Ok(CsvReader { records, kind, columns, record: csv::ByteRecord::new() })
+            Ok(CsvReader { records, kind, columns, record: csv::ByteRecord::new(), splitter })
         } else {
             Err(problems)
         }
@@ -335,10 +374,8 @@ impl<R: Read> CsvReader<R> {
                 Ok(None) => return None,
                 Err(error) => return problem(self.records.lines + 1, format!("the file cannot be read here: {error}")),
             };
-            match fields(&bytes, &mut self.record) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(error) => return problem(line, format!("this row cannot be read as CSV: {error}")),
+            if !self.splitter.split(&bytes, &mut self.record) {
+                continue;
             }
             if self.record.iter().all(|field| field.iter().all(u8::is_ascii_whitespace)) {
                 continue;

@@ -203,6 +203,10 @@ pub struct User {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// The CSV import that created this record, if one did (an interrupted all-or-nothing import removes what it
+    /// made by this mark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<Id>,
 }
 
 /// A device group.
@@ -214,6 +218,10 @@ pub struct Group {
     pub description: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The CSV import that created this record, if one did (an interrupted all-or-nothing import removes what it
+    /// made by this mark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<Id>,
 }
 
 /// A line in an invite's history a person can read ("Queued for delivery by email", "Resent by admin").
@@ -256,6 +264,10 @@ pub struct Invite {
     /// Bumped on every resend, so a delivery job for an older send is recognised as stale.
     #[serde(default)]
     pub generation: u32,
+    /// The CSV import that created this record, if one did (an interrupted all-or-nothing import removes what it
+    /// made by this mark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<Id>,
 }
 
 /// A command queued for a device.
@@ -307,6 +319,10 @@ pub struct StagedDevice {
     pub group_id: Option<Id>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The CSV import that created this record, if one did (an interrupted all-or-nothing import removes what it
+    /// made by this mark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<Id>,
 }
 
 /// One entry of the audit log.

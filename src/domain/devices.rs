@@ -350,6 +350,7 @@ impl Enrollment {
             email,
             group_id: new.group_id,
             created_at: self.now(),
+            import: None,
         };
         self.transact(|tx| {
             if let Some(user) = &staged.user_id {

@@ -22,13 +22,15 @@ use super::{
 };
 use crate::csvfile::{self, Column, CsvKind, CsvReader, Row};
 use crate::model::{
-    Channels, Device, Group, Id, Import, ImportKind, ImportMode, ImportReport, ImportState, Invite, InviteStatus,
-    Platform, RowProblem, StagedDevice, User,
+    Channels, DeliveryJob, Device, Group, Id, Import, ImportKind, ImportMode, ImportReport, ImportState, Invite,
+    InviteStatus, Platform, RowProblem, StagedDevice, User,
 };
 use crate::store::{Scan, Tx, hardware_key, tree};
 
 /// Rows applied per transaction.
 const BATCH_ROWS: usize = 500;
+/// Rows between flushes of the store during an import.
+const FLUSH_EVERY_ROWS: u64 = 10_000;
 /// Problems kept in a report (all are counted).
 const PROBLEMS_KEPT: usize = 1_000;
 
@@ -231,19 +233,24 @@ impl Enrollment {
         let mut batch = Vec::with_capacity(BATCH_ROWS);
         loop {
             let next = reader.next_row();
-            if let Some(Ok(row)) = &next
+            let finished = next.is_none();
+            if let Some(Ok(row)) = next
                 && !skip.contains(&row.line())
             {
-                batch.push(row.clone());
+                batch.push(row);
             }
-            if batch.len() == BATCH_ROWS || (next.is_none() && !batch.is_empty()) {
+            if batch.len() == BATCH_ROWS || (finished && !batch.is_empty()) {
                 self.apply_batch(actor, &mut import, &batch, &mut totals)?;
                 batch.clear();
+                // Written pages are flushed as the import goes, which bounds the memory a large file takes.
+                if import.rows_done % FLUSH_EVERY_ROWS == 0 {
+                    self.store.flush()?;
+                }
                 if stop() {
                     return Ok(import);
                 }
             }
-            if next.is_none() {
+            if finished {
                 break;
             }
         }
@@ -280,7 +287,6 @@ impl Enrollment {
             let detail = format!("{}: {}", import.state, import.message);
             self.audit(tx, actor, "import.finish", Some(import.id.to_string()), detail)
         })?;
-        self.store.clear_import_log(&import.id)?;
         if let Ok(path) = self.import_file(&import.id) {
             let _ = std::fs::remove_file(path);
         }
@@ -414,7 +420,6 @@ impl Enrollment {
         secrets: &Secrets,
         outcome: &mut BatchOutcome,
     ) -> TxResult<()> {
-        let undo = import.mode == ImportMode::All;
         let group_id = match &row.group {
             Some(name) => Some(self.group_for_import(tx, import, name, outcome)?),
             None => None,
@@ -433,14 +438,13 @@ impl Enrollment {
                     phone: row.phone.clone(),
                     domain: row.domain.clone(),
                     notes: String::new(),
-                    groups: Vec::new(),
+                    // Made a member of the row's group now, so the invite need not write the user again.
+                    groups: group_id.into_iter().collect(),
                     created_at: now,
                     updated_at: now,
+                    import: Some(import.id),
                 };
                 tx.put(None, &user)?;
-                if undo {
-                    tx.log_created(&import.id, tree::USERS, user.id.as_bytes())?;
-                }
                 outcome.new_users.push(row.email.clone());
                 user
             }
@@ -449,13 +453,7 @@ impl Enrollment {
         let channels = if user.phone.is_some() { Channels::Both } else { Channels::Email };
         let new = NewInvite { user_id: user.id, platform: row.platform, ownership: row.ownership, group_id, channels };
         let origin = InviteOrigin { by_myself: false, verb: "Imported from a CSV file", import: Some(import.id) };
-        let (invite, jobs) = self.insert_invite(tx, actor, &new, &origin, secrets)?;
-        if undo {
-            tx.log_created(&import.id, tree::INVITES, invite.id.as_bytes())?;
-            for job in &jobs {
-                tx.log_created(&import.id, tree::OUTBOX, job.id.as_bytes())?;
-            }
-        }
+        self.insert_invite(tx, actor, &new, &origin, secrets)?;
         outcome.invites += 1;
         Ok(())
     }
@@ -498,11 +496,9 @@ impl Enrollment {
             email: row.email.clone(),
             group_id,
             created_at: self.now(),
+            import: Some(import.id),
         };
         tx.put(None, &staged)?;
-        if import.mode == ImportMode::All {
-            tx.log_created(&import.id, tree::STAGED, staged.id.as_bytes())?;
-        }
         outcome.staged += 1;
         Ok(())
     }
@@ -517,11 +513,9 @@ impl Enrollment {
             name: name.to_owned(),
             description: format!("Created by the CSV import of {}", import.filename.as_deref().unwrap_or("a file")),
             created_at: self.now(),
+            import: Some(import.id),
         };
         tx.put(None, &group)?;
-        if import.mode == ImportMode::All {
-            tx.log_created(&import.id, tree::GROUPS, group.id.as_bytes())?;
-        }
         outcome.new_groups.push(group.name.clone());
         Ok(group.id)
     }
@@ -537,14 +531,12 @@ impl Enrollment {
         for import in unfinished.items {
             let (state, message) = match (import.state, import.mode) {
                 (ImportState::Importing, ImportMode::All) => {
-                    for chunk in self.store.import_log(&import.id)?.chunks(BATCH_ROWS) {
-                        self.transact(|tx| {
-                            for (tree_index, key) in chunk {
-                                tx.undo_created(&import.id, *tree_index, key)?;
-                            }
-                            Ok(())
-                        })?;
-                    }
+                    // Rare, so a scan for the import's mark beats logging every record it writes.
+                    self.remove_imported::<DeliveryJob>(&import.id, tree::OUTBOX, |j| j.import)?;
+                    self.remove_imported::<Invite>(&import.id, tree::INVITES, |i| i.import)?;
+                    self.remove_imported::<StagedDevice>(&import.id, tree::STAGED, |s| s.import)?;
+                    self.remove_imported::<User>(&import.id, tree::USERS, |u| u.import)?;
+                    self.remove_imported::<Group>(&import.id, tree::GROUPS, |g| g.import)?;
                     (
                         ImportState::RolledBack,
                         "enrolld stopped during this import, so everything it had created was removed again; upload the file again".to_owned(),
@@ -565,6 +557,26 @@ impl Enrollment {
             recovered.push(self.finish(&Actor::system(), import, state, message)?);
         }
         Ok(recovered)
+    }
+
+    /// Deletes every record of one kind that `import` created, in batches.
+    fn remove_imported<R: crate::store::Record>(
+        &self,
+        import: &Id,
+        tree_index: usize,
+        made_by: impl Fn(&R) -> Option<Id>,
+    ) -> DomainResult<()> {
+        let scan = Scan { tree: tree_index, prefix: &[], after: None, newest_first: false };
+        let doomed = self.store.page::<R>(scan, usize::MAX, |record| made_by(record) == Some(*import))?.items;
+        for chunk in doomed.chunks(BATCH_ROWS) {
+            self.transact(|tx| {
+                for record in chunk {
+                    tx.delete(record)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// A list as CSV in the import formats' column vocabulary. Invites take the listing's filters.
@@ -898,7 +910,6 @@ mod tests {
         assert_eq!(recovered[0].state, ImportState::RolledBack);
         assert_eq!(f.counts(), (0, 0, 0), "every user, invite and message it made is gone");
         assert!(f.d.groups(None, 10).unwrap().items.is_empty(), "and the groups it made");
-        assert!(f.d.store().import_log(&import.id).unwrap().is_empty());
         assert_eq!(f.d.import(&import.id).unwrap().state, ImportState::RolledBack);
     }
 

@@ -335,6 +335,7 @@ impl Enrollment {
             failed_attempts: 0,
             locked: false,
             generation: 0,
+            import,
         };
         let jobs = self.jobs_for(&invite, &old_user, secrets, import);
         invite

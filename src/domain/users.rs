@@ -83,6 +83,7 @@ impl Enrollment {
             groups: dedup(&new.groups),
             created_at: now,
             updated_at: now,
+            import: None,
         };
         self.transact(|tx| {
             if tx.lookup(tree::USERS_BY_EMAIL, user.email.as_bytes())?.is_some() {
@@ -243,8 +244,13 @@ impl Enrollment {
 
     pub fn create_group(&self, actor: &Actor, new: &NewGroup) -> DomainResult<Group> {
         let name = required_text("name", &new.name, 100)?;
-        let group =
-            Group { id: self.new_id(), name, description: new.description.trim().to_owned(), created_at: self.now() };
+        let group = Group {
+            id: self.new_id(),
+            name,
+            description: new.description.trim().to_owned(),
+            created_at: self.now(),
+            import: None,
+        };
         self.transact(|tx| {
             if tx.lookup(tree::GROUPS_BY_NAME, group.name.to_lowercase().as_bytes())?.is_some() {
                 return Err(group_taken(&group.name).into());

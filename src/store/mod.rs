@@ -55,14 +55,12 @@ pub mod tree {
     pub const ADMINS: usize = 21;
     pub const SESSIONS: usize = 22;
     pub const IMPORTS: usize = 23;
-    /// What each import created (import id, tree, key), so an interrupted all-or-nothing import can be undone.
-    pub const IMPORT_LOG: usize = 24;
-    pub const INVITES_BY_PLATFORM: usize = 25;
-    pub const INVITES_BY_STATUS_PLATFORM: usize = 26;
-    pub const INVITES_BY_GROUP: usize = 27;
-    pub const OUTBOX_BY_INVITE: usize = 28;
+    pub const INVITES_BY_PLATFORM: usize = 24;
+    pub const INVITES_BY_STATUS_PLATFORM: usize = 25;
+    pub const INVITES_BY_GROUP: usize = 26;
+    pub const OUTBOX_BY_INVITE: usize = 27;
 
-    pub(super) const NAMES: [&str; 29] = [
+    pub(super) const NAMES: [&str; 28] = [
         "meta",
         "certificates",
         "users",
@@ -87,7 +85,6 @@ pub mod tree {
         "admins",
         "sessions",
         "imports",
-        "import_log",
         "invites_by_platform",
         "invites_by_status_platform",
         "invites_by_group",
@@ -306,26 +303,6 @@ impl Store {
         self.trees[index].range(..upper).map(|entry| Ok(entry?.1.to_vec())).collect()
     }
 
-    /// Forgets an import's undo log once the import is finished.
-    pub fn clear_import_log(&self, import: &Id) -> Result<(), StoreError> {
-        let log = &self.trees[tree::IMPORT_LOG];
-        for entry in log.scan_prefix(import.as_bytes()).keys() {
-            log.remove(entry?)?;
-        }
-        Ok(())
-    }
-
-    /// What an import created, as (tree, key) pairs.
-    pub fn import_log(&self, import: &Id) -> Result<Vec<(usize, Vec<u8>)>, StoreError> {
-        self.trees[tree::IMPORT_LOG]
-            .scan_prefix(import.as_bytes())
-            .map(|entry| {
-                let (key, _) = entry?;
-                Ok((usize::from(key[16]), key[17..].to_vec()))
-            })
-            .collect()
-    }
-
     /// Records a certificate the appliance's CA issued for its HTTPS server and makes it the current one, in one
     /// transaction.
     pub fn record_server_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
@@ -433,35 +410,6 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Notes that `import` created the record `key` in `tree`.
-    pub fn log_created<E>(&self, import: &Id, tree: usize, key: &[u8]) -> Result<(), TxError<E>> {
-        let entry = [import.as_bytes().as_slice(), &[tree as u8], key].concat();
-        self.views[tree::IMPORT_LOG].insert(entry, &[])?;
-        Ok(())
-    }
-
-    /// Deletes a record an import created (with its indexes and counters) and its log entry.
-    pub fn undo_created<E>(&self, import: &Id, tree_index: usize, key: &[u8]) -> Result<(), TxError<E>> {
-        match tree_index {
-            tree::USERS => self.delete_if_present::<crate::model::User, E>(key)?,
-            tree::GROUPS => self.delete_if_present::<crate::model::Group, E>(key)?,
-            tree::INVITES => self.delete_if_present::<crate::model::Invite, E>(key)?,
-            tree::OUTBOX => self.delete_if_present::<crate::model::DeliveryJob, E>(key)?,
-            tree::STAGED => self.delete_if_present::<crate::model::StagedDevice, E>(key)?,
-            _ => {}
-        }
-        let entry = [import.as_bytes().as_slice(), &[tree_index as u8], key].concat();
-        self.views[tree::IMPORT_LOG].remove(entry)?;
-        Ok(())
-    }
-
-    fn delete_if_present<R: Record, E>(&self, key: &[u8]) -> Result<(), TxError<E>> {
-        if let Some(record) = self.get::<R, E>(key)? {
-            self.delete(&record)?;
-        }
-        Ok(())
-    }
-
     /// A counter's value as this transaction sees it.
     pub fn count<E>(&self, name: &str) -> Result<u64, TxError<E>> {
         let key = format!("{COUNTER_PREFIX}{name}");
@@ -542,6 +490,7 @@ mod tests {
             groups: Vec::new(),
             created_at: at,
             updated_at: at,
+            import: None,
         }
     }
 
@@ -633,6 +582,7 @@ mod tests {
         for n in 0..25u8 {
             let at = OffsetDateTime::from_unix_timestamp(1_790_000_000 + i64::from(n)).unwrap();
             let group = Group {
+                import: None,
                 id: Id::new(at, [n; 10]),
                 name: format!("g{n:02}"),
                 description: String::new(),

@@ -1,0 +1,19 @@
+//! Fuzzes the CSV reader with arbitrary bytes, as both file formats: it must never panic, and every problem it
+//! reports must name a line in the input.
+#![no_main]
+
+use enrolld::csvfile::{CsvKind, parse_all};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let lines = data.iter().filter(|b| **b == b'\n').count() as u64 + 1;
+    for kind in [CsvKind::Invites, CsvKind::Staged] {
+        let (rows, problems) = parse_all(data, kind);
+        for problem in &problems {
+            assert!(problem.line >= 1 && problem.line <= lines, "line {} of {lines}", problem.line);
+        }
+        for row in &rows {
+            assert!(row.line() >= 2 && row.line() <= lines);
+        }
+    }
+});
