@@ -504,7 +504,16 @@ mod tests {
         store.flush().unwrap();
         drop(store);
 
-        let store = Store::open(&dir.path().join("db")).unwrap();
+        // sled's flusher thread lets go of the file lock a moment after the last handle drops.
+        let reopen = || Store::open(&dir.path().join("db"));
+        let store = (0..100)
+            .find_map(|_| {
+                reopen().ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .unwrap_or_else(|| reopen().unwrap());
         assert_eq!(store.current_server_certificate().unwrap().unwrap().serial, "02");
         let serials: Vec<_> = store.issued_certificates().unwrap().into_iter().map(|c| c.serial).collect();
         assert_eq!(serials, ["01", "02"]);
