@@ -392,6 +392,17 @@ impl Enrollment {
         Ok(())
     }
 
+    /// Reads an invite an admin may still resend or remove (pending or expired); an enrolled or removed one is
+    /// refused with the given advice.
+    fn changeable_invite(&self, tx: &Tx<'_>, id: &Id, if_used: &str, if_removed: &str) -> TxResult<Invite> {
+        let invite: Invite = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("invite", id))?;
+        match invite.status {
+            InviteStatus::Pending | InviteStatus::Expired => Ok(invite),
+            InviteStatus::Enrolled => Err(DomainError::conflict("invite_used", if_used).into()),
+            InviteStatus::Removed => Err(DomainError::conflict("invite_removed", if_removed).into()),
+        }
+    }
+
     fn resend_in(
         &self,
         tx: &Tx<'_>,
@@ -400,20 +411,12 @@ impl Enrollment {
         secrets: &Secrets,
         earlier: &[Vec<u8>],
     ) -> TxResult<Invite> {
-        let old: Invite = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("invite", id))?;
-        match old.status {
-            InviteStatus::Pending | InviteStatus::Expired => {}
-            InviteStatus::Enrolled => {
-                return Err(DomainError::conflict(
-                    "invite_used",
-                    "this invite already enrolled a device; use \"enroll additional device\" for another",
-                )
-                .into());
-            }
-            InviteStatus::Removed => {
-                return Err(DomainError::conflict("invite_removed", "this invite was removed; create a new one").into());
-            }
-        }
+        let old = self.changeable_invite(
+            tx,
+            id,
+            "this invite already enrolled a device; use \"enroll additional device\" for another",
+            "this invite was removed; create a new one",
+        )?;
         let user: User = tx.get_id(&old.user_id)?.ok_or_else(|| DomainError::not_found("user", old.user_id))?;
         let now = self.now();
         let mut invite = old.clone();
@@ -457,20 +460,12 @@ impl Enrollment {
     }
 
     fn remove_in(&self, tx: &Tx<'_>, actor: &Actor, id: &Id, earlier: &[Vec<u8>]) -> TxResult<Invite> {
-        let old: Invite = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("invite", id))?;
-        match old.status {
-            InviteStatus::Pending | InviteStatus::Expired => {}
-            InviteStatus::Enrolled => {
-                return Err(DomainError::conflict(
-                    "invite_used",
-                    "this invite already enrolled a device; deprovision the device instead",
-                )
-                .into());
-            }
-            InviteStatus::Removed => {
-                return Err(DomainError::conflict("invite_removed", "this invite was removed already").into());
-            }
-        }
+        let old = self.changeable_invite(
+            tx,
+            id,
+            "this invite already enrolled a device; deprovision the device instead",
+            "this invite was removed already",
+        )?;
         let mut invite = old.clone();
         invite.status = InviteStatus::Removed;
         invite.remarks.push(Remark { at: self.now(), text: format!("Removed by {}", actor.name) });

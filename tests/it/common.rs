@@ -182,15 +182,7 @@ pub async fn get_tls(
     roots: &[CertificateDer<'static>],
     path: &str,
 ) -> Result<Fetched, String> {
-    let mut store = rustls::RootCertStore::empty();
-    for root in roots {
-        store.add(root.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(store)
-        .with_no_client_auth();
+    let config = client_config(roots);
     let stream = TcpStream::connect(addr).await.unwrap();
     let host = match &server_name {
         ServerName::DnsName(name) => name.as_ref().to_owned(),
@@ -208,6 +200,19 @@ pub async fn get_tls(
     Ok(fetched)
 }
 
+/// A TLS client (ring provider) that trusts only `roots`.
+fn client_config(roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth()
+}
+
 /// A JSON API call over TLS to `https://enroll.local` at `addr`, trusting only `ca`.
 pub async fn api(
     addr: SocketAddr,
@@ -217,13 +222,7 @@ pub async fn api(
     bearer: Option<&str>,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let mut store = rustls::RootCertStore::empty();
-    store.add(ca.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(store)
-        .with_no_client_auth();
+    let config = client_config(std::slice::from_ref(ca));
     let stream = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("enroll.local").unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.unwrap();
