@@ -187,95 +187,110 @@ impl Row {
 
 /// Reads rows one at a time, so a file of any length streams through.
 pub struct CsvReader<R: Read> {
-    records: Records<std::io::BufReader<BomSkipping<R>>>,
+    records: RecordReader<std::io::BufReader<BomSkipping<R>>>,
     kind: CsvKind,
     /// For each field position, the column it holds (`None`: an export-only column, ignored).
     columns: Vec<Option<Column>>,
     record: csv::ByteRecord,
-    splitter: FieldSplitter,
 }
 
 /// The longest record accepted (a quote that never closes would otherwise swallow the rest of the file).
 const MAX_RECORD_BYTES: usize = 1 << 20;
 
-/// Splits the input into CSV records by itself, following quotes across line ends, so that each record knows the
-/// true line it starts on. (The `csv` crate's own positions miscount after CRLF and blank lines.)
-struct Records<R: std::io::BufRead> {
+/// Feeds the input straight to one `csv_core` parser (RFC 4180 quoting; LF, CRLF or CR line ends) and counts
+/// the line ends it consumes, so each record knows the true line it starts on. (The `csv` crate's own positions
+/// miscount after CRLF and blank lines.)
+struct RecordReader<R: std::io::BufRead> {
     input: R,
-    /// Physical lines read so far.
-    lines: u64,
-}
-
-impl<R: std::io::BufRead> Records<R> {
-    /// The next record's first line and its bytes (one physical line, or several when a quoted value spans them).
-    fn next(&mut self) -> std::io::Result<Option<(u64, Vec<u8>)>> {
-        let start = self.lines + 1;
-        let mut record = Vec::new();
-        let mut in_quotes = false;
-        loop {
-            let before = record.len();
-            if self.input.read_until(b'\n', &mut record)? == 0 {
-                return Ok((!record.is_empty()).then_some((start, record)));
-            }
-            self.lines += 1;
-            in_quotes ^= record[before..].iter().filter(|b| **b == b'"').count() % 2 == 1;
-            if !in_quotes {
-                return Ok(Some((start, record)));
-            }
-            if record.len() > MAX_RECORD_BYTES {
-                return Err(std::io::Error::other(format!(
-                    "the quoted value that starts on line {start} never ends; check its double quotes"
-                )));
-            }
-        }
-    }
-}
-
-/// Splits records into fields, undoing RFC 4180 quoting. One parser serves the whole file (building one is costly).
-struct FieldSplitter {
     parser: csv_core::Reader,
     output: Vec<u8>,
     ends: Vec<usize>,
+    /// Line ends consumed so far.
+    lines: u64,
+    /// The last byte consumed was a CR (so an LF right after it ends the same line).
+    after_cr: bool,
+    /// The input ended or failed; nothing more is read.
+    done: bool,
 }
 
-impl FieldSplitter {
-    fn new() -> Self {
-        FieldSplitter { parser: csv_core::Reader::new(), output: vec![0; 4096], ends: vec![0; 64] }
+impl<R: std::io::BufRead> RecordReader<R> {
+    fn new(input: R) -> Self {
+        RecordReader {
+            input,
+            parser: csv_core::Reader::new(),
+            output: vec![0; 4096],
+            ends: vec![0; 64],
+            lines: 0,
+            after_cr: false,
+            done: false,
+        }
     }
 
-    /// Fills `out` with the fields of one record's bytes; `false` for a record with nothing in it.
-    fn split(&mut self, bytes: &[u8], out: &mut csv::ByteRecord) -> bool {
+    /// Reads the next record's fields into `out` and returns the line it starts on; `None` at the end. After an
+    /// error the reader stops, so a failing input cannot repeat the same error forever.
+    fn next(&mut self, out: &mut csv::ByteRecord) -> std::io::Result<Option<u64>> {
         use csv_core::ReadRecordResult as Step;
-        self.parser.reset();
-        out.clear();
-        let (mut input, mut written, mut fields) = (bytes, 0, 0);
+        if self.done {
+            return Ok(None);
+        }
+        let (mut written, mut fields, mut start) = (0, 0, None);
         loop {
+            let input = match self.input.fill_buf() {
+                Ok(input) => input,
+                Err(error) => {
+                    self.done = true;
+                    return Err(error);
+                }
+            };
+            let at_end = input.is_empty();
             let (step, read, wrote, ended) =
                 self.parser.read_record(input, &mut self.output[written..], &mut self.ends[fields..]);
-            input = &input[read..];
+            for &byte in &input[..read] {
+                if start.is_none() && byte != b'\r' && byte != b'\n' {
+                    start = Some(self.lines + 1);
+                }
+                match byte {
+                    b'\r' => self.lines += 1,
+                    b'\n' if !self.after_cr => self.lines += 1,
+                    _ => {}
+                }
+                self.after_cr = byte == b'\r';
+            }
+            self.input.consume(read);
             written += wrote;
             fields += ended;
             match step {
-                Step::OutputFull => self.output.resize(self.output.len() * 2, 0),
-                Step::OutputEndsFull => self.ends.resize(self.ends.len() * 2, 0),
-                Step::InputEmpty if input.is_empty() => {
-                    // The last record has no line end: an empty input tells the parser the file is over.
-                    // Field ends count from the record's start across calls, so only the output slice moves.
-                    let (_, _, _, ended) =
-                        self.parser.read_record(&[], &mut self.output[written..], &mut self.ends[fields..]);
-                    fields += ended;
-                    break;
+                Step::OutputFull if self.output.len() < MAX_RECORD_BYTES => {
+                    self.output.resize(self.output.len() * 2, 0)
+                }
+                Step::OutputEndsFull if self.ends.len() < MAX_RECORD_BYTES => self.ends.resize(self.ends.len() * 2, 0),
+                Step::OutputFull | Step::OutputEndsFull => {
+                    self.done = true;
+                    return Err(std::io::Error::other(format!(
+                        "the row that starts on line {} is longer than 1 MiB (a double quote that never closes?); the rest of the file was not read",
+                        start.unwrap_or(self.lines + 1)
+                    )));
+                }
+                Step::InputEmpty if at_end => {
+                    self.done = true;
+                    return Ok(None);
                 }
                 Step::InputEmpty => {}
-                Step::Record | Step::End => break,
+                Step::Record => {
+                    out.clear();
+                    let mut from = 0;
+                    for end in &self.ends[..fields] {
+                        out.push_field(&self.output[from..*end]);
+                        from = *end;
+                    }
+                    return Ok(Some(start.unwrap_or(self.lines)));
+                }
+                Step::End => {
+                    self.done = true;
+                    return Ok(None);
+                }
             }
         }
-        let mut start = 0;
-        for end in &self.ends[..fields] {
-            out.push_field(&self.output[start..*end]);
-            start = *end;
-        }
-        fields > 0
     }
 }
 
@@ -283,20 +298,16 @@ impl<R: Read> CsvReader<R> {
     /// Reads and checks the header row. Problems with it (unknown, missing or repeated columns, not UTF-8) are
     /// all returned at once, on line 1.
     pub fn open(input: R, kind: CsvKind) -> Result<CsvReader<R>, Vec<RowProblem>> {
-        let mut records = Records { input: std::io::BufReader::new(BomSkipping::new(input)), lines: 0 };
+        let mut records = RecordReader::new(std::io::BufReader::new(BomSkipping::new(input)));
         let mut header = csv::ByteRecord::new();
-        let mut splitter = FieldSplitter::new();
         let problem =
             |column: Option<String>, value: String, reason: String| RowProblem { line: 1, column, value, reason };
-        let empty =
-            || vec![problem(None, String::new(), "the file is empty; the first row must name the columns".into())];
-        match records.next() {
-            Ok(Some((_, bytes))) => {
-                if !splitter.split(&bytes, &mut header) {
-                    return Err(empty());
-                }
+        match records.next(&mut header) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let reason = "the file is empty; the first row must name the columns".into();
+                return Err(vec![problem(None, String::new(), reason)]);
             }
-            Ok(None) => return Err(empty()),
             Err(error) => return Err(vec![problem(None, String::new(), format!("the file cannot be read: {error}"))]),
         }
         let mut problems = Vec::new();
@@ -357,7 +368,7 @@ impl<R: Read> CsvReader<R> {
             ));
         }
         if problems.is_empty() {
-            Ok(CsvReader { records, kind, columns, record: csv::ByteRecord::new(), splitter })
+            Ok(CsvReader { records, kind, columns, record: csv::ByteRecord::new() })
         } else {
             Err(problems)
         }
@@ -366,17 +377,15 @@ impl<R: Read> CsvReader<R> {
     /// The next non-blank row: valid, or every problem it has.
     pub fn next_row(&mut self) -> Option<Result<Row, Vec<RowProblem>>> {
         loop {
-            let problem = |line: u64, reason: String| {
-                Some(Err(vec![RowProblem { line, column: None, value: String::new(), reason }]))
-            };
-            let (line, bytes) = match self.records.next() {
-                Ok(Some(record)) => record,
+            let line = match self.records.next(&mut self.record) {
+                Ok(Some(line)) => line,
                 Ok(None) => return None,
-                Err(error) => return problem(self.records.lines + 1, format!("the file cannot be read here: {error}")),
+                Err(error) => {
+                    let line = self.records.lines + 1;
+                    let reason = format!("the file cannot be read here: {error}");
+                    return Some(Err(vec![RowProblem { line, column: None, value: String::new(), reason }]));
+                }
             };
-            if !self.splitter.split(&bytes, &mut self.record) {
-                continue;
-            }
             if self.record.iter().all(|field| field.iter().all(u8::is_ascii_whitespace)) {
                 continue;
             }
@@ -405,6 +414,11 @@ impl<R: Read> CsvReader<R> {
             match std::str::from_utf8(raw) {
                 Ok(text) => {
                     let text = text.trim();
+                    // Undo the export's guard against spreadsheet formulas ('=…).
+                    let text = match text.strip_prefix('\'') {
+                        Some(rest) if rest.starts_with(['=', '+', '-', '@']) => rest,
+                        _ => text,
+                    };
                     if !text.is_empty() {
                         cells[*column as usize] = Some(text.to_owned());
                     }
@@ -578,11 +592,24 @@ impl<R: Read> Read for BomSkipping<R> {
     }
 }
 
-/// Writes CSV with the given header (quoting as RFC 4180 needs, CRLF line ends).
-pub fn writer<W: std::io::Write>(out: W, header: &[&str]) -> csv::Result<csv::Writer<W>> {
+/// Writes CSV with the given header (quoting as RFC 4180 needs, CRLF line ends), starting with a UTF-8 BOM so
+/// spreadsheets read non-ASCII names right.
+pub fn writer<W: std::io::Write>(mut out: W, header: &[&str]) -> csv::Result<csv::Writer<W>> {
+    out.write_all(b"\xEF\xBB\xBF")?;
     let mut writer = csv::WriterBuilder::new().terminator(csv::Terminator::CRLF).from_writer(out);
     writer.write_record(header)?;
     Ok(writer)
+}
+
+/// Makes a cell safe to open in a spreadsheet: text starting with `=`, `+`, `-`, `@`, tab or CR would run as a
+/// formula, so it gets a leading `'` (phone numbers such as `+12025550100` stay as they are). The import takes
+/// the `'` off again.
+pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    let phone = cell.starts_with('+') && cell.len() > 1 && cell[1..].chars().all(|c| c.is_ascii_digit());
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') if !phone => std::borrow::Cow::Owned(format!("'{cell}")),
+        _ => std::borrow::Cow::Borrowed(cell),
+    }
 }
 
 /// Parses a whole file in memory (for tests and the fuzz target): the rows and the problems, in line order.
@@ -708,6 +735,43 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!((problems[0].line, problems[0].column.as_deref()), (3, Some("USER NAME")));
         assert!(problems[0].reason.contains("not UTF-8"), "{}", problems[0].reason);
+    }
+
+    #[test]
+    fn a_quote_inside_an_unquoted_value_loses_no_rows() {
+        let file = b"USER NAME,EMAIL ADDRESS,PLATFORM TYPE\nAnn 5\" tall,ann@example.com,iOS\nBob,bob@example.com,iOS\nCy,cy@example.com,iOS\n";
+        let (rows, problems) = invites(file);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            rows.iter().map(|r| (r.line, r.user_name.as_str())).collect::<Vec<_>>(),
+            [(2, "Ann 5\" tall"), (3, "Bob"), (4, "Cy")]
+        );
+    }
+
+    #[test]
+    fn bare_cr_line_ends_and_blank_lines_before_the_header_keep_true_lines() {
+        let (rows, problems) =
+            invites(b"USER NAME,EMAIL ADDRESS,PLATFORM TYPE\rAnn,ann@example.com,iOS\rBob,bob@,iOS\r");
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].line, problems[0].line), (2, 3));
+        let (rows, problems) = invites(b"\r\n\r\nUSER NAME,EMAIL ADDRESS,PLATFORM TYPE\r\nAnn,ann@example.com,iOS\r\n");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(rows[0].line, 4);
+    }
+
+    #[test]
+    fn a_quote_that_never_closes_stops_the_file_with_its_line() {
+        let mut file =
+            b"USER NAME,EMAIL ADDRESS,PLATFORM TYPE\nAnn,ann@example.com,iOS\n\"Bob,bob@example.com,iOS\n".to_vec();
+        file.extend(std::iter::repeat_n(b'x', 1_100_000));
+        let (rows, problems) = invites(&file);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].reason.contains("starts on line 3") && problems[0].reason.contains("longer than 1 MiB"),
+            "{}",
+            problems[0].reason
+        );
     }
 
     #[test]

@@ -132,18 +132,29 @@ impl Enrollment {
     pub fn imports(&self, cursor: Option<&str>, limit: usize) -> DomainResult<Paged<Import>> {
         let after = decode_cursor(cursor)?;
         let scan = Scan { tree: tree::IMPORTS, prefix: &[], after: after.as_deref(), newest_first: true };
-        Ok(paged(self.store.page(scan, clamp_limit(limit), |_| true)?))
+        let mut page = paged(self.store.page(scan, clamp_limit(limit), |_: &Import| true)?);
+        // The list stays small: each import's problems are in its own record (`rows_rejected` counts them).
+        for import in &mut page.items {
+            import.report.problems.clear();
+        }
+        Ok(page)
     }
 
     fn save_import(&self, import: &Import) -> DomainResult<()> {
         self.transact(|tx| tx.put(None, import))
     }
 
-    /// Ends an import that never got its file (too large, connection lost).
+    /// Ends an import that failed (its file never arrived, or the store refused a write). An all-or-nothing import
+    /// that had begun writing is rolled back first.
     pub fn fail_import(&self, id: &Id, message: &str) -> DomainResult<Import> {
         let mut import = self.import(id)?;
+        let mut message = message.to_owned();
+        if import.mode == ImportMode::All && import.state == ImportState::Importing {
+            self.remove_everything_imported(id)?;
+            message.push_str("; everything it had created was removed again");
+        }
         import.state = ImportState::Failed;
-        import.message = message.to_owned();
+        import.message = message;
         import.finished_at = Some(self.now());
         self.save_import(&import)?;
         if let Ok(path) = self.import_file(id) {
@@ -155,6 +166,7 @@ impl Enrollment {
     /// Runs an import whose file is spooled. `stop` is polled between batches; when it says so, the import stops
     /// where it is and [`Enrollment::recover_imports`] finishes the job at the next start.
     pub fn run_import(&self, actor: &Actor, id: &Id, bytes: u64, stop: &dyn Fn() -> bool) -> DomainResult<Import> {
+        let _one_at_a_time = self.import_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.import_file(id)?;
         let mut import = self.import(id)?;
         import.bytes = bytes;
@@ -189,8 +201,7 @@ impl Enrollment {
                 if problems.iter().any(|p| p.reason.contains("already has a pending")) {
                     import.report.already_pending += 1;
                 }
-                let room = PROBLEMS_KEPT.saturating_sub(import.report.problems.len());
-                import.report.problems.extend(problems.into_iter().take(room));
+                keep_problems(&mut import.report, problems);
             }
             if import.report.rows_read % 5_000 == 0 {
                 import.rows_done = import.report.rows_read;
@@ -407,7 +418,7 @@ impl Enrollment {
         report.staged_created += outcome.staged;
         report.groups_created.extend(outcome.new_groups);
         report.rows_rejected += outcome.refused.len() as u64;
-        report.problems.extend(outcome.refused);
+        keep_problems(report, outcome.refused);
         Ok(())
     }
 
@@ -469,6 +480,10 @@ impl Enrollment {
             if let Some(value) = value
                 && tx.lookup(tree::STAGED_BY_HARDWARE, &hardware_key(kind, value))?.is_some()
             {
+                if import.mode == ImportMode::All {
+                    let message = format!("line {}: {value} was staged while the file was being imported", row.line);
+                    return Err(DomainError::conflict("staged_exists", message).into());
+                }
                 outcome.refused.push(RowProblem {
                     line: row.line,
                     column: None,
@@ -531,12 +546,7 @@ impl Enrollment {
         for import in unfinished.items {
             let (state, message) = match (import.state, import.mode) {
                 (ImportState::Importing, ImportMode::All) => {
-                    // Rare, so a scan for the import's mark beats logging every record it writes.
-                    self.remove_imported::<DeliveryJob>(&import.id, tree::OUTBOX, |j| j.import)?;
-                    self.remove_imported::<Invite>(&import.id, tree::INVITES, |i| i.import)?;
-                    self.remove_imported::<StagedDevice>(&import.id, tree::STAGED, |s| s.import)?;
-                    self.remove_imported::<User>(&import.id, tree::USERS, |u| u.import)?;
-                    self.remove_imported::<Group>(&import.id, tree::GROUPS, |g| g.import)?;
+                    self.remove_everything_imported(&import.id)?;
                     (
                         ImportState::RolledBack,
                         "enrolld stopped during this import, so everything it had created was removed again; upload the file again".to_owned(),
@@ -557,6 +567,16 @@ impl Enrollment {
             recovered.push(self.finish(&Actor::system(), import, state, message)?);
         }
         Ok(recovered)
+    }
+
+    /// Deletes everything an import created. Rare (a crash or failure mid-import), so a scan for the import's mark
+    /// beats logging every record it writes.
+    fn remove_everything_imported(&self, import: &Id) -> DomainResult<()> {
+        self.remove_imported::<DeliveryJob>(import, tree::OUTBOX, |j| j.import)?;
+        self.remove_imported::<Invite>(import, tree::INVITES, |i| i.import)?;
+        self.remove_imported::<StagedDevice>(import, tree::STAGED, |s| s.import)?;
+        self.remove_imported::<User>(import, tree::USERS, |u| u.import)?;
+        self.remove_imported::<Group>(import, tree::GROUPS, |g| g.import)
     }
 
     /// Deletes every record of one kind that `import` created, in batches.
@@ -601,7 +621,7 @@ impl Enrollment {
                         };
                         let remark = view.remarks.last().map(|r| r.text.as_str()).unwrap_or("");
                         writer
-                            .write_record([
+                            .write_record(safe_cells([
                                 view.user_name.as_str(),
                                 view.email.as_str(),
                                 csvfile::platform_text(view.platform),
@@ -613,7 +633,7 @@ impl Enrollment {
                                 &rfc3339(view.requested_at),
                                 &rfc3339(view.expires_at),
                                 remark,
-                            ])
+                            ]))
                             .map_err(io)?;
                     }
                     match page.next_cursor {
@@ -633,7 +653,7 @@ impl Enrollment {
                     };
                     let group = self.group_name(staged.group_id)?;
                     writer
-                        .write_record([
+                        .write_record(safe_cells([
                             staged.serial.as_deref().unwrap_or(""),
                             staged.imei.as_deref().unwrap_or(""),
                             csvfile::platform_text(staged.platform),
@@ -641,7 +661,7 @@ impl Enrollment {
                             user.as_ref().map_or("", |u| u.name.as_str()),
                             staged.email.as_deref().or(user.as_ref().map(|u| u.email.as_str())).unwrap_or(""),
                             group.as_deref().unwrap_or(""),
-                        ])
+                        ]))
                         .map_err(io)?;
                 }
                 writer.flush().map_err(|e| DomainError::invalid("export", e.to_string()))?;
@@ -671,7 +691,7 @@ impl Enrollment {
                     };
                     let group = self.group_name(device.group_id)?;
                     writer
-                        .write_record([
+                        .write_record(safe_cells([
                             device.name.as_deref().unwrap_or(""),
                             device.serial.as_deref().unwrap_or(""),
                             device.imei.as_deref().unwrap_or(""),
@@ -685,7 +705,7 @@ impl Enrollment {
                             device.os_version.as_deref().unwrap_or(""),
                             &rfc3339(device.enrolled_at),
                             &rfc3339(device.last_contact),
-                        ])
+                        ]))
                         .map_err(io)?;
                 }
                 writer.flush().map_err(|e| DomainError::invalid("export", e.to_string()))?;
@@ -708,6 +728,24 @@ struct RowChecks {
     invites: HashMap<(String, Platform), u64>,
     staged: HashMap<Vec<u8>, u64>,
     pending: HashMap<String, Vec<(Platform, time::OffsetDateTime)>>,
+}
+
+/// Adds problems to a report, at most [`PROBLEMS_KEPT`] of them, each value and reason cut to a readable length.
+fn keep_problems(report: &mut ImportReport, problems: Vec<RowProblem>) {
+    let cut = |text: String, max: usize| {
+        if text.chars().count() > max { text.chars().take(max).collect::<String>() + "…" } else { text }
+    };
+    let room = PROBLEMS_KEPT.saturating_sub(report.problems.len());
+    report.problems.extend(problems.into_iter().take(room).map(|p| RowProblem {
+        value: cut(p.value, 200),
+        reason: cut(p.reason, 400),
+        ..p
+    }));
+}
+
+/// Export cells, each made safe to open in a spreadsheet.
+fn safe_cells<'a>(cells: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    cells.into_iter().map(|cell| csvfile::spreadsheet_safe(cell).into_owned()).collect()
 }
 
 fn header(columns: &[Column]) -> Vec<&'static str> {
@@ -930,10 +968,30 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_all_or_nothing_import_is_rolled_back_and_long_problems_are_cut() {
+        let f = fixture();
+        let import = f.run(ImportKind::Invites, ImportMode::All, big_file(1_200).as_bytes(), &|| true);
+        assert_eq!(f.counts().0, 500);
+        let failed = f.d.fail_import(&import.id, "the store refused a write").unwrap();
+        assert_eq!(failed.state, ImportState::Failed);
+        assert!(failed.message.ends_with("everything it had created was removed again"), "{}", failed.message);
+        assert_eq!(f.counts(), (0, 0, 0));
+
+        let long = "x".repeat(5_000);
+        let file = format!("{HEADER}Ann,{long},,,iOS,\n");
+        let rejected = f.invites(ImportMode::All, &file);
+        let problem = &rejected.report.problems[0];
+        assert!(problem.value.chars().count() <= 201 && problem.reason.chars().count() <= 401);
+        let listed = f.d.imports(None, 10).unwrap();
+        assert!(listed.items.iter().all(|i| i.report.problems.is_empty()), "the list leaves problems out");
+        assert_eq!(f.d.import(&rejected.id).unwrap().report.problems.len(), 1, "the import itself keeps them");
+    }
+
+    #[test]
     fn exported_invites_read_back_as_the_same_rows() {
         let f = fixture();
         let file = format!(
-            "{HEADER}\"Lee, Ann \"\"Annie\"\"\",ann@example.com,Personal,Sales,iOS,+44 20 7946 0958\nBob,bob@example.com,,,Neutral,\n"
+            "{HEADER}\"Lee, Ann \"\"Annie\"\"\",ann@example.com,Personal,Sales,iOS,+44 20 7946 0958\nBob,bob@example.com,,,Neutral,\n=SUM(A1),sum@example.com,,@ops,Android,\n"
         );
         assert_eq!(f.invites(ImportMode::All, &file).state, ImportState::Done);
         let query = InviteQuery { status: Some(InviteStatus::Pending), ..Default::default() };
@@ -953,10 +1011,16 @@ mod tests {
             keys
         };
         assert_eq!(key(read_back), key(original));
+        let text = String::from_utf8(exported.clone()).unwrap();
+        assert!(text.contains("'=SUM(A1)") && text.contains("'@ops"), "formulas are defused for spreadsheets:\n{text}");
+        assert!(text.contains(",+442079460958,"), "phone numbers are left alone");
         let again = f.run(ImportKind::Invites, ImportMode::All, &exported, &|| false);
-        assert_eq!(again.report.already_pending, 2, "the export uploaded again doubles nothing");
+        assert_eq!(again.report.already_pending, 3, "the export uploaded again doubles nothing");
 
         let staged = f.d.export_csv(ExportList::Staged, &query).unwrap();
-        assert!(String::from_utf8(staged).unwrap().starts_with("SERIAL NUMBER,IMEI,PLATFORM TYPE"));
+        assert!(
+            String::from_utf8(staged).unwrap().starts_with("\u{feff}SERIAL NUMBER,IMEI,PLATFORM TYPE"),
+            "BOM first"
+        );
     }
 }

@@ -114,6 +114,8 @@ pub struct Enrollment {
     ids: Arc<IdSequence>,
     /// Where CSV uploads wait while they are imported.
     spool_dir: Option<Arc<std::path::PathBuf>>,
+    /// Imports run one at a time, so a file submitted twice at once is checked against the first's invites.
+    import_lock: Arc<std::sync::Mutex<()>>,
 }
 
 /// One page of results for the API: the items and an opaque cursor for the next page.
@@ -144,7 +146,15 @@ impl Enrollment {
         passcode_key: &[u8; 32],
     ) -> DomainResult<Enrollment> {
         let passcode_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, passcode_key));
-        Ok(Enrollment { store, clock, policy, passcode_key, ids: Arc::default(), spool_dir: None })
+        Ok(Enrollment {
+            store,
+            clock,
+            policy,
+            passcode_key,
+            ids: Arc::default(),
+            spool_dir: None,
+            import_lock: Arc::default(),
+        })
     }
 
     pub fn store(&self) -> &Store {

@@ -20,6 +20,24 @@ use crate::domain::{ExportList, ImportRequest, InviteQuery, Paged};
 use crate::http::{AppState, HttpError};
 use crate::model::{Id, Import, ImportKind, ImportMode};
 
+/// The longest `wait=true` holds the request (the default request timeout is 30 s).
+const WAIT_AT_MOST: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Fails the import if the upload handler is dropped before the file is stored.
+struct UploadGuard {
+    domain: crate::domain::Enrollment,
+    id: Id,
+    armed: bool,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.domain.fail_import(&self.id, "the upload was cut off before the whole file arrived");
+        }
+    }
+}
+
 /// How to import an upload.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -71,6 +89,9 @@ pub async fn upload(
     let domain = state.enrollment.clone();
     let path = blocking(move || domain.import_file(&id)).await?;
 
+    // If the request ends before the file is stored (the client goes, the request times out), the import is
+    // marked failed and its partial file deleted rather than left "waiting for the file".
+    let mut guard = UploadGuard { domain: state.enrollment.clone(), id, armed: true };
     let mut written: u64 = 0;
     let spooled: Result<(), HttpError> = async {
         let io =
@@ -99,6 +120,7 @@ pub async fn upload(
         file.sync_all().await.map_err(io)
     }
     .await;
+    guard.armed = false;
     if let Err(error) = spooled {
         let domain = state.enrollment.clone();
         let message = error.message.clone();
@@ -110,7 +132,10 @@ pub async fn upload(
     let stop = state.shutdown.clone();
     let actor = admin.actor.clone();
     let job = state.jobs.spawn_blocking(move || {
-        let result = domain.run_import(&actor, &id, written, &|| stop.is_cancelled());
+        let run = std::panic::AssertUnwindSafe(|| domain.run_import(&actor, &id, written, &|| stop.is_cancelled()));
+        let result = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+            Err(crate::domain::DomainError::invalid("file", "the import stopped unexpectedly; see the log"))
+        });
         if let Err(error) = &result {
             tracing::error!(import = %id, %error, "import failed");
             let _ = domain.fail_import(&id, &format!("the import failed: {error}"));
@@ -118,10 +143,15 @@ pub async fn upload(
         result
     });
     if query.wait {
-        let finished = job.await.map_err(|_| {
-            HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the import stopped unexpectedly")
-        })??;
-        return Ok((StatusCode::OK, Json(finished)));
+        // Held at most this long, inside the request timeout; a longer import answers 202 and goes on.
+        if let Ok(joined) = tokio::time::timeout(WAIT_AT_MOST, job).await {
+            let finished = joined.map_err(|_| {
+                HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the import stopped unexpectedly")
+            })??;
+            return Ok((StatusCode::OK, Json(finished)));
+        }
+        let domain = state.enrollment.clone();
+        return Ok((StatusCode::ACCEPTED, Json(blocking(move || domain.import(&id)).await?)));
     }
     Ok((StatusCode::ACCEPTED, Json(import)))
 }

@@ -361,9 +361,9 @@ async fn csv_uploads_run_as_jobs_with_a_report_and_lists_export_as_csv() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers[header::CONTENT_TYPE], "text/csv; charset=utf-8");
     assert!(headers[header::CONTENT_DISPOSITION].to_str().unwrap().contains("enrolld-invites-pending.csv"));
-    assert!(
-        csv.starts_with("USER NAME,EMAIL ADDRESS,PLATFORM TYPE,OWNED BY,DOMAIN NAME,GROUP NAME,PHONE NUMBER,STATUS")
-    );
+    assert!(csv.starts_with(
+        "\u{feff}USER NAME,EMAIL ADDRESS,PLATFORM TYPE,OWNED BY,DOMAIN NAME,GROUP NAME,PHONE NUMBER,STATUS"
+    ));
     assert!(csv.contains("Ann,ann@example.com,iOS,Corporate,,Sales,,pending"), "{csv}");
     for path in ["/api/v1/staged/export", "/api/v1/devices/export", "/api/v1/imports/sample?kind=staged"] {
         let (status, _, body) = text(&router, &token, path).await;
