@@ -6,7 +6,8 @@ use enrolld::csvfile::{CsvKind, parse_all};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let lines = data.iter().filter(|b| **b == b'\n').count() as u64 + 1;
+    // Line ends as the reader counts them: LF, CR, or CRLF as one.
+    let lines = data.iter().enumerate().filter(|&(i, b)| *b == b'\r' || (*b == b'\n' && (i == 0 || data[i - 1] != b'\r'))).count() as u64 + 1;
     for kind in [CsvKind::Invites, CsvKind::Staged] {
         let (rows, problems) = parse_all(data, kind);
         for problem in &problems {
