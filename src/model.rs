@@ -358,7 +358,8 @@ pub struct DeliveryJob {
     pub created_at: OffsetDateTime,
     pub link_token: Option<String>,
     pub passcode: Option<String>,
-    /// The CSV import that made this job; the mail worker holds it until that import is done.
+    /// The CSV import that made this job, so that delivery can wait until that import is done (a rolled-back
+    /// import's messages must never go out).
     #[serde(default)]
     pub import: Option<Id>,
 }

@@ -5,8 +5,9 @@
 //! already exist. The second pass applies the valid rows in batches.
 //! - **Batches.** Each batch is one transaction holding its users, groups, invites with their delivery jobs, and
 //!   the import's progress, so no invite ever exists without its delivery job.
-//! - **Default mode (`all`).** A file with any invalid row imports nothing. Every record the import creates is
-//!   noted in an undo log, so an import cut short by a crash or shutdown is rolled back at the next start.
+//! - **Default mode (`all`).** A file with any invalid row imports nothing. Every record the import creates
+//!   carries its id, so an import cut short by a crash, a shutdown or a failure is removed whole (at once, or at
+//!   the next start).
 //! - **`valid_only`.** An interrupted import keeps what it did and records the last line imported.
 
 use std::collections::{HashMap, HashSet};
