@@ -247,8 +247,7 @@ impl Auth {
     }
 
     fn all_sessions(&self) -> DomainResult<Vec<Session>> {
-        let scan = Scan { tree: tree::SESSIONS, prefix: &[], after: None, newest_first: false };
-        Ok(self.domain.store().page::<Session>(scan, usize::MAX, |_| true)?.items)
+        Ok(self.domain.store().all(|_| true)?)
     }
 
     /// Revokes the session with the listed id.
@@ -263,9 +262,7 @@ impl Auth {
     }
 
     pub fn admins(&self) -> DomainResult<Vec<AdminView>> {
-        let scan = Scan { tree: tree::ADMINS, prefix: &[], after: None, newest_first: false };
-        let page = self.domain.store().page::<Admin>(scan, usize::MAX, |_| true)?;
-        Ok(page.items.into_iter().map(admin_view).collect())
+        Ok(self.domain.store().all::<Admin>(|_| true)?.into_iter().map(admin_view).collect())
     }
 
     pub fn create_admin(&self, actor: &Actor, username: &str, password: &str) -> Result<AdminView, AuthError> {

@@ -95,8 +95,16 @@ impl Enrollment {
                 )
                 .into());
             }
-            let existing = find_device(tx, &[("hwid", &hardware_id), ("serial", &serial), ("imei", &imei)])?;
-            let staged = find_staged(tx, &[("serial", &serial), ("imei", &imei)])?;
+            let existing = find_by_hardware::<Device>(
+                tx,
+                tree::DEVICES_BY_HARDWARE,
+                &[("hwid", &hardware_id), ("serial", &serial), ("imei", &imei)],
+            )?;
+            let staged = find_by_hardware::<StagedDevice>(
+                tx,
+                tree::STAGED_BY_HARDWARE,
+                &[("serial", &serial), ("imei", &imei)],
+            )?;
             // Read inside the transaction: a user deleted meanwhile leaves the device without one.
             let invited = tx.get_id::<User, _>(&old_invite.user_id)?.map(|u| u.id);
             let (mut user_id, mut group_id) = (invited, old_invite.group_id);
@@ -359,7 +367,8 @@ impl Enrollment {
             if let Some(group) = &staged.group_id {
                 tx.get_id::<Group, _>(group)?.ok_or_else(|| DomainError::not_found("group", group))?;
             }
-            if find_staged(tx, &[("serial", &staged.serial), ("imei", &staged.imei)])?.is_some() {
+            let ids = [("serial", &staged.serial), ("imei", &staged.imei)];
+            if find_by_hardware::<StagedDevice>(tx, tree::STAGED_BY_HARDWARE, &ids)?.is_some() {
                 return Err(DomainError::conflict(
                     "staged_exists",
                     "a staged device with this serial number or IMEI exists already",
@@ -467,15 +476,17 @@ impl Enrollment {
     }
 }
 
-fn find_device(
+/// The record a hardware index (devices' or staged devices') holds for the first of `keys` it knows.
+fn find_by_hardware<R: crate::store::Record>(
     tx: &Tx<'_>,
+    index: usize,
     keys: &[(&str, &Option<String>)],
-) -> Result<Option<Device>, crate::store::TxError<DomainError>> {
+) -> Result<Option<R>, crate::store::TxError<DomainError>> {
     for (kind, value) in keys {
         if let Some(value) = value
-            && let Some(key) = tx.lookup(tree::DEVICES_BY_HARDWARE, &hardware_key(kind, value))?
+            && let Some(key) = tx.lookup(index, &hardware_key(kind, value))?
         {
-            return tx.get::<Device, _>(&key);
+            return tx.get::<R, _>(&key);
         }
     }
     Ok(None)
@@ -503,20 +514,6 @@ fn claim_identifiers(tx: &Tx<'_>, device: &Device) -> Result<(), crate::store::T
         }
     }
     Ok(())
-}
-
-fn find_staged(
-    tx: &Tx<'_>,
-    keys: &[(&str, &Option<String>)],
-) -> Result<Option<StagedDevice>, crate::store::TxError<DomainError>> {
-    for (kind, value) in keys {
-        if let Some(value) = value
-            && let Some(key) = tx.lookup(tree::STAGED_BY_HARDWARE, &hardware_key(kind, value))?
-        {
-            return tx.get::<StagedDevice, _>(&key);
-        }
-    }
-    Ok(None)
 }
 
 #[cfg(test)]

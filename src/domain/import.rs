@@ -539,12 +539,11 @@ impl Enrollment {
     /// At start-up, finishes imports a crash or shutdown cut short: an all-or-nothing import is rolled back, a
     /// valid-only one keeps what it did and says up to which line.
     pub fn recover_imports(&self) -> DomainResult<Vec<Import>> {
-        let scan = Scan { tree: tree::IMPORTS, prefix: &[], after: None, newest_first: false };
-        let unfinished = self.store.page::<Import>(scan, usize::MAX, |i| {
+        let unfinished = self.store.all::<Import>(|i| {
             matches!(i.state, ImportState::Queued | ImportState::Validating | ImportState::Importing)
         })?;
         let mut recovered = Vec::new();
-        for import in unfinished.items {
+        for import in unfinished {
             let (state, message) = match (import.state, import.mode) {
                 (ImportState::Importing, ImportMode::All) => {
                     self.remove_everything_imported(&import.id)?;
@@ -573,22 +572,20 @@ impl Enrollment {
     /// Deletes everything an import created. Rare (a crash or failure mid-import), so a scan for the import's mark
     /// beats logging every record it writes.
     fn remove_everything_imported(&self, import: &Id) -> DomainResult<()> {
-        self.remove_imported::<DeliveryJob>(import, tree::OUTBOX, |j| j.import)?;
-        self.remove_imported::<Invite>(import, tree::INVITES, |i| i.import)?;
-        self.remove_imported::<StagedDevice>(import, tree::STAGED, |s| s.import)?;
-        self.remove_imported::<User>(import, tree::USERS, |u| u.import)?;
-        self.remove_imported::<Group>(import, tree::GROUPS, |g| g.import)
+        self.remove_imported::<DeliveryJob>(import, |j| j.import)?;
+        self.remove_imported::<Invite>(import, |i| i.import)?;
+        self.remove_imported::<StagedDevice>(import, |s| s.import)?;
+        self.remove_imported::<User>(import, |u| u.import)?;
+        self.remove_imported::<Group>(import, |g| g.import)
     }
 
     /// Deletes every record of one kind that `import` created, in batches.
     fn remove_imported<R: crate::store::Record>(
         &self,
         import: &Id,
-        tree_index: usize,
         made_by: impl Fn(&R) -> Option<Id>,
     ) -> DomainResult<()> {
-        let scan = Scan { tree: tree_index, prefix: &[], after: None, newest_first: false };
-        let doomed = self.store.page::<R>(scan, usize::MAX, |record| made_by(record) == Some(*import))?.items;
+        let doomed = self.store.all::<R>(|record| made_by(record) == Some(*import))?;
         for chunk in doomed.chunks(BATCH_ROWS) {
             self.transact(|tx| {
                 for record in chunk {
@@ -646,12 +643,8 @@ impl Enrollment {
             }
             ExportList::Staged => {
                 let mut writer = csvfile::writer(&mut out, &header(CsvKind::Staged.columns())).map_err(io)?;
-                let scan = Scan { tree: tree::STAGED, prefix: &[], after: None, newest_first: false };
-                for staged in self.store.page::<StagedDevice>(scan, usize::MAX, |_| true)?.items {
-                    let user = match staged.user_id {
-                        Some(id) => self.store.get::<User>(id.as_bytes())?,
-                        None => None,
-                    };
+                for staged in self.store.all::<StagedDevice>(|_| true)? {
+                    let user = self.user_of(staged.user_id)?;
                     let group = self.group_name(staged.group_id)?;
                     writer
                         .write_record(safe_cells([
@@ -686,10 +679,7 @@ impl Enrollment {
                 let mut writer = csvfile::writer(&mut out, &columns).map_err(io)?;
                 let scan = Scan { tree: tree::DEVICES_BY_TIME, prefix: &[], after: None, newest_first: true };
                 for device in self.store.page::<Device>(scan, usize::MAX, |_| true)?.items {
-                    let user = match device.user_id {
-                        Some(id) => self.store.get::<User>(id.as_bytes())?,
-                        None => None,
-                    };
+                    let user = self.user_of(device.user_id)?;
                     let group = self.group_name(device.group_id)?;
                     writer
                         .write_record(safe_cells([
@@ -713,6 +703,13 @@ impl Enrollment {
             }
         }
         Ok(out)
+    }
+
+    fn user_of(&self, id: Option<Id>) -> DomainResult<Option<User>> {
+        Ok(match id {
+            Some(id) => self.store.get::<User>(id.as_bytes())?,
+            None => None,
+        })
     }
 
     fn group_name(&self, id: Option<Id>) -> DomainResult<Option<String>> {

@@ -326,13 +326,14 @@ impl Store {
 
     /// Every certificate the appliance's CA issued, in serial order.
     pub fn issued_certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
-        self.trees[tree::CERTIFICATES]
-            .iter()
-            .map(|entry| {
-                let (key, bytes) = entry?;
-                decode(tree::CERTIFICATES, &key, &bytes)
-            })
-            .collect()
+        self.all(|_| true)
+    }
+
+    /// Every record of one kind that `keep` accepts, in key order (a whole-tree scan, for small trees and rare
+    /// work such as recovery).
+    pub fn all<R: Record>(&self, keep: impl FnMut(&R) -> bool) -> Result<Vec<R>, StoreError> {
+        let scan = Scan { tree: R::TREE, prefix: &[], after: None, newest_first: false };
+        Ok(self.page(scan, usize::MAX, keep)?.items)
     }
 }
 
