@@ -606,8 +606,9 @@ impl Enrollment {
                 let mut writer = csvfile::writer(&mut out, &header(CsvKind::Invites.columns())).map_err(io)?;
                 let mut users: HashMap<Id, Option<User>> = HashMap::new();
                 let mut query = super::InviteQuery { limit: Some(500), cursor: None, ..query.clone() };
+                self.sweep_expired()?;
                 loop {
-                    let page = self.invites(&query)?;
+                    let page = self.invites_as_stored(&query)?;
                     for view in &page.items {
                         let user = match users.get(&view.user_id) {
                             Some(user) => user.clone(),

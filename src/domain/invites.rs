@@ -533,8 +533,9 @@ impl Enrollment {
             (None, Some(filter)) => {
                 let mut ids = Vec::new();
                 let mut query = InviteQuery { cursor: None, limit: Some(500), ..filter.clone() };
+                self.sweep_expired()?;
                 loop {
-                    let page = self.invites(&query)?;
+                    let page = self.invites_as_stored(&query)?;
                     ids.extend(page.items.iter().map(|view| view.id));
                     match page.next_cursor {
                         Some(cursor) => query.cursor = Some(cursor),
@@ -550,6 +551,12 @@ impl Enrollment {
     /// Lists invites with filters, newest (or oldest) requested first.
     pub fn invites(&self, query: &InviteQuery) -> DomainResult<Paged<InviteView>> {
         self.sweep_expired()?;
+        self.invites_as_stored(query)
+    }
+
+    /// One page of invites without sweeping expired ones first: for callers that page through a whole listing
+    /// and sweep once before it.
+    pub(crate) fn invites_as_stored(&self, query: &InviteQuery) -> DomainResult<Paged<InviteView>> {
         let after = decode_cursor(query.cursor.as_deref())?;
         let newest_first = match query.order.as_deref() {
             None | Some("newest") => true,
