@@ -50,6 +50,74 @@ pub struct Config {
     pub invite_validity: Duration,
     /// How long an admin session or token lasts.
     pub session_ttl: Duration,
+    /// How invites and other messages are sent.
+    pub mail: MailConfig,
+}
+
+/// How enrolld sends mail: the office's SMTP relay and the outbox's pace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailConfig {
+    /// The organisation's name as invites show it.
+    pub organisation: String,
+    /// The base of enrollment links as set, such as `https://enroll.example.com`; see [`Config::public_url`].
+    pub public_url: Option<String>,
+    /// The relay; `None` until `smtp_host` is set (messages wait in the outbox meanwhile).
+    pub smtp: Option<SmtpConfig>,
+    /// Connections (and so messages in flight) to the relay at once.
+    pub max_connections: usize,
+    /// Messages a second at most, so a long queue does not flood the relay.
+    pub max_per_second: u32,
+    /// The wait after a first temporary failure; it doubles with each further one, up to an hour.
+    pub retry_first: Duration,
+    /// How long after it was queued a message is given up.
+    pub retry_horizon: Duration,
+}
+
+/// The office's SMTP relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// The sender address, such as `it@example.com`.
+    pub from_address: String,
+    pub from_name: String,
+    pub reply_to: Option<String>,
+    /// The name enrolld gives in EHLO.
+    pub helo_name: String,
+    /// An extra CA (PEM) to trust for the relay's certificate, besides the public roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How the connection to the relay is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// Plain SMTP (port 25 on a trusted LAN).
+    None,
+    /// STARTTLS, required (port 587).
+    StartTls,
+    /// TLS from the first byte, "SMTPS" (port 465).
+    Tls,
+}
+
+impl SmtpSecurity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SmtpSecurity::None => "none",
+            SmtpSecurity::StartTls => "starttls",
+            SmtpSecurity::Tls => "tls",
+        }
+    }
+    /// The usual port for this kind of connection.
+    pub fn default_port(self) -> u16 {
+        match self {
+            SmtpSecurity::None => 25,
+            SmtpSecurity::StartTls => 587,
+            SmtpSecurity::Tls => 465,
+        }
+    }
 }
 
 /// A name a certificate is issued for.
@@ -81,6 +149,16 @@ impl Config {
     /// The `.local` name the box announces over mDNS.
     pub fn mdns_name(&self) -> String {
         format!("{}.local", self.hostname)
+    }
+
+    /// The base of enrollment links: `public_url` if set, else the `.local` name with the HTTPS port the daemon
+    /// actually listens on (left out when it is 443).
+    pub fn public_url(&self, https_port: Option<u16>) -> String {
+        match (&self.mail.public_url, https_port) {
+            (Some(url), _) => url.clone(),
+            (None, Some(443) | None) => format!("https://{}", self.mdns_name()),
+            (None, Some(port)) => format!("https://{}:{port}", self.mdns_name()),
+        }
     }
 }
 
@@ -193,6 +271,23 @@ const KEYS: &[Key] = &[
     Key { name: "admin_password_file", kind: Kind::Text, flag: "--admin-password-file" },
     Key { name: "invite_validity_days", kind: Kind::Integer, flag: "" },
     Key { name: "session_ttl_hours", kind: Kind::Integer, flag: "" },
+    Key { name: "organisation", kind: Kind::Text, flag: "" },
+    Key { name: "public_url", kind: Kind::Text, flag: "" },
+    Key { name: "smtp_host", kind: Kind::Text, flag: "" },
+    Key { name: "smtp_port", kind: Kind::Integer, flag: "" },
+    Key { name: "smtp_security", kind: Kind::Text, flag: "" },
+    Key { name: "smtp_username", kind: Kind::Text, flag: "" },
+    Key { name: "smtp_password", kind: Kind::Text, flag: "" },
+    Key { name: "smtp_password_file", kind: Kind::Text, flag: "" },
+    Key { name: "smtp_ca_file", kind: Kind::Text, flag: "" },
+    Key { name: "smtp_helo_name", kind: Kind::Text, flag: "" },
+    Key { name: "mail_from", kind: Kind::Text, flag: "" },
+    Key { name: "mail_from_name", kind: Kind::Text, flag: "" },
+    Key { name: "mail_reply_to", kind: Kind::Text, flag: "" },
+    Key { name: "mail_max_connections", kind: Kind::Integer, flag: "" },
+    Key { name: "mail_max_per_second", kind: Kind::Integer, flag: "" },
+    Key { name: "mail_retry_first_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "mail_retry_hours", kind: Kind::Integer, flag: "" },
 ];
 
 /// Environment variables that are not configuration keys but are still ours.
@@ -378,6 +473,36 @@ impl Layers {
                 }
                 "invite_validity_days" => (config.invite_validity.as_secs() / 86_400).to_string(),
                 "session_ttl_hours" => (config.session_ttl.as_secs() / 3_600).to_string(),
+                "organisation" => config.mail.organisation.clone(),
+                "public_url" => config.public_url(config.https_listen.map(|a| a.port())),
+                "mail_max_connections" => config.mail.max_connections.to_string(),
+                "mail_max_per_second" => config.mail.max_per_second.to_string(),
+                "mail_retry_first_secs" => config.mail.retry_first.as_secs().to_string(),
+                "mail_retry_hours" => (config.mail.retry_horizon.as_secs() / 3_600).to_string(),
+                smtp_key if smtp_key.starts_with("smtp_") || smtp_key.starts_with("mail_") => {
+                    let Some(smtp) = &config.mail.smtp else { return "(not set: mail waits in the outbox)".to_owned() };
+                    match smtp_key {
+                        "smtp_host" => smtp.host.clone(),
+                        "smtp_port" => smtp.port.to_string(),
+                        "smtp_security" => smtp.security.as_str().to_owned(),
+                        "smtp_username" => smtp.username.clone().unwrap_or_else(|| "(none)".into()),
+                        "smtp_password" | "smtp_password_file" => {
+                            if smtp.password.is_some() {
+                                "(set)".into()
+                            } else {
+                                "(not set)".into()
+                            }
+                        }
+                        "smtp_ca_file" => {
+                            smtp.ca_file.as_ref().map_or("(public roots only)".into(), |p| p.display().to_string())
+                        }
+                        "smtp_helo_name" => smtp.helo_name.clone(),
+                        "mail_from" => smtp.from_address.clone(),
+                        "mail_from_name" => smtp.from_name.clone(),
+                        "mail_reply_to" => smtp.reply_to.clone().unwrap_or_else(|| "(none)".into()),
+                        _ => String::new(),
+                    }
+                }
                 _ => String::new(),
             }
         };
@@ -481,6 +606,8 @@ impl Layers {
             });
         }
 
+        let mail = self.mail(&hostname)?;
+
         Ok(Config {
             state_dir,
             hostname,
@@ -502,6 +629,117 @@ impl Layers {
             admin_password,
             invite_validity: Duration::from_secs(self.integer("invite_validity_days", 7, 1..=90)? * 86_400),
             session_ttl: Duration::from_secs(self.integer("session_ttl_hours", 12, 1..=720)? * 3_600),
+            mail,
+        })
+    }
+
+    fn mail(&self, hostname: &str) -> Result<MailConfig, ConfigError> {
+        let public_url = match self.text("public_url") {
+            None => None,
+            Some(url) => Some({
+                let url = url.trim().trim_end_matches('/');
+                let rest = url.strip_prefix("https://").ok_or_else(|| {
+                    self.invalid("public_url", "it must start with https:// (devices only enroll over HTTPS)")
+                })?;
+                if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+                    return Err(
+                        self.invalid("public_url", "give the scheme and host only, such as https://enroll.example.com")
+                    );
+                }
+                url.to_owned()
+            }),
+        };
+        let smtp = match self.text("smtp_host").map(str::trim).filter(|h| !h.is_empty()) {
+            None => None,
+            Some(host) => Some(self.smtp(host, hostname)?),
+        };
+        Ok(MailConfig {
+            organisation: self.text("organisation").unwrap_or("").trim().to_owned(),
+            public_url,
+            smtp,
+            max_connections: usize::try_from(self.integer("mail_max_connections", 4, 1..=64)?).unwrap_or(4),
+            max_per_second: u32::try_from(self.integer("mail_max_per_second", 20, 1..=10_000)?).unwrap_or(20),
+            retry_first: Duration::from_secs(self.integer("mail_retry_first_secs", 60, 1..=3_600)?),
+            retry_horizon: Duration::from_secs(self.integer("mail_retry_hours", 48, 1..=720)? * 3_600),
+        })
+    }
+
+    fn smtp(&self, host: &str, hostname: &str) -> Result<SmtpConfig, ConfigError> {
+        let security = match self.text("smtp_security").map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("starttls") => SmtpSecurity::StartTls,
+            Some("tls") => SmtpSecurity::Tls,
+            Some("none") => SmtpSecurity::None,
+            Some(_) => {
+                return Err(self.invalid(
+                    "smtp_security",
+                    "use starttls (port 587), tls (port 465) or none (port 25, only on a network you trust)",
+                ));
+            }
+        };
+        let port = match self.integer("smtp_port", 0, 0..=65_535)? {
+            0 => security.default_port(),
+            port => u16::try_from(port).unwrap_or(security.default_port()),
+        };
+        let password = match (self.text("smtp_password"), self.text("smtp_password_file")) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "smtp_password and smtp_password_file are both set; keep one".into(),
+                ));
+            }
+            (Some(password), None) => Some(password.to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|error| {
+                        self.invalid(
+                            "smtp_password_file",
+                            &format!("cannot read it ({error}); check the path and permissions"),
+                        )
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let username = self.text("smtp_username").map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned);
+        if password.is_some() && username.is_none() {
+            return Err(ConfigError::Conflict(
+                "an SMTP password is set but smtp_username is not; set both or neither".into(),
+            ));
+        }
+        let from_address =
+            self.text("mail_from").map_or_else(|| format!("enrolld@{hostname}.local"), |f| f.trim().to_owned());
+        if from_address.parse::<lettre::Address>().is_err() {
+            return Err(self.invalid(
+                "mail_from",
+                "it is not an email address; give one the relay accepts as sender, such as it@example.com",
+            ));
+        }
+        let reply_to = self.text("mail_reply_to").map(str::trim).filter(|r| !r.is_empty()).map(str::to_owned);
+        if reply_to.as_deref().is_some_and(|r| r.parse::<lettre::Address>().is_err()) {
+            return Err(self.invalid("mail_reply_to", "it is not an email address"));
+        }
+        let ca_file = self.text("smtp_ca_file").map(PathBuf::from);
+        if let Some(path) = &ca_file
+            && let Err(error) = std::fs::read(path)
+        {
+            return Err(self.invalid(
+                "smtp_ca_file",
+                &format!("cannot read it ({error}); give a PEM file of the CA that signed the relay's certificate"),
+            ));
+        }
+        Ok(SmtpConfig {
+            host: host.to_owned(),
+            port,
+            security,
+            username,
+            password,
+            from_address,
+            from_name: self
+                .text("mail_from_name")
+                .map_or_else(|| "Device enrollment".to_owned(), |n| n.trim().to_owned()),
+            reply_to,
+            helo_name: self.text("smtp_helo_name").map_or_else(|| format!("{hostname}.local"), |h| h.trim().to_owned()),
+            ca_file,
         })
     }
 

@@ -14,9 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::addrs::{AddressSource, SystemAddresses};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::domain::RetryPolicy;
 use crate::domain::auth::{Auth, AuthError};
 use crate::domain::{DomainError, Enrollment, Policy};
 use crate::http::{self, AppState, Limits};
+use crate::mail::outbox::OutboxSettings;
+use crate::mail::templates::Templates;
+use crate::mail::{self, MailError, Relay};
 use crate::mdns::{Announcement, Announcer};
 use crate::pki::{CertificateAuthority, PkiError};
 use crate::state_dir::{StateDir, StateDirError};
@@ -40,6 +44,8 @@ pub enum DaemonError {
     Domain(#[from] DomainError),
     #[error("creating the first admin from the configuration: {0}")]
     Admin(#[from] AuthError),
+    #[error(transparent)]
+    Mail(#[from] MailError),
     #[error(
         "the system clock says {now}, before this build of enrolld existed; set the time (NTP, or `date -s`) and start again, or certificates issued now would be rejected"
     )]
@@ -229,7 +235,17 @@ pub async fn run(
         None => None,
     };
     tasks.spawn("tls-keeper", keeper.run(config.cert_check_interval, token.clone()));
-    tasks.spawn("invite-sweeper", sweep_invites(enrollment, token.clone()));
+    tasks.spawn("invite-sweeper", sweep_invites(enrollment.clone(), token.clone()));
+    let outbox = OutboxSettings {
+        relay: config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?,
+        templates: Arc::new(Templates::defaults()),
+        organisation: config.mail.organisation.clone(),
+        public_url: config.public_url(https_addr.map(|a| a.port())),
+        max_connections: config.mail.max_connections,
+        max_per_second: config.mail.max_per_second,
+        retry: RetryPolicy { first: config.mail.retry_first, horizon: config.mail.retry_horizon },
+    };
+    tasks.spawn("outbox", mail::outbox::run(enrollment, outbox, token.clone()));
 
     let web = https_addr.map(|a| (a.port(), true)).or(http_addr.map(|a| (a.port(), false)));
     let announcer = match web {

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod domain;
 pub mod healthcheck;
 pub mod http;
+pub mod mail;
 pub mod mdns;
 pub mod model;
 pub mod pki;

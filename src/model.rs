@@ -175,6 +175,16 @@ wire_enum!(
     JobState { Queued = "queued", Sending = "sending", Sent = "sent", Deferred = "deferred", Failed = "failed", Stale = "stale" }
 );
 
+impl JobChannel {
+    /// The channel's name in a sentence ("Email to …").
+    pub fn label(self) -> &'static str {
+        match self {
+            JobChannel::Email => "Email",
+            JobChannel::Sms => "SMS",
+        }
+    }
+}
+
 impl Channels {
     pub fn email(self) -> bool {
         matches!(self, Channels::Email | Channels::Both)
@@ -268,6 +278,30 @@ pub struct Invite {
     /// made by this mark).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import: Option<Id>,
+    /// Where the messages of the current send stand, one per channel; the mail worker keeps it up to date.
+    #[serde(default)]
+    pub delivery: Vec<DeliveryStatus>,
+}
+
+/// Where one message of an invite stands, as the admin sees it next to the invite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryStatus {
+    pub job_id: Id,
+    pub channel: JobChannel,
+    /// Email address or phone number.
+    pub to: String,
+    pub state: JobState,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// When the state last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// For a deferred message: when it is tried again.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// The server's (or gateway's) last answer, such as `250 2.0.0 Ok: queued as 4F2A1` or
+    /// `550 5.1.1 <a@example.com>: Recipient address rejected`.
+    pub reply: Option<String>,
 }
 
 /// A command queued for a device.
@@ -362,6 +396,43 @@ pub struct DeliveryJob {
     /// import's messages must never go out).
     #[serde(default)]
     pub import: Option<Id>,
+    /// Delivery attempts so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When a queued or deferred job is due; absent means at once.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// The server's last answer.
+    #[serde(default)]
+    pub last_reply: Option<String>,
+    /// When the job was sent, failed for good, or found stale.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+impl DeliveryJob {
+    /// When the mail worker should pick the job up, if it still has to.
+    pub fn due_at(&self) -> Option<OffsetDateTime> {
+        match self.state {
+            JobState::Queued | JobState::Deferred => Some(self.next_attempt_at.unwrap_or(self.created_at)),
+            // A job being sent is out of the queue; a restart puts it back (`requeue_in_flight`).
+            JobState::Sending | JobState::Sent | JobState::Failed | JobState::Stale => None,
+        }
+    }
+
+    /// The job as the admin sees it next to its invite.
+    pub fn status(&self, at: OffsetDateTime) -> DeliveryStatus {
+        DeliveryStatus {
+            job_id: self.id,
+            channel: self.channel,
+            to: self.to.clone(),
+            state: self.state,
+            attempts: self.attempts,
+            at,
+            next_attempt_at: (self.state == JobState::Deferred).then_some(self.next_attempt_at).flatten(),
+            reply: self.last_reply.clone(),
+        }
+    }
 }
 
 /// An administrator.

@@ -75,6 +75,9 @@ pub struct InviteView {
     pub device_id: Option<Id>,
     /// Locked after too many wrong passcodes; a resend unlocks it.
     pub locked: bool,
+    /// Where the messages of the current send stand (queued, sending, sent, deferred until …, failed), one per
+    /// channel, with the server's last reply.
+    pub delivery: Vec<crate::model::DeliveryStatus>,
 }
 
 /// A new (or resent) invite; the link token and passcode appear only for an admin's own "by myself" invite.
@@ -246,6 +249,10 @@ impl Enrollment {
                 link_token: Some(secrets.token.clone()),
                 passcode: Some(secrets.passcode.clone()),
                 import,
+                attempts: 0,
+                next_attempt_at: None,
+                last_reply: None,
+                finished_at: None,
             });
         };
         if invite.channels.email() {
@@ -336,8 +343,10 @@ impl Enrollment {
             locked: false,
             generation: 0,
             import,
+            delivery: Vec::new(),
         };
         let jobs = self.jobs_for(&invite, &old_user, secrets, import);
+        invite.delivery = jobs.iter().map(|job| job.status(now)).collect();
         invite
             .remarks
             .push(Remark { at: now, text: format!("{verb} by {}: {}", actor.name, Self::delivery_remark(&jobs)) });
@@ -385,7 +394,13 @@ impl Enrollment {
             if let Some(old) = tx.get::<DeliveryJob, _>(key)?
                 && matches!(old.state, JobState::Queued | JobState::Deferred | JobState::Sending)
             {
-                let job = DeliveryJob { state: JobState::Stale, link_token: None, passcode: None, ..old.clone() };
+                let job = DeliveryJob {
+                    state: JobState::Stale,
+                    link_token: None,
+                    passcode: None,
+                    finished_at: Some(self.now()),
+                    ..old.clone()
+                };
                 tx.put(Some(&old), &job)?;
             }
         }
@@ -429,6 +444,7 @@ impl Enrollment {
         invite.failed_attempts = 0;
         invite.locked = false;
         let jobs = self.jobs_for(&invite, &user, secrets, None);
+        invite.delivery = jobs.iter().map(|job| job.status(now)).collect();
         invite.remarks.push(Remark {
             at: now,
             text: format!(
@@ -802,6 +818,7 @@ impl NameCache {
             created_by: invite.created_by.clone(),
             device_id: invite.device_id,
             locked: invite.locked,
+            delivery: invite.delivery.clone(),
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 mod devices;
 mod import;
 mod invites;
+mod outbox;
 mod users;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
+pub use outbox::{Attempt, Claimed, RetryPolicy};
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
 
 use crate::clock::Clock;
@@ -228,6 +230,12 @@ impl Enrollment {
 }
 
 /// Fills a buffer from the system's secure random source.
+/// A time to the minute, for remarks ("2026-11-22 14:05").
+pub(crate) fn minute(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!("{} {:02}:{:02}", at.date(), at.hour(), at.minute())
+}
+
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     // The kernel's CSPRNG does not fail once the system has booted; a failure here is unrecoverable anyway.

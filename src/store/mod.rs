@@ -19,11 +19,14 @@ pub use records::{CertificateRecord, Record, device_status_byte, hardware_key, i
 
 use crate::model::Id;
 
+/// An index entry as stored: the index key and the primary key it points at.
+pub type IndexPair = (Vec<u8>, Vec<u8>);
+
 /// A step that brings a database from schema `n` to `n + 1`; `MIGRATIONS[0]` goes from 1 to 2.
 pub type Migration = fn(&sled::Db) -> Result<(), StoreError>;
 
 /// Every migration, oldest first. The schema version a build writes is `1 + MIGRATIONS.len()`.
-const MIGRATIONS: &[Migration] = &[];
+const MIGRATIONS: &[Migration] = &[index_due_jobs];
 
 /// The schema version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1 + MIGRATIONS.len() as u32;
@@ -59,8 +62,9 @@ pub mod tree {
     pub const INVITES_BY_STATUS_PLATFORM: usize = 25;
     pub const INVITES_BY_GROUP: usize = 26;
     pub const OUTBOX_BY_INVITE: usize = 27;
+    pub const OUTBOX_DUE: usize = 28;
 
-    pub(super) const NAMES: [&str; 28] = [
+    pub(super) const NAMES: [&str; 29] = [
         "meta",
         "certificates",
         "users",
@@ -89,7 +93,23 @@ pub mod tree {
         "invites_by_status_platform",
         "invites_by_group",
         "outbox_by_invite",
+        "outbox_due",
     ];
+}
+
+/// Schema 1 → 2: the mail worker finds due jobs through `outbox_due` (due time, job id), built here for the jobs
+/// stored before it existed.
+fn index_due_jobs(db: &sled::Db) -> Result<(), StoreError> {
+    let outbox = db.open_tree(tree::NAMES[tree::OUTBOX])?;
+    let due = db.open_tree(tree::NAMES[tree::OUTBOX_DUE])?;
+    for item in outbox.iter() {
+        let (key, value) = item?;
+        let job: crate::model::DeliveryJob = decode(tree::OUTBOX, &key, &value)?;
+        for entry in Record::indexes(&job).into_iter().filter(|e| e.tree == tree::OUTBOX_DUE) {
+            due.insert(entry.key, key.clone())?;
+        }
+    }
+    Ok(())
 }
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
@@ -301,6 +321,15 @@ impl Store {
     /// Primary keys in `index` whose keys sort before `upper` (an expiry index, for instance).
     pub fn keys_before(&self, index: usize, upper: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         self.trees[index].range(..upper).map(|entry| Ok(entry?.1.to_vec())).collect()
+    }
+
+    /// The first `limit` entries of an index, as (index key, primary key), in key order.
+    pub fn first_entries(&self, index: usize, limit: usize) -> Result<Vec<IndexPair>, StoreError> {
+        self.trees[index]
+            .iter()
+            .take(limit)
+            .map(|entry| entry.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
+            .collect()
     }
 
     /// Records a certificate the appliance's CA issued for its HTTPS server and makes it the current one, in one

@@ -195,7 +195,11 @@ impl Record for DeliveryJob {
         self.id.0.to_vec()
     }
     fn indexes(&self) -> Vec<IndexEntry> {
-        vec![entry(tree::OUTBOX_BY_INVITE, &[&self.invite_id.0, &self.id.0])]
+        let mut entries = vec![entry(tree::OUTBOX_BY_INVITE, &[&self.invite_id.0, &self.id.0])];
+        if let Some(due) = self.due_at() {
+            entries.push(entry(tree::OUTBOX_DUE, &[&time_key(due), &self.id.0]));
+        }
+        entries
     }
     fn counters(&self) -> Vec<String> {
         vec![format!("outbox.{}", self.state)]

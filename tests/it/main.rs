@@ -7,4 +7,5 @@ mod api;
 mod common;
 mod config_errors;
 mod daemon;
+mod mail;
 mod mdns;

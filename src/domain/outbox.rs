@@ -1,0 +1,353 @@
+//! The outbox as the mail worker sees it: which delivery jobs are due, claiming one, and recording what the mail
+//! server (or SMS gateway) answered, on the job and on its invite, in one transaction each.
+//!
+//! A job moves `queued` → `sending` → `sent` | `deferred` (→ `sending` again) | `failed`. A job whose invite was
+//! resent, removed, enrolled or expired since it was queued becomes `stale` and is never delivered. The link and
+//! passcode travel in the job until it ends, and are wiped then.
+
+use time::{Duration, OffsetDateTime};
+
+use super::{DomainError, DomainResult, Enrollment, random_bytes};
+use crate::model::{DeliveryJob, Id, Import, ImportState, Invite, InviteStatus, JobState, Remark, User};
+use crate::store::{Tx, tree};
+
+/// How long a job of a running CSV import waits before it is looked at again.
+const IMPORT_RUNNING_WAIT: Duration = Duration::seconds(5);
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::hours(1);
+
+/// A job the worker may now deliver, with what the message needs.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job: DeliveryJob,
+    pub invite: Invite,
+    pub user: User,
+}
+
+/// What came of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// Accepted; the server's reply (`250 2.0.0 Ok: queued as …`).
+    Sent(String),
+    /// A temporary failure (connection refused, timeout, 4xx): try again later.
+    Temporary(String),
+    /// A permanent failure (5xx, such as an unknown recipient): give up now.
+    Permanent(String),
+}
+
+/// When temporary failures are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// The wait after the first failure; it doubles with each further one (with ±20% jitter), up to an hour.
+    pub first: std::time::Duration,
+    /// How long after a job was queued it is given up.
+    pub horizon: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { first: std::time::Duration::from_secs(60), horizon: std::time::Duration::from_secs(48 * 3600) }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after attempt number `attempts` failed.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let first = Duration::try_from(self.first).unwrap_or(MAX_BACKOFF);
+        let doubled = first.saturating_mul(1i32 << attempts.saturating_sub(1).min(20));
+        let wait = doubled.min(MAX_BACKOFF);
+        // ±20% so that jobs deferred together do not all come back in the same second.
+        let jitter = f64::from(u16::from_be_bytes(random_bytes::<2>())) / f64::from(u16::MAX) * 0.4 - 0.2;
+        wait + wait * jitter
+    }
+}
+
+impl Enrollment {
+    /// Up to `limit` jobs due at `now`, soonest first, and when the next job after them falls due (if any).
+    pub fn due_jobs(&self, now: OffsetDateTime, limit: usize) -> DomainResult<(Vec<Id>, Option<OffsetDateTime>)> {
+        let now_key = crate::store::time_key(now);
+        let mut due = Vec::new();
+        for (key, value) in self.store.first_entries(tree::OUTBOX_DUE, limit + 1)? {
+            let Some(id) = Id::from_slice(&value) else { continue };
+            if key[..8] > now_key[..] || due.len() == limit {
+                let millis = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+                let next = OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok();
+                return Ok((due, next));
+            }
+            due.push(id);
+        }
+        Ok((due, None))
+    }
+
+    /// Moves a due job to `sending` and returns it with its invite and user. `None` when there is nothing to send
+    /// now: the job is gone or not due, belongs to a CSV import still running (it is looked at again shortly), or
+    /// has gone stale (marked so).
+    pub fn claim_job(&self, id: &Id) -> DomainResult<Option<Claimed>> {
+        let now = self.now();
+        self.transact(|tx| {
+            let Some(old) = tx.get_id::<DeliveryJob, _>(id)? else { return Ok(None) };
+            if !matches!(old.state, JobState::Queued | JobState::Deferred) || old.due_at().is_some_and(|at| at > now) {
+                return Ok(None);
+            }
+            if let Some(import) = old.import {
+                match tx.get_id::<Import, _>(&import)?.map(|i| i.state) {
+                    Some(ImportState::Queued | ImportState::Validating | ImportState::Importing) => {
+                        let mut job = old.clone();
+                        job.next_attempt_at = Some(now + IMPORT_RUNNING_WAIT);
+                        tx.put(Some(&old), &job)?;
+                        return Ok(None);
+                    }
+                    Some(ImportState::Done | ImportState::Interrupted) => {}
+                    _ => {
+                        self.end_stale(tx, &old, now, None)?;
+                        return Ok(None);
+                    }
+                }
+            }
+            let invite = tx.get_id::<Invite, _>(&old.invite_id)?;
+            let current = invite.as_ref().filter(|invite| {
+                invite.generation == old.generation && invite.status == InviteStatus::Pending && invite.expires_at > now
+            });
+            let Some(invite) = current else {
+                self.end_stale(tx, &old, now, invite.as_ref())?;
+                return Ok(None);
+            };
+            let user: User =
+                tx.get_id(&invite.user_id)?.ok_or_else(|| DomainError::not_found("user", invite.user_id))?;
+            let mut job = old.clone();
+            job.state = JobState::Sending;
+            job.attempts += 1;
+            tx.put(Some(&old), &job)?;
+            let invite = self.update_delivery(tx, invite.clone(), &job, now, None)?;
+            Ok(Some(Claimed { job, invite, user }))
+        })
+    }
+
+    /// Records the outcome of delivering a claimed job on the job and its invite.
+    pub fn finish_job(&self, id: &Id, attempt: &Attempt, retry: &RetryPolicy) -> DomainResult<DeliveryJob> {
+        let now = self.now();
+        self.transact(|tx| {
+            let old: DeliveryJob = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("delivery job", id))?;
+            let mut job = old.clone();
+            let what = format!("{} to {}", job.channel.label(), job.to);
+            let remark = match attempt {
+                Attempt::Sent(reply) => {
+                    job.state = JobState::Sent;
+                    job.last_reply = Some(reply.clone());
+                    format!("{what} accepted by the server: {reply}")
+                }
+                Attempt::Temporary(reply) => {
+                    job.last_reply = Some(reply.clone());
+                    let next = now + retry.backoff(job.attempts);
+                    let horizon = Duration::try_from(retry.horizon).unwrap_or(Duration::MAX);
+                    if next > job.created_at + horizon {
+                        job.state = JobState::Failed;
+                        format!(
+                            "{what} failed: still not delivered after {} attempts over {} hours ({reply}); fix the mail settings and resend the invite",
+                            job.attempts,
+                            horizon.whole_hours()
+                        )
+                    } else {
+                        job.state = JobState::Deferred;
+                        job.next_attempt_at = Some(next);
+                        format!("{what} deferred until {} UTC: {reply}", super::minute(next))
+                    }
+                }
+                Attempt::Permanent(reply) => {
+                    job.state = JobState::Failed;
+                    job.last_reply = Some(reply.clone());
+                    format!("{what} failed: {reply}")
+                }
+            };
+            if job.state != JobState::Deferred {
+                job.finished_at = Some(now);
+                job.link_token = None;
+                job.passcode = None;
+            }
+            tx.put(Some(&old), &job)?;
+            if let Some(invite) = tx.get_id::<Invite, _>(&job.invite_id)?
+                && invite.generation == job.generation
+            {
+                self.update_delivery(tx, invite, &job, now, Some(remark))?;
+            }
+            Ok(job)
+        })
+    }
+
+    /// At start-up: jobs a stop or crash left in `sending` are queued again. Such a message may have reached the
+    /// server already; its Message-ID is the same on the second send, so the duplicate is recognisable.
+    pub fn requeue_in_flight(&self) -> DomainResult<usize> {
+        let stuck = self.store.all::<DeliveryJob>(|job| job.state == JobState::Sending)?;
+        for old in &stuck {
+            self.transact(|tx| {
+                let Some(current) = tx.get_id::<DeliveryJob, _>(&old.id)? else { return Ok(()) };
+                if current.state == JobState::Sending {
+                    let mut job = current.clone();
+                    job.state = JobState::Queued;
+                    tx.put(Some(&current), &job)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(stuck.len())
+    }
+
+    /// Every delivery job of an invite, oldest first.
+    pub fn deliveries(&self, invite_id: &Id) -> DomainResult<Vec<DeliveryJob>> {
+        let mut jobs = Vec::new();
+        for key in self.store.keys_under(tree::OUTBOX_BY_INVITE, invite_id.as_bytes())? {
+            if let Some(job) = self.store.get::<DeliveryJob>(&key)? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn end_stale(&self, tx: &Tx<'_>, old: &DeliveryJob, now: OffsetDateTime, invite: Option<&Invite>) -> TxUnit {
+        let mut job = old.clone();
+        job.state = JobState::Stale;
+        job.finished_at = Some(now);
+        job.link_token = None;
+        job.passcode = None;
+        tx.put(Some(old), &job)?;
+        if let Some(invite) = invite.filter(|i| i.generation == job.generation) {
+            let why = match invite.status {
+                InviteStatus::Pending => "the invite expired before it could be sent".to_owned(),
+                status => format!("the invite is {status}"),
+            };
+            let remark = format!("{} to {} not sent: {why}", job.channel.label(), job.to);
+            self.update_delivery(tx, invite.clone(), &job, now, Some(remark))?;
+        }
+        Ok(())
+    }
+
+    /// Puts the job's state on its invite (and a remark, if any) and returns the invite as written.
+    fn update_delivery(
+        &self,
+        tx: &Tx<'_>,
+        old: Invite,
+        job: &DeliveryJob,
+        now: OffsetDateTime,
+        remark: Option<String>,
+    ) -> super::TxResult<Invite> {
+        let mut invite = old.clone();
+        let status = job.status(now);
+        match invite.delivery.iter_mut().find(|d| d.job_id == job.id) {
+            Some(slot) => *slot = status,
+            None => invite.delivery.push(status),
+        }
+        if let Some(text) = remark {
+            // A deferral replaces the previous deferral of the same message rather than piling up over 48 hours.
+            let prefix = format!("{} to {} deferred", job.channel.label(), job.to);
+            if invite.remarks.last().is_some_and(|r| r.text.starts_with(&prefix)) {
+                invite.remarks.pop();
+            }
+            invite.remarks.push(Remark { at: now, text });
+        }
+        tx.put(Some(&old), &invite)?;
+        Ok(invite)
+    }
+}
+
+type TxUnit = super::TxResult<()>;
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{admin, domain};
+    use super::super::{NewInvite, NewUser};
+    use super::*;
+    use crate::model::{Channels, Ownership, Platform};
+
+    fn invite(d: &Enrollment, email: &str) -> Id {
+        let user = d.create_user(&admin(), &NewUser { name: email.into(), email: email.into(), ..Default::default() });
+        let new = NewInvite {
+            user_id: user.unwrap().id,
+            platform: Platform::Android,
+            ownership: Ownership::Personal,
+            group_id: None,
+            channels: Channels::Email,
+        };
+        d.create_invite(&admin(), &new).unwrap().invite.id
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy { first: std::time::Duration::from_secs(60), horizon: std::time::Duration::from_secs(3600) }
+    }
+
+    #[test]
+    fn a_job_is_claimed_once_and_its_outcome_shows_on_the_invite() {
+        let (d, _clock) = domain();
+        let id = invite(&d, "ann@example.com");
+        let (due, next) = d.due_jobs(d.now(), 10).unwrap();
+        assert_eq!((due.len(), next), (1, None));
+        let claimed = d.claim_job(&due[0]).unwrap().unwrap();
+        assert_eq!((claimed.job.state, claimed.job.attempts), (JobState::Sending, 1));
+        assert!(claimed.job.link_token.is_some() && claimed.job.passcode.is_some());
+        assert!(d.claim_job(&due[0]).unwrap().is_none(), "a job being sent is not handed out again");
+        assert!(d.due_jobs(d.now(), 10).unwrap().0.is_empty());
+
+        let job = d.finish_job(&due[0], &Attempt::Sent("250 2.0.0 Ok: queued as X1".into()), &quick()).unwrap();
+        assert_eq!((job.state, job.link_token, job.passcode), (JobState::Sent, None, None), "secrets are wiped");
+        let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+        assert_eq!(invite.delivery[0].state, JobState::Sent);
+        assert_eq!(invite.delivery[0].reply.as_deref(), Some("250 2.0.0 Ok: queued as X1"));
+        assert!(invite.remarks.last().unwrap().text.contains("accepted by the server: 250"));
+    }
+
+    #[test]
+    fn temporary_failures_back_off_and_give_up_at_the_horizon() {
+        let (d, clock) = domain();
+        let id = invite(&d, "bea@example.com");
+        let job_id = d.due_jobs(d.now(), 10).unwrap().0[0];
+        let mut waits = Vec::new();
+        loop {
+            let Some(claimed) = d.claim_job(&job_id).unwrap() else {
+                clock.advance(time::Duration::seconds(1));
+                continue;
+            };
+            let job = d.finish_job(&claimed.job.id, &Attempt::Temporary("421 busy".into()), &quick()).unwrap();
+            if job.state == JobState::Failed {
+                assert!(job.last_reply.as_deref() == Some("421 busy") && job.link_token.is_none());
+                break;
+            }
+            let wait = job.next_attempt_at.unwrap() - d.now();
+            waits.push(wait.whole_seconds());
+            let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+            assert_eq!(invite.delivery[0].state, JobState::Deferred);
+            assert_eq!(invite.remarks.iter().filter(|r| r.text.contains("deferred")).count(), 1, "one deferral remark");
+            clock.advance(wait);
+        }
+        assert!((48..=72).contains(&waits[0]), "first wait about a minute: {waits:?}");
+        assert!((96..=144).contains(&waits[1]), "then about twice that: {waits:?}");
+        let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+        assert_eq!(invite.delivery[0].state, JobState::Failed);
+        assert!(invite.remarks.last().unwrap().text.contains("still not delivered after"), "{:?}", invite.remarks);
+    }
+
+    #[test]
+    fn a_resent_invite_never_goes_out_from_its_old_job_and_a_restart_requeues_what_was_in_flight() {
+        let (d, _clock) = domain();
+        let id = invite(&d, "cal@example.com");
+        let old_job = d.due_jobs(d.now(), 10).unwrap().0[0];
+        d.resend_invite(&admin(), &id).unwrap();
+        assert!(d.claim_job(&old_job).unwrap().is_none());
+        let jobs = d.deliveries(&id).unwrap();
+        assert_eq!(jobs.iter().map(|j| j.state).collect::<Vec<_>>(), [JobState::Stale, JobState::Queued]);
+
+        let new_job = d.due_jobs(d.now(), 10).unwrap().0;
+        assert_eq!(new_job, [jobs[1].id]);
+        d.claim_job(&new_job[0]).unwrap().unwrap();
+        assert_eq!(d.requeue_in_flight().unwrap(), 1);
+        assert_eq!(d.due_jobs(d.now(), 10).unwrap().0, new_job, "queued again after a crash mid-send");
+    }
+
+    #[test]
+    fn a_job_whose_invite_was_removed_becomes_stale() {
+        let (d, _clock) = domain();
+        let id = invite(&d, "dee@example.com");
+        let job = d.due_jobs(d.now(), 10).unwrap().0[0];
+        d.remove_invite(&admin(), &id).unwrap();
+        assert!(d.claim_job(&job).unwrap().is_none());
+        assert!(d.due_jobs(d.now(), 10).unwrap().0.is_empty());
+    }
+}

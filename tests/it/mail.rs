@@ -1,0 +1,286 @@
+//! Invites delivered by the real binary through a real SMTP server (aiosmtpd, started by each test): the MIME
+//! structure and headers, both bodies, the inline QR code decoded back to the link, STARTTLS against the relay's
+//! own certificate, a 5xx recipient failing the message with the relay's reply, and a relay that is down across a
+//! restart of enrolld, whose queue drains once it is back with nothing lost and nothing sent twice.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use rustls_pki_types::CertificateDer;
+use serde_json::{Value, json};
+
+use crate::common::{Daemon, api, free_port, get_plain, parse_pem_certs};
+
+const PASSWORD: &str = "staple battery horse";
+
+/// aiosmtpd in a child process, killed when dropped.
+struct Sink {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Sink {
+    fn start(port: u16, dir: &Path, tls: Option<(&Path, &Path)>) -> Sink {
+        std::fs::create_dir_all(dir).unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/smtp_sink.py");
+        let mut command = Command::new("python3");
+        command.arg(script).arg(port.to_string()).arg(dir);
+        if let Some((cert, key)) = tls {
+            command.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the SMTP sink did not start");
+        Sink { child, dir: dir.to_owned() }
+    }
+
+    /// The messages received so far, oldest first.
+    fn messages(&self) -> Vec<Vec<u8>> {
+        let mut names: Vec<_> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .collect();
+        names.sort();
+        names.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    fn wait_for(&self, count: usize) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let messages = self.messages();
+            if messages.len() >= count {
+                return messages;
+            }
+            assert!(Instant::now() < deadline, "{} of {count} messages arrived", messages.len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mail_env(port: u16, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("ENROLLD_ADMIN_PASSWORD", PASSWORD.to_owned()),
+        ("ENROLLD_SMTP_HOST", "127.0.0.1".to_owned()),
+        ("ENROLLD_SMTP_PORT", port.to_string()),
+        ("ENROLLD_SMTP_SECURITY", "none".to_owned()),
+        ("ENROLLD_MAIL_FROM", "it@example.com".to_owned()),
+        ("ENROLLD_MAIL_FROM_NAME", "Example IT".to_owned()),
+        ("ENROLLD_ORGANISATION", "Example Ltd".to_owned()),
+        ("ENROLLD_MAIL_RETRY_FIRST_SECS", "1".to_owned()),
+    ];
+    for (key, value) in extra {
+        env.retain(|(k, _)| k != key);
+        env.push((key, value.clone()));
+    }
+    env
+}
+
+fn start(state: &Path, env: &[(&'static str, String)]) -> Daemon {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let daemon = Daemon::spawn(state, &[], &env);
+    daemon.wait_healthy();
+    daemon
+}
+
+struct Admin {
+    ca: CertificateDer<'static>,
+    token: String,
+}
+
+impl Admin {
+    async fn sign_in(daemon: &Daemon) -> Admin {
+        let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+        let login = json!({"username": "admin", "password": PASSWORD});
+        let (status, body) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+        assert_eq!(status, 200, "{body}");
+        Admin { ca, token: body["token"].as_str().unwrap().to_owned() }
+    }
+
+    async fn call(&self, daemon: &Daemon, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        api(daemon.https, &self.ca, method, path, Some(&self.token), body).await
+    }
+
+    /// Creates a user and an email invite for them; returns the invite's id.
+    async fn invite(&self, daemon: &Daemon, name: &str, email: &str, platform: &str) -> String {
+        let (status, user) =
+            self.call(daemon, Method::POST, "/api/v1/users", Some(json!({"name": name, "email": email}))).await;
+        assert_eq!(status, 201, "{user}");
+        let invite = json!({"user_id": user["id"], "platform": platform, "channels": "email"});
+        let (status, created) = self.call(daemon, Method::POST, "/api/v1/invites", Some(invite)).await;
+        assert_eq!(status, 201, "{created}");
+        created["invite"]["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls an invite until its first message reaches `state`.
+    async fn wait_delivery(&self, daemon: &Daemon, invite: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, found) = self.call(daemon, Method::GET, &format!("/api/v1/invites/{invite}"), None).await;
+            assert_eq!(status, 200, "{found}");
+            if found["delivery"][0]["state"] == state {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "the message never became {state}: {found}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn header(mail: &mailparse::ParsedMail<'_>, name: &str) -> String {
+    mailparse::MailHeaderMap::get_first_value(mail.headers.as_slice(), name).unwrap_or_default()
+}
+
+/// Decodes a QR code in a PNG image.
+fn decode_qr(png_bytes: &[u8]) -> String {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!(frame.color_type, png::ColorType::Grayscale);
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1, "one QR code in the image");
+    grids[0].decode().unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invite_arrives_as_text_and_html_with_a_qr_code_that_scans_to_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let daemon = start(&dir.path().join("state"), &mail_env(smtp_port, &[]));
+    let admin = Admin::sign_in(&daemon).await;
+    let invite = admin.invite(&daemon, "Ann Lee", "ann@example.com", "ios").await;
+
+    let raw = sink.wait_for(1).remove(0);
+    let mail = mailparse::parse_mail(&raw).unwrap();
+    assert_eq!(header(&mail, "X-Sink-Rcpt"), "ann@example.com");
+    assert_eq!(header(&mail, "From"), "\"Example IT\" <it@example.com>");
+    assert_eq!(header(&mail, "To"), "ann@example.com");
+    assert_eq!(header(&mail, "Subject"), "Example Ltd: enroll your iOS device");
+    let message_id = header(&mail, "Message-ID");
+    assert!(message_id.starts_with(&format!("<invite.{invite}.")) && message_id.ends_with("@example.com>"));
+
+    assert_eq!(mail.ctype.mimetype, "multipart/alternative");
+    assert_eq!(mail.subparts.len(), 2);
+    let text = &mail.subparts[0];
+    assert_eq!(text.ctype.mimetype, "text/plain");
+    let related = &mail.subparts[1];
+    assert_eq!(related.ctype.mimetype, "multipart/related");
+    let (html, image) = (&related.subparts[0], &related.subparts[1]);
+    assert_eq!(html.ctype.mimetype, "text/html");
+    assert_eq!(image.ctype.mimetype, "image/png");
+    assert_eq!(header(image, "Content-ID"), "<enroll-qr>");
+    assert!(header(image, "Content-Disposition").starts_with("inline"));
+
+    let text = text.get_body().unwrap();
+    let link_prefix = format!("https://enroll.local:{}/e/", daemon.https.port());
+    let link = text.lines().find(|l| l.starts_with(&link_prefix)).unwrap_or_else(|| panic!("no link in:\n{text}"));
+    assert!(text.contains("Settings > General > VPN & Device Management"), "{text}");
+    let passcode = text.lines().find_map(|l| l.strip_prefix("Passcode: ")).unwrap();
+    assert_eq!(passcode.len(), 8);
+    // minijinja escapes `/` in HTML as `&#x2f;`, which browsers and mail clients read back as `/`.
+    let html = html.get_body().unwrap().replace("&#x2f;", "/");
+    assert!(html.contains(&format!("href=\"{link}\"")) && html.contains(r#"src="cid:enroll-qr""#), "{html}");
+    assert!(html.contains(passcode));
+    assert_eq!(decode_qr(&image.get_body_raw().unwrap()), link, "the QR code scans to the exact link");
+
+    let found = admin.wait_delivery(&daemon, &invite, "sent").await;
+    let reply = found["delivery"][0]["reply"].as_str().unwrap();
+    assert!(reply.starts_with("250") && reply.contains("queued as SINK000001"), "{found}");
+    let remark = found["remarks"].as_array().unwrap().last().unwrap()["text"].as_str().unwrap().to_owned();
+    assert!(remark.contains("Email to ann@example.com accepted by the server: 250"), "{remark}");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recipient_the_relay_refuses_fails_the_message_with_its_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let daemon = start(&dir.path().join("state"), &mail_env(smtp_port, &[]));
+    let admin = Admin::sign_in(&daemon).await;
+    let refused = admin.invite(&daemon, "Nobody", "reject-me@example.com", "android").await;
+    let accepted = admin.invite(&daemon, "Bea", "bea@example.com", "android").await;
+
+    let found = admin.wait_delivery(&daemon, &refused, "failed").await;
+    let reply = found["delivery"][0]["reply"].as_str().unwrap();
+    assert!(reply.contains("550") && reply.contains("User unknown"), "{found}");
+    assert!(reply.contains("check the user's email address"), "advice: {reply}");
+    assert_eq!(found["delivery"][0]["attempts"], 1, "a permanent failure is not retried");
+    admin.wait_delivery(&daemon, &accepted, "sent").await;
+    assert_eq!(sink.messages().len(), 1);
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_to_a_relay_with_its_own_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::NoCa;
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("relay.crt"), dir.path().join("relay.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), Some((&cert_path, &key_path)));
+    let env = mail_env(
+        smtp_port,
+        &[("ENROLLD_SMTP_SECURITY", "starttls".into()), ("ENROLLD_SMTP_CA_FILE", cert_path.display().to_string())],
+    );
+    let daemon = start(&dir.path().join("state"), &env);
+    let admin = Admin::sign_in(&daemon).await;
+    let invite = admin.invite(&daemon, "Cal", "cal@example.com", "windows").await;
+    let raw = sink.wait_for(1).remove(0);
+    let mail = mailparse::parse_mail(&raw).unwrap();
+    assert_eq!(header(&mail, "X-Sink-Tls"), "yes", "the message went over STARTTLS");
+    admin.wait_delivery(&daemon, &invite, "sent").await;
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_down_across_a_restart_gets_every_message_once_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let smtp_port = free_port();
+    let env = mail_env(smtp_port, &[]);
+    let daemon = start(&state, &env);
+    let admin = Admin::sign_in(&daemon).await;
+    let mut invites = Vec::new();
+    for n in 0..12 {
+        invites.push(admin.invite(&daemon, &format!("User {n}"), &format!("user{n}@example.com"), "macos").await);
+    }
+    let found = admin.wait_delivery(&daemon, &invites[0], "deferred").await;
+    let reply = found["delivery"][0]["reply"].as_str().unwrap();
+    assert!(reply.contains("check smtp_host and smtp_port"), "advice for a refused connection: {reply}");
+    assert!(found["delivery"][0]["next_attempt_at"].is_string(), "{found}");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+
+    // The relay comes back while enrolld is stopped; enrolld starts again and the queue drains.
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let daemon = start(&state, &env);
+    let admin = Admin::sign_in(&daemon).await;
+    for invite in &invites {
+        admin.wait_delivery(&daemon, invite, "sent").await;
+    }
+    let messages = sink.wait_for(invites.len());
+    let recipients: BTreeSet<String> =
+        messages.iter().map(|raw| header(&mailparse::parse_mail(raw).unwrap(), "X-Sink-Rcpt")).collect();
+    assert_eq!((messages.len(), recipients.len()), (12, 12), "every message once: {recipients:?}");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
