@@ -19,8 +19,7 @@ use crate::domain::auth::{Auth, AuthError};
 use crate::domain::{DomainError, Enrollment, Policy};
 use crate::http::{self, AppState, Limits};
 use crate::mail::outbox::OutboxSettings;
-use crate::mail::templates::Templates;
-use crate::mail::{self, MailError, Relay};
+use crate::mail::{self, Mail, MailError, Relay};
 use crate::mdns::{Announcement, Announcer};
 use crate::pki::{CertificateAuthority, PkiError};
 use crate::state_dir::{StateDir, StateDirError};
@@ -187,8 +186,12 @@ pub async fn run(
     let auth = Auth::new(enrollment.clone(), session_ttl)?;
     let setup_code = auth.bootstrap(&config.admin_user, config.admin_password.as_deref())?;
     let token = CancellationToken::new();
+    let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+    let relay = config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?;
+    let mail = Mail::new(&enrollment, relay, &config.mail.organisation, &config.public_url(https_port))?;
     let mut state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
     state.shutdown = token.clone();
+    state.mail = mail.clone();
     let limits = Limits {
         request_timeout: config.request_timeout,
         max_body_bytes: config.max_body_bytes,
@@ -237,10 +240,7 @@ pub async fn run(
     tasks.spawn("tls-keeper", keeper.run(config.cert_check_interval, token.clone()));
     tasks.spawn("invite-sweeper", sweep_invites(enrollment.clone(), token.clone()));
     let outbox = OutboxSettings {
-        relay: config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?,
-        templates: Arc::new(Templates::defaults()),
-        organisation: config.mail.organisation.clone(),
-        public_url: config.public_url(https_addr.map(|a| a.port())),
+        mail: mail.clone(),
         max_connections: config.mail.max_connections,
         max_per_second: config.mail.max_per_second,
         retry: RetryPolicy { first: config.mail.retry_first, horizon: config.mail.retry_horizon },

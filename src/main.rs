@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use enrolld::config::{Config, ConfigArgs, Layers, TlsSource};
+use enrolld::domain::Attempt;
 use enrolld::pki::ServerCertificate;
 use enrolld::state_dir::StateDir;
 use enrolld::{Environment, Listeners};
@@ -34,6 +35,15 @@ enum Command {
     },
     /// Validate the configuration (file, environment, flags) and print it, without binding anything.
     CheckConfig(ConfigArgs),
+    /// Send a test message through the configured SMTP relay now; prints the relay's reply, with advice when it
+    /// refuses. Exit 0 if the relay accepted it, 1 if not, 2 if the mail settings are wrong or missing.
+    SendTestMail {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The address to send the test message to.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+    },
     /// Print the version.
     Version,
 }
@@ -43,6 +53,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::Healthcheck { config, timeout_secs } => healthcheck(&config, Duration::from_secs(timeout_secs)),
         Command::CheckConfig(args) => check_config(&args),
+        Command::SendTestMail { config, to } => send_test_mail(&config, &to),
         Command::Version => {
             println!("enrolld {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -131,6 +142,38 @@ fn healthcheck(args: &ConfigArgs, timeout: Duration) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(reason) => fail(format!("unhealthy: {reason}"), 1),
+    }
+}
+
+fn send_test_mail(args: &ConfigArgs, to: &str) -> ExitCode {
+    let config = match load_config(args) {
+        Ok((_, config)) => config,
+        Err(code) => return code,
+    };
+    let Some(smtp) = &config.mail.smtp else {
+        return fail(
+            "no mail relay is configured; set smtp_host (and the other smtp_ settings, see enrolld.example.toml)",
+            2,
+        );
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(format!("cannot start the async runtime: {error}"), 1),
+    };
+    let public_url = config.public_url(config.https_listen.map(|a| a.port()));
+    let sent = runtime.block_on(async {
+        let relay = enrolld::mail::Relay::new(smtp, 1)?;
+        relay.send_test(to, &public_url).await
+    });
+    let via = format!("{}:{} ({})", smtp.host, smtp.port, smtp.security.as_str());
+    match sent {
+        Ok(Attempt::Sent(reply)) => {
+            println!("sent to {to} through {via}: {reply}");
+            ExitCode::SUCCESS
+        }
+        Ok(Attempt::Temporary(reply)) => fail(format!("not sent through {via} (temporary failure): {reply}"), 1),
+        Ok(Attempt::Permanent(reply)) => fail(format!("not sent through {via}: {reply}"), 1),
+        Err(error) => fail(error, 2),
     }
 }
 

@@ -435,6 +435,17 @@ impl DeliveryJob {
     }
 }
 
+/// A setting an admin changed through the API (such as an invite template), in place of the built-in default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Setting {
+    /// Dotted name, such as `template.invite.subject.txt`.
+    pub name: String,
+    pub value: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    pub updated_by: String,
+}
+
 /// An administrator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Admin {

@@ -8,6 +8,7 @@ mod devices;
 mod import;
 mod invites;
 mod outbox;
+mod settings;
 mod users;
 
 use std::sync::Arc;
@@ -23,7 +24,7 @@ pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
-pub use outbox::{Attempt, Claimed, RetryPolicy};
+pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy};
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
 
 use crate::clock::Clock;

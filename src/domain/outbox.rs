@@ -16,6 +16,17 @@ const IMPORT_RUNNING_WAIT: Duration = Duration::seconds(5);
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::hours(1);
 
+/// How many messages are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct OutboxCounts {
+    pub queued: u64,
+    pub sending: u64,
+    pub deferred: u64,
+    pub sent: u64,
+    pub failed: u64,
+    pub stale: u64,
+}
+
 /// A job the worker may now deliver, with what the message needs.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -190,6 +201,19 @@ impl Enrollment {
             })?;
         }
         Ok(stuck.len())
+    }
+
+    /// Messages by state, from the store's counters.
+    pub fn outbox_counts(&self) -> DomainResult<OutboxCounts> {
+        let count = |state: JobState| self.store.count(&format!("outbox.{state}"));
+        Ok(OutboxCounts {
+            queued: count(JobState::Queued)?,
+            sending: count(JobState::Sending)?,
+            deferred: count(JobState::Deferred)?,
+            sent: count(JobState::Sent)?,
+            failed: count(JobState::Failed)?,
+            stale: count(JobState::Stale)?,
+        })
     }
 
     /// Every delivery job of an invite, oldest first.

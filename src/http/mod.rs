@@ -46,6 +46,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Largest CSV upload; set from [`Limits`] by [`https_router`].
     pub import_max_bytes: usize,
+    /// The mail relay and invite templates, shared with the outbox worker.
+    pub mail: crate::mail::Mail,
 }
 
 impl AppState {
@@ -58,6 +60,7 @@ impl AppState {
             auth,
             openapi: Arc::default(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
+            mail: crate::mail::Mail::unconfigured(),
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,

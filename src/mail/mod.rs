@@ -5,7 +5,11 @@ pub mod outbox;
 pub mod qr;
 pub mod templates;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use lettre::message::header::ContentType;
 use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
@@ -16,8 +20,8 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::{SmtpConfig, SmtpSecurity};
-use crate::domain::Attempt;
-use templates::Rendered;
+use crate::domain::{Actor, Attempt, Enrollment};
+use templates::{Rendered, Templates};
 
 /// The Content-ID of the QR code image in invite mails.
 pub const QR_CONTENT_ID: &str = "enroll-qr";
@@ -35,8 +39,170 @@ pub enum MailError {
     Message(String),
     #[error(transparent)]
     Qr(#[from] qr::QrError),
-    #[error("the invite template does not render: {0}")]
+    #[error("the template does not render: {0}")]
     Template(#[from] templates::TemplateError),
+    #[error("no mail relay is configured; set smtp_host (and the other smtp_ settings) and restart enrolld")]
+    NotConfigured,
+    #[error(transparent)]
+    Domain(#[from] crate::domain::DomainError),
+}
+
+/// Settings names under which saved templates are kept.
+const TEMPLATE_SETTING: &str = "template.";
+
+/// A template as the API shows it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct TemplateSource {
+    /// `invite.subject.txt`, `invite.body.txt` or `invite.body.html`.
+    pub name: String,
+    /// The source in use.
+    pub source: String,
+    /// The built-in default, to compare with or go back to.
+    pub default_source: String,
+    /// Whether an admin saved their own version.
+    pub customised: bool,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub updated_at: Option<time::OffsetDateTime>,
+    pub updated_by: Option<String>,
+}
+
+/// The mail side as the API and the outbox worker share it: the relay and the invite templates in use (swapped
+/// when an admin saves one). Cheap to clone.
+#[derive(Clone)]
+pub struct Mail {
+    relay: Option<Relay>,
+    templates: Arc<ArcSwap<Templates>>,
+    pub organisation: Arc<str>,
+    /// The base of enrollment links (`https://enroll.local`).
+    pub public_url: Arc<str>,
+}
+
+impl std::fmt::Debug for Mail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mail")
+            .field("relay", &self.relay.as_ref().map(|r| (&r.settings.host, r.settings.port)))
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mail {
+    /// The relay (if configured) and the templates saved in the store (or the defaults).
+    pub fn new(
+        domain: &Enrollment,
+        relay: Option<Relay>,
+        organisation: &str,
+        public_url: &str,
+    ) -> Result<Mail, MailError> {
+        let saved = Self::saved(domain)?;
+        let templates = Templates::new(&saved).unwrap_or_else(|error| {
+            tracing::error!(%error, "a saved invite template no longer renders; using the defaults until it is fixed");
+            Templates::defaults()
+        });
+        Ok(Mail {
+            relay,
+            templates: Arc::new(ArcSwap::from_pointee(templates)),
+            organisation: organisation.into(),
+            public_url: public_url.into(),
+        })
+    }
+
+    fn saved(domain: &Enrollment) -> Result<BTreeMap<String, String>, MailError> {
+        Ok(domain
+            .settings(TEMPLATE_SETTING)?
+            .into_iter()
+            .map(|s| (s.name.trim_start_matches(TEMPLATE_SETTING).to_owned(), s.value))
+            .collect())
+    }
+
+    /// No relay and the default templates: for an API built without the daemon (tests).
+    pub fn unconfigured() -> Mail {
+        Mail {
+            relay: None,
+            templates: Arc::new(ArcSwap::from_pointee(Templates::defaults())),
+            organisation: "".into(),
+            public_url: "https://enroll.local".into(),
+        }
+    }
+
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
+    }
+
+    pub fn templates(&self) -> Arc<Templates> {
+        self.templates.load_full()
+    }
+
+    /// Every invite template with its default and who changed it.
+    pub fn template_sources(&self, domain: &Enrollment) -> Result<Vec<TemplateSource>, MailError> {
+        let saved = domain.settings(TEMPLATE_SETTING)?;
+        Ok(templates::PARTS
+            .iter()
+            .map(|name| {
+                let default_source = Templates::default_source(name).unwrap_or_default().to_owned();
+                let custom = saved.iter().find(|s| s.name == format!("{TEMPLATE_SETTING}{name}"));
+                TemplateSource {
+                    name: (*name).to_owned(),
+                    source: custom.map_or_else(|| default_source.clone(), |s| s.value.clone()),
+                    default_source,
+                    customised: custom.is_some(),
+                    updated_at: custom.map(|s| s.updated_at),
+                    updated_by: custom.map(|s| s.updated_by.clone()),
+                }
+            })
+            .collect())
+    }
+
+    /// Saves an admin's version of a template after rendering it, with the others in use, for every platform;
+    /// a template that does not render is refused with its line and reason and nothing is saved.
+    pub fn save_template(&self, domain: &Enrollment, actor: &Actor, name: &str, source: &str) -> Result<(), MailError> {
+        let mut saved = Self::saved(domain)?;
+        saved.insert(name.to_owned(), source.to_owned());
+        let templates = Templates::new(&saved)?;
+        domain.save_setting(actor, &format!("{TEMPLATE_SETTING}{name}"), source)?;
+        self.templates.store(Arc::new(templates));
+        Ok(())
+    }
+
+    /// Goes back to the built-in template.
+    pub fn reset_template(&self, domain: &Enrollment, actor: &Actor, name: &str) -> Result<(), MailError> {
+        if !templates::PARTS.contains(&name) {
+            return Err(MailError::Template(templates::TemplateError {
+                part: name.to_owned(),
+                line: 0,
+                reason: format!("there is no such template; the templates are {}", templates::PARTS.join(", ")),
+            }));
+        }
+        let mut saved = Self::saved(domain)?;
+        saved.remove(name);
+        let templates = Templates::new(&saved)?;
+        domain.reset_setting(actor, &format!("{TEMPLATE_SETTING}{name}"))?;
+        self.templates.store(Arc::new(templates));
+        Ok(())
+    }
+
+    /// Renders the templates in use, with `drafts` (name → source) in place of some, for a platform, with sample
+    /// data: what a user would receive.
+    pub fn preview(
+        &self,
+        domain: &Enrollment,
+        drafts: &BTreeMap<String, String>,
+        platform: crate::model::Platform,
+    ) -> Result<Rendered, MailError> {
+        let mut sources = Self::saved(domain)?;
+        sources.extend(drafts.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut context = templates::InviteContext::sample(platform);
+        if !self.organisation.is_empty() {
+            context.organisation = self.organisation.to_string();
+        }
+        Ok(Templates::new(&sources)?.render(&context)?)
+    }
+
+    /// Sends a short test message to `to` and returns what the relay said (with advice when it refused).
+    pub async fn send_test(&self, to: &str) -> Result<Attempt, MailError> {
+        let relay = self.relay.as_ref().ok_or(MailError::NotConfigured)?;
+        relay.send_test(to, &self.public_url).await
+    }
 }
 
 /// A connection pool to the office's SMTP relay.
@@ -133,6 +299,17 @@ impl Relay {
             builder = builder.reply_to(reply_to.clone());
         }
         builder
+    }
+
+    /// Sends a short test message to `to` now and returns what the relay said (with advice when it refused).
+    pub async fn send_test(&self, to: &str, public_url: &str) -> Result<Attempt, MailError> {
+        let id: String = crate::domain::random_bytes::<8>().iter().map(|b| format!("{b:02x}")).collect();
+        let text = format!(
+            "This is a test message from enrolld ({public_url}).\n\nIf you can read it, invites will reach your users through {}.\n",
+            self.settings.host
+        );
+        let message = self.text_message(to, &format!("test.{id}"), "enrolld test message", &text)?;
+        Ok(self.send(message).await)
     }
 
     /// Hands a message to the relay and says what came of it.

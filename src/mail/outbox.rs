@@ -9,8 +9,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::templates::{InviteContext, Templates};
-use super::{QR_CONTENT_ID, Relay};
+use super::templates::InviteContext;
+use super::{Mail, QR_CONTENT_ID, Relay};
 use crate::domain::{Attempt, Claimed, Enrollment, RetryPolicy};
 use crate::model::{Id, JobChannel};
 
@@ -24,12 +24,8 @@ const MAX_PAUSE: Duration = Duration::from_secs(300);
 /// What the worker needs besides the domain.
 #[derive(Clone)]
 pub struct OutboxSettings {
-    /// The relay, or `None` while none is configured (jobs wait).
-    pub relay: Option<Relay>,
-    pub templates: Arc<Templates>,
-    pub organisation: String,
-    /// The base of enrollment links (`https://enroll.local`).
-    pub public_url: String,
+    /// The relay (jobs wait while there is none) and the templates.
+    pub mail: Mail,
     pub max_connections: usize,
     pub max_per_second: u32,
     pub retry: RetryPolicy,
@@ -47,7 +43,7 @@ pub async fn run(domain: Enrollment, settings: OutboxSettings, shutdown: Cancell
         Ok(Err(error)) => tracing::error!(%error, "cannot queue interrupted messages again"),
         Err(error) => tracing::error!(%error, "cannot queue interrupted messages again"),
     }
-    let Some(relay) = settings.relay.clone() else {
+    let Some(relay) = settings.mail.relay().cloned() else {
         tracing::warn!("no mail relay is configured (smtp_host): invites wait in the outbox until one is");
         shutdown.cancelled().await;
         return;
@@ -215,10 +211,11 @@ impl Worker {
         let (Some(token), Some(passcode)) = (&job.link_token, &job.passcode) else {
             return Err(super::MailError::Message("the job has no link left to send".into()));
         };
-        let link = format!("{}/e/{token}", self.settings.public_url);
+        let mail = &self.settings.mail;
+        let link = format!("{}/e/{token}", mail.public_url);
         let context = InviteContext::new(
             &claimed.user.name,
-            &self.settings.organisation,
+            &mail.organisation,
             link.clone(),
             passcode,
             claimed.invite.expires_at,
@@ -226,7 +223,7 @@ impl Worker {
             claimed.invite.ownership,
             &format!("cid:{QR_CONTENT_ID}"),
         );
-        let mail = self.settings.templates.render(&context)?;
-        self.relay.invite_message(&job.to, &format!("invite.{}.{}", job.invite_id, job.id), &mail, &link)
+        let rendered = mail.templates().render(&context)?;
+        self.relay.invite_message(&job.to, &format!("invite.{}.{}", job.invite_id, job.id), &rendered, &link)
     }
 }

@@ -63,8 +63,9 @@ pub mod tree {
     pub const INVITES_BY_GROUP: usize = 26;
     pub const OUTBOX_BY_INVITE: usize = 27;
     pub const OUTBOX_DUE: usize = 28;
+    pub const SETTINGS: usize = 29;
 
-    pub(super) const NAMES: [&str; 29] = [
+    pub(super) const NAMES: [&str; 30] = [
         "meta",
         "certificates",
         "users",
@@ -94,6 +95,7 @@ pub mod tree {
         "invites_by_group",
         "outbox_by_invite",
         "outbox_due",
+        "settings",
     ];
 }
 

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::tree;
 use crate::model::{
-    Admin, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, Session, StagedDevice, User,
+    Admin, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, Session, Setting,
+    StagedDevice, User,
 };
 
 /// A certificate the appliance's CA issued.
@@ -220,6 +221,13 @@ impl Record for Admin {
     }
     fn counters(&self) -> Vec<String> {
         vec!["admins".into()]
+    }
+}
+
+impl Record for Setting {
+    const TREE: usize = tree::SETTINGS;
+    fn key(&self) -> Vec<u8> {
+        self.name.as_bytes().to_vec()
     }
 }
 

@@ -284,3 +284,94 @@ async fn a_relay_down_across_a_restart_gets_every_message_once_when_it_returns()
     assert_eq!((messages.len(), recipients.len()), (12, 12), "every message once: {recipients:?}");
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_are_checked_when_saved_previewed_and_used_for_the_next_invite() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let daemon = start(&dir.path().join("state"), &mail_env(smtp_port, &[]));
+    let admin = Admin::sign_in(&daemon).await;
+    let path = "/api/v1/mail/templates/invite.subject.txt";
+
+    let broken = json!({"source": "Hello {{ user_name }\n"});
+    let (status, error) = admin.call(&daemon, Method::PUT, path, Some(broken)).await;
+    assert_eq!(
+        (status, error["error"].as_str(), error["field"].as_str()),
+        (422, Some("template_invalid"), Some("source"))
+    );
+    assert!(error["message"].as_str().unwrap().contains("invite.subject.txt, line 1"), "{error}");
+    let unknown = json!({"source": "Hello {{ first_name }}"});
+    let (status, error) = admin.call(&daemon, Method::PUT, path, Some(unknown)).await;
+    assert_eq!(status, 422);
+    assert!(error["message"].as_str().unwrap().contains("undefined"), "{error}");
+
+    let draft = json!({"platform": "android", "drafts": {"invite.subject.txt": "Draft for {{ platform_name }}"}});
+    let (status, preview) = admin.call(&daemon, Method::POST, "/api/v1/mail/preview", Some(draft)).await;
+    assert_eq!(status, 200, "{preview}");
+    assert_eq!(preview["subject"], "Draft for Android");
+    assert!(preview["text"].as_str().unwrap().contains("scan the QR code"));
+
+    let good = json!({"source": "{{ organisation }} welcomes {{ user_name }}"});
+    let (status, saved) = admin.call(&daemon, Method::PUT, path, Some(good)).await;
+    assert_eq!((status, saved["customised"].as_bool()), (200, Some(true)), "{saved}");
+    assert_eq!(saved["updated_by"], "admin");
+    admin.invite(&daemon, "Dee Park", "dee@example.com", "android").await;
+    let raw = sink.wait_for(1).remove(0);
+    assert_eq!(header(&mailparse::parse_mail(&raw).unwrap(), "Subject"), "Example Ltd welcomes Dee Park");
+
+    let (status, reset) = admin.call(&daemon, Method::DELETE, path, None).await;
+    assert_eq!((status, reset["customised"].as_bool()), (200, Some(false)));
+    assert_eq!(reset["source"], reset["default_source"]);
+
+    let (status, sent) =
+        admin.call(&daemon, Method::POST, "/api/v1/mail/test", Some(json!({"to": "admin@example.com"}))).await;
+    assert_eq!((status, sent["sent"].as_bool()), (200, Some(true)), "{sent}");
+    assert!(sent["reply"].as_str().unwrap().starts_with("250"));
+    let raw = sink.wait_for(2).remove(1);
+    assert_eq!(header(&mailparse::parse_mail(&raw).unwrap(), "Subject"), "enrolld test message");
+    let (_, status_now) = admin.call(&daemon, Method::GET, "/api/v1/mail", None).await;
+    assert_eq!(status_now["relay"]["port"], smtp_port);
+    assert_eq!(status_now["outbox"]["sent"], 1);
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
+
+#[test]
+fn send_test_mail_reports_the_relays_answer_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let env = |port: u16| {
+        vec![
+            ("ENROLLD_SMTP_HOST", "127.0.0.1".to_owned()),
+            ("ENROLLD_SMTP_PORT", port.to_string()),
+            ("ENROLLD_SMTP_SECURITY", "none".to_owned()),
+            ("ENROLLD_MAIL_FROM", "it@example.com".to_owned()),
+        ]
+    };
+    let run = |env: &[(&str, String)], to: &str| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        crate::common::run(&["send-test-mail", "--to", to], &env)
+    };
+
+    let out = run(&[], "ann@example.com");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(crate::common::stderr(&out).contains("no mail relay is configured; set smtp_host"));
+
+    let out = run(&env(smtp_port), "ann@example.com");
+    assert_eq!(out.status.code(), Some(1), "nothing listens yet");
+    assert!(
+        crate::common::stderr(&out).contains("nothing accepts connections on 127.0.0.1"),
+        "{}",
+        crate::common::stderr(&out)
+    );
+
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let out = run(&env(smtp_port), "ann@example.com");
+    assert_eq!(out.status.code(), Some(0), "{}", crate::common::stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sent to ann@example.com through 127.0.0.1") && stdout.contains("250"), "{stdout}");
+    let out = run(&env(smtp_port), "reject-me@example.com");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(crate::common::stderr(&out).contains("550"), "{}", crate::common::stderr(&out));
+    assert_eq!(sink.messages().len(), 1);
+}

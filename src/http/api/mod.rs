@@ -9,6 +9,7 @@ mod access;
 mod devices;
 mod imports;
 mod invites;
+mod mail;
 mod system;
 mod users;
 
@@ -70,6 +71,11 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(imports::export_invites))
         .routes(routes!(imports::export_staged))
         .routes(routes!(imports::export_devices))
+        .routes(routes!(mail::status))
+        .routes(routes!(mail::send_test))
+        .routes(routes!(mail::templates))
+        .routes(routes!(mail::save_template, mail::reset_template))
+        .routes(routes!(mail::preview))
         .routes(routes!(system::dashboard))
         .routes(routes!(system::audit))
         .routes(routes!(system::openapi_document))
