@@ -71,6 +71,32 @@ pub struct MailConfig {
     pub retry_first: Duration,
     /// How long after it was queued a message is given up.
     pub retry_horizon: Duration,
+    /// The SMS gateway, if any; without one, SMS jobs fail with a reply saying so.
+    pub sms: Option<SmsGateway>,
+}
+
+/// How text messages are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmsGateway {
+    /// An HTTP API: one request per message.
+    Http(HttpGateway),
+    /// Mail to `<digits>@<domain>` through the SMTP relay (many carriers and SMS providers offer this).
+    Email { domain: String },
+}
+
+/// A generic HTTP SMS API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpGateway {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// `POST` (default), `PUT` or `GET`.
+    pub method: String,
+    /// Extra headers, such as `Authorization: Bearer …`, as (name, value).
+    pub headers: Vec<(String, String)>,
+    /// The request body, a minijinja template over `to`, `text` and their `_json` and `_url` encodings.
+    pub body: String,
+    /// Text the response body must contain for the message to count as sent (besides a 2xx status).
+    pub success_contains: Option<String>,
 }
 
 /// The office's SMTP relay.
@@ -288,6 +314,13 @@ const KEYS: &[Key] = &[
     Key { name: "mail_max_per_second", kind: Kind::Integer, flag: "" },
     Key { name: "mail_retry_first_secs", kind: Kind::Integer, flag: "" },
     Key { name: "mail_retry_hours", kind: Kind::Integer, flag: "" },
+    Key { name: "sms_gateway", kind: Kind::Text, flag: "" },
+    Key { name: "sms_http_url", kind: Kind::Text, flag: "" },
+    Key { name: "sms_http_method", kind: Kind::Text, flag: "" },
+    Key { name: "sms_http_headers", kind: Kind::List, flag: "" },
+    Key { name: "sms_http_body", kind: Kind::Text, flag: "" },
+    Key { name: "sms_http_success_contains", kind: Kind::Text, flag: "" },
+    Key { name: "sms_email_domain", kind: Kind::Text, flag: "" },
 ];
 
 /// Environment variables that are not configuration keys but are still ours.
@@ -479,6 +512,24 @@ impl Layers {
                 "mail_max_per_second" => config.mail.max_per_second.to_string(),
                 "mail_retry_first_secs" => config.mail.retry_first.as_secs().to_string(),
                 "mail_retry_hours" => (config.mail.retry_horizon.as_secs() / 3_600).to_string(),
+                sms_key if sms_key.starts_with("sms_") => match (&config.mail.sms, sms_key) {
+                    (None, "sms_gateway") => "off".to_owned(),
+                    (None, _) => "(not used)".to_owned(),
+                    (Some(SmsGateway::Email { .. }), "sms_gateway") => "email".to_owned(),
+                    (Some(SmsGateway::Email { domain }), "sms_email_domain") => domain.clone(),
+                    (Some(SmsGateway::Email { .. }), _) => "(not used)".to_owned(),
+                    (Some(SmsGateway::Http(_)), "sms_gateway") => "http".to_owned(),
+                    (Some(SmsGateway::Http(http)), "sms_http_url") => http.url.clone(),
+                    (Some(SmsGateway::Http(http)), "sms_http_method") => http.method.clone(),
+                    (Some(SmsGateway::Http(http)), "sms_http_headers") => {
+                        http.headers.iter().map(|(name, _)| format!("{name}: (hidden)")).collect::<Vec<_>>().join(", ")
+                    }
+                    (Some(SmsGateway::Http(http)), "sms_http_body") => http.body.clone(),
+                    (Some(SmsGateway::Http(http)), "sms_http_success_contains") => {
+                        http.success_contains.clone().unwrap_or_else(|| "(any 2xx answer)".into())
+                    }
+                    (Some(SmsGateway::Http(_)), _) => "(not used)".to_owned(),
+                },
                 smtp_key if smtp_key.starts_with("smtp_") || smtp_key.starts_with("mail_") => {
                     let Some(smtp) = &config.mail.smtp else { return "(not set: mail waits in the outbox)".to_owned() };
                     match smtp_key {
@@ -661,7 +712,71 @@ impl Layers {
             max_per_second: u32::try_from(self.integer("mail_max_per_second", 20, 1..=10_000)?).unwrap_or(20),
             retry_first: Duration::from_secs(self.integer("mail_retry_first_secs", 60, 1..=3_600)?),
             retry_horizon: Duration::from_secs(self.integer("mail_retry_hours", 48, 1..=720)? * 3_600),
+            sms: self.sms()?,
         })
+    }
+
+    fn sms(&self) -> Result<Option<SmsGateway>, ConfigError> {
+        match self.text("sms_gateway").map(|g| g.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("off" | "") => Ok(None),
+            Some("email") => {
+                let domain = self.text("sms_email_domain").map(str::trim).unwrap_or_default().trim_start_matches('@');
+                if domain.is_empty() || domain.contains(['@', ' ', '/']) {
+                    return Err(self.invalid("sms_email_domain", "give the gateway's mail domain, such as sms.example.net (messages go to <number>@sms.example.net)"));
+                }
+                Ok(Some(SmsGateway::Email { domain: domain.to_owned() }))
+            }
+            Some("http") => {
+                let url = self.text("sms_http_url").map(str::trim).unwrap_or_default();
+                if !(url.starts_with("https://") || url.starts_with("http://"))
+                    || url.parse::<axum::http::Uri>().is_err()
+                {
+                    return Err(self
+                        .invalid("sms_http_url", "give the gateway's URL, such as https://sms.example.net/api/send"));
+                }
+                let method = self.text("sms_http_method").unwrap_or("POST").trim().to_ascii_uppercase();
+                if !matches!(method.as_str(), "POST" | "PUT" | "GET") {
+                    return Err(self.invalid("sms_http_method", "use POST, PUT or GET"));
+                }
+                let mut headers = Vec::new();
+                for item in self.list("sms_http_headers") {
+                    let Some((name, value)) = item.split_once(':') else {
+                        return Err(self.invalid("sms_http_headers", "write each header as \"Name: value\""));
+                    };
+                    let (name, value) = (name.trim(), value.trim());
+                    if axum::http::HeaderName::try_from(name).is_err()
+                        || axum::http::HeaderValue::try_from(value).is_err()
+                    {
+                        return Err(self.invalid("sms_http_headers", &format!("{name:?} is not a valid header")));
+                    }
+                    headers.push((name.to_owned(), value.to_owned()));
+                }
+                let body = self
+                    .text("sms_http_body")
+                    .unwrap_or(r#"{"to": {{ to_json }}, "text": {{ text_json }}}"#)
+                    .to_owned();
+                let mut check = minijinja::Environment::new();
+                check.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+                let sample = minijinja::Value::from_pairs([
+                    ("to", "+12025550100"),
+                    ("to_json", "\"+12025550100\""),
+                    ("to_url", "%2B12025550100"),
+                    ("text", "t"),
+                    ("text_json", "\"t\""),
+                    ("text_url", "t"),
+                ]);
+                if let Err(error) = check.render_str(&body, sample) {
+                    return Err(self.invalid(
+                        "sms_http_body",
+                        &format!("{error}; the variables are to, text, to_json, text_json, to_url and text_url"),
+                    ));
+                }
+                let success_contains =
+                    self.text("sms_http_success_contains").map(str::to_owned).filter(|s| !s.is_empty());
+                Ok(Some(SmsGateway::Http(HttpGateway { url: url.to_owned(), method, headers, body, success_contains })))
+            }
+            Some(_) => Err(self.invalid("sms_gateway", "use off, http or email")),
+        }
     }
 
     fn smtp(&self, host: &str, hostname: &str) -> Result<SmtpConfig, ConfigError> {

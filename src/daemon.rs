@@ -188,7 +188,13 @@ pub async fn run(
     let token = CancellationToken::new();
     let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
     let relay = config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?;
-    let mail = Mail::new(&enrollment, relay, &config.mail.organisation, &config.public_url(https_port))?;
+    let mail = Mail::new(
+        &enrollment,
+        relay,
+        config.mail.sms.clone(),
+        &config.mail.organisation,
+        &config.public_url(https_port),
+    )?;
     let mut state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
     state.shutdown = token.clone();
     state.mail = mail.clone();

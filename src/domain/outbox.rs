@@ -8,11 +8,13 @@
 use time::{Duration, OffsetDateTime};
 
 use super::{DomainError, DomainResult, Enrollment, random_bytes};
-use crate::model::{DeliveryJob, Id, Import, ImportState, Invite, InviteStatus, JobState, Remark, User};
+use crate::model::{DeliveryJob, Id, Import, ImportState, Invite, InviteStatus, JobChannel, JobState, Remark, User};
 use crate::store::{Tx, tree};
 
 /// How long a job of a running CSV import waits before it is looked at again.
 const IMPORT_RUNNING_WAIT: Duration = Duration::seconds(5);
+/// How long a job waits when its channel cannot be used now.
+const CHANNEL_UNAVAILABLE_WAIT: Duration = Duration::minutes(10);
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::hours(1);
 
@@ -93,11 +95,19 @@ impl Enrollment {
     /// Moves a due job to `sending` and returns it with its invite and user. `None` when there is nothing to send
     /// now: the job is gone or not due, belongs to a CSV import still running (it is looked at again shortly), or
     /// has gone stale (marked so).
-    pub fn claim_job(&self, id: &Id) -> DomainResult<Option<Claimed>> {
+    /// A job on a channel `can_send` says no to (no relay configured, say) waits ten minutes and is looked at
+    /// again.
+    pub fn claim_job(&self, id: &Id, can_send: impl Fn(JobChannel) -> bool) -> DomainResult<Option<Claimed>> {
         let now = self.now();
         self.transact(|tx| {
             let Some(old) = tx.get_id::<DeliveryJob, _>(id)? else { return Ok(None) };
             if !matches!(old.state, JobState::Queued | JobState::Deferred) || old.due_at().is_some_and(|at| at > now) {
+                return Ok(None);
+            }
+            if !can_send(old.channel) {
+                let mut job = old.clone();
+                job.next_attempt_at = Some(now + CHANNEL_UNAVAILABLE_WAIT);
+                tx.put(Some(&old), &job)?;
                 return Ok(None);
             }
             if let Some(import) = old.import {
@@ -304,10 +314,10 @@ mod tests {
         let id = invite(&d, "ann@example.com");
         let (due, next) = d.due_jobs(d.now(), 10).unwrap();
         assert_eq!((due.len(), next), (1, None));
-        let claimed = d.claim_job(&due[0]).unwrap().unwrap();
+        let claimed = d.claim_job(&due[0], |_| true).unwrap().unwrap();
         assert_eq!((claimed.job.state, claimed.job.attempts), (JobState::Sending, 1));
         assert!(claimed.job.link_token.is_some() && claimed.job.passcode.is_some());
-        assert!(d.claim_job(&due[0]).unwrap().is_none(), "a job being sent is not handed out again");
+        assert!(d.claim_job(&due[0], |_| true).unwrap().is_none(), "a job being sent is not handed out again");
         assert!(d.due_jobs(d.now(), 10).unwrap().0.is_empty());
 
         let job = d.finish_job(&due[0], &Attempt::Sent("250 2.0.0 Ok: queued as X1".into()), &quick()).unwrap();
@@ -325,7 +335,7 @@ mod tests {
         let job_id = d.due_jobs(d.now(), 10).unwrap().0[0];
         let mut waits = Vec::new();
         loop {
-            let Some(claimed) = d.claim_job(&job_id).unwrap() else {
+            let Some(claimed) = d.claim_job(&job_id, |_| true).unwrap() else {
                 clock.advance(time::Duration::seconds(1));
                 continue;
             };
@@ -354,13 +364,13 @@ mod tests {
         let id = invite(&d, "cal@example.com");
         let old_job = d.due_jobs(d.now(), 10).unwrap().0[0];
         d.resend_invite(&admin(), &id).unwrap();
-        assert!(d.claim_job(&old_job).unwrap().is_none());
+        assert!(d.claim_job(&old_job, |_| true).unwrap().is_none());
         let jobs = d.deliveries(&id).unwrap();
         assert_eq!(jobs.iter().map(|j| j.state).collect::<Vec<_>>(), [JobState::Stale, JobState::Queued]);
 
         let new_job = d.due_jobs(d.now(), 10).unwrap().0;
         assert_eq!(new_job, [jobs[1].id]);
-        d.claim_job(&new_job[0]).unwrap().unwrap();
+        d.claim_job(&new_job[0], |_| true).unwrap().unwrap();
         assert_eq!(d.requeue_in_flight().unwrap(), 1);
         assert_eq!(d.due_jobs(d.now(), 10).unwrap().0, new_job, "queued again after a crash mid-send");
     }
@@ -371,7 +381,7 @@ mod tests {
         let id = invite(&d, "dee@example.com");
         let job = d.due_jobs(d.now(), 10).unwrap().0[0];
         d.remove_invite(&admin(), &id).unwrap();
-        assert!(d.claim_job(&job).unwrap().is_none());
+        assert!(d.claim_job(&job, |_| true).unwrap().is_none());
         assert!(d.due_jobs(d.now(), 10).unwrap().0.is_empty());
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod outbox;
 pub mod qr;
+pub mod sms;
 pub mod templates;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::config::{SmtpConfig, SmtpSecurity};
+use crate::config::{SmsGateway, SmtpConfig, SmtpSecurity};
 use crate::domain::{Actor, Attempt, Enrollment};
 use templates::{Rendered, Templates};
 
@@ -71,6 +72,7 @@ pub struct TemplateSource {
 #[derive(Clone)]
 pub struct Mail {
     relay: Option<Relay>,
+    sms: Option<Arc<SmsGateway>>,
     templates: Arc<ArcSwap<Templates>>,
     pub organisation: Arc<str>,
     /// The base of enrollment links (`https://enroll.local`).
@@ -91,6 +93,7 @@ impl Mail {
     pub fn new(
         domain: &Enrollment,
         relay: Option<Relay>,
+        sms: Option<SmsGateway>,
         organisation: &str,
         public_url: &str,
     ) -> Result<Mail, MailError> {
@@ -101,6 +104,7 @@ impl Mail {
         });
         Ok(Mail {
             relay,
+            sms: sms.map(Arc::new),
             templates: Arc::new(ArcSwap::from_pointee(templates)),
             organisation: organisation.into(),
             public_url: public_url.into(),
@@ -119,6 +123,7 @@ impl Mail {
     pub fn unconfigured() -> Mail {
         Mail {
             relay: None,
+            sms: None,
             templates: Arc::new(ArcSwap::from_pointee(Templates::defaults())),
             organisation: "".into(),
             public_url: "https://enroll.local".into(),
@@ -127,6 +132,10 @@ impl Mail {
 
     pub fn relay(&self) -> Option<&Relay> {
         self.relay.as_ref()
+    }
+
+    pub fn sms(&self) -> Option<&SmsGateway> {
+        self.sms.as_deref()
     }
 
     pub fn templates(&self) -> Arc<Templates> {

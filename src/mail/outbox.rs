@@ -43,11 +43,14 @@ pub async fn run(domain: Enrollment, settings: OutboxSettings, shutdown: Cancell
         Ok(Err(error)) => tracing::error!(%error, "cannot queue interrupted messages again"),
         Err(error) => tracing::error!(%error, "cannot queue interrupted messages again"),
     }
-    let Some(relay) = settings.mail.relay().cloned() else {
-        tracing::warn!("no mail relay is configured (smtp_host): invites wait in the outbox until one is");
-        shutdown.cancelled().await;
-        return;
-    };
+    let relay = settings.mail.relay().cloned();
+    if relay.is_none() {
+        tracing::warn!("no mail relay is configured (smtp_host): invite mails wait in the outbox until one is");
+        if settings.mail.sms().is_none() {
+            shutdown.cancelled().await;
+            return;
+        }
+    }
     let worker = Worker { domain, settings: Arc::new(settings), relay };
     worker.run(shutdown).await;
 }
@@ -55,7 +58,7 @@ pub async fn run(domain: Enrollment, settings: OutboxSettings, shutdown: Cancell
 struct Worker {
     domain: Enrollment,
     settings: Arc<OutboxSettings>,
-    relay: Relay,
+    relay: Option<Relay>,
 }
 
 impl Worker {
@@ -169,7 +172,10 @@ impl Worker {
     /// Claims, renders, sends and records one job; the attempt's outcome, or `None` when there was nothing to send.
     async fn deliver(&self, id: Id) -> Option<Attempt> {
         let domain = self.domain.clone();
-        let claimed = match tokio::task::spawn_blocking(move || domain.claim_job(&id)).await {
+        let has_relay = self.relay.is_some();
+        // Email waits for a relay; SMS always goes ahead, to end with a clear reply when no gateway is set.
+        let can_send = move |channel| channel == JobChannel::Sms || has_relay;
+        let claimed = match tokio::task::spawn_blocking(move || domain.claim_job(&id, can_send)).await {
             Ok(Ok(Some(claimed))) => claimed,
             Ok(Ok(None)) => return None,
             Ok(Err(error)) => {
@@ -181,13 +187,21 @@ impl Worker {
                 return None;
             }
         };
-        let attempt = match claimed.job.channel {
-            JobChannel::Email => match self.invite_message(&claimed) {
-                Ok(message) => self.relay.send(message).await,
+        let attempt = match (claimed.job.channel, &self.relay, self.settings.mail.sms()) {
+            (JobChannel::Email, Some(relay), _) => match self.invite_message(relay, &claimed) {
+                Ok(message) => relay.send(message).await,
                 Err(error) => Attempt::Permanent(error.to_string()),
             },
-            JobChannel::Sms => Attempt::Permanent(
-                "no SMS gateway is configured, so the text message was not sent; the invite went by email".into(),
+            (JobChannel::Email, None, _) => Attempt::Temporary("no mail relay is configured".into()),
+            (JobChannel::Sms, relay, Some(gateway)) => match self.invite_text(&claimed) {
+                Some(text) => {
+                    let message_id = format!("sms.{}.{}", claimed.job.invite_id, claimed.job.id);
+                    super::sms::send(gateway, relay.as_ref(), &claimed.job.to, &text, &message_id).await
+                }
+                None => Attempt::Permanent("the job has no link left to send".into()),
+            },
+            (JobChannel::Sms, _, None) => Attempt::Permanent(
+                "no SMS gateway is configured (sms_gateway), so the text message was not sent".into(),
             ),
         };
         match &attempt {
@@ -206,7 +220,24 @@ impl Worker {
         Some(attempt)
     }
 
-    fn invite_message(&self, claimed: &Claimed) -> Result<lettre::Message, super::MailError> {
+    fn invite_text(&self, claimed: &Claimed) -> Option<String> {
+        let job = &claimed.job;
+        let (token, passcode) = (job.link_token.as_ref()?, job.passcode.as_ref()?);
+        let mail = &self.settings.mail;
+        let context = InviteContext::new(
+            &claimed.user.name,
+            &mail.organisation,
+            format!("{}/e/{token}", mail.public_url),
+            passcode,
+            claimed.invite.expires_at,
+            claimed.invite.platform,
+            claimed.invite.ownership,
+            "",
+        );
+        Some(super::sms::invite_text(&context))
+    }
+
+    fn invite_message(&self, relay: &Relay, claimed: &Claimed) -> Result<lettre::Message, super::MailError> {
         let job = &claimed.job;
         let (Some(token), Some(passcode)) = (&job.link_token, &job.passcode) else {
             return Err(super::MailError::Message("the job has no link left to send".into()));
@@ -224,6 +255,6 @@ impl Worker {
             &format!("cid:{QR_CONTENT_ID}"),
         );
         let rendered = mail.templates().render(&context)?;
-        self.relay.invite_message(&job.to, &format!("invite.{}.{}", job.invite_id, job.id), &rendered, &link)
+        relay.invite_message(&job.to, &format!("invite.{}.{}", job.invite_id, job.id), &rendered, &link)
     }
 }

@@ -375,3 +375,140 @@ fn send_test_mail_reports_the_relays_answer_with_advice() {
     assert!(crate::common::stderr(&out).contains("550"), "{}", crate::common::stderr(&out));
     assert_eq!(sink.messages().len(), 1);
 }
+
+/// The test SMS gateway (`sms_gateway.py`), killed when dropped.
+struct Gateway {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Gateway {
+    fn start(port: u16, log: &Path) -> Gateway {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/sms_gateway.py");
+        let mut child =
+            Command::new("python3").arg(script).arg(port.to_string()).arg(log).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the SMS gateway did not start");
+        Gateway { child, log: log.to_owned() }
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Admin {
+    /// A user with a phone number and an invite by email and SMS; returns the invite's id.
+    async fn invite_both(&self, daemon: &Daemon, email: &str, phone: &str) -> String {
+        let user = json!({"name": email, "email": email, "phone": phone});
+        let (status, user) = self.call(daemon, Method::POST, "/api/v1/users", Some(user)).await;
+        assert_eq!(status, 201, "{user}");
+        let invite = json!({"user_id": user["id"], "platform": "ios", "channels": "both"});
+        let (status, created) = self.call(daemon, Method::POST, "/api/v1/invites", Some(invite)).await;
+        assert_eq!(status, 201, "{created}");
+        created["invite"]["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls an invite until every message has ended (sent or failed); returns the invite.
+    async fn wait_settled(&self, daemon: &Daemon, invite: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, found) = self.call(daemon, Method::GET, &format!("/api/v1/invites/{invite}"), None).await;
+            let delivery = found["delivery"].as_array().unwrap();
+            if delivery.len() == 2 && delivery.iter().all(|d| d["state"] == "sent" || d["state"] == "failed") {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "the messages never settled: {found}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn sms_of(found: &Value) -> &Value {
+    found["delivery"].as_array().unwrap().iter().find(|d| d["channel"] == "sms").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sms_go_through_an_http_gateway_with_the_same_retries_and_remarks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp_port, sms_port) = (free_port(), free_port());
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let gateway = Gateway::start(sms_port, &dir.path().join("sms.log"));
+    let env = mail_env(
+        smtp_port,
+        &[
+            ("ENROLLD_SMS_GATEWAY", "http".into()),
+            ("ENROLLD_SMS_HTTP_URL", format!("http://127.0.0.1:{sms_port}/api/send?account=office")),
+            ("ENROLLD_SMS_HTTP_HEADERS", "Authorization: Bearer t0k3n".into()),
+            ("ENROLLD_SMS_HTTP_SUCCESS_CONTAINS", "queued".into()),
+        ],
+    );
+    let daemon = start(&dir.path().join("state"), &env);
+    let admin = Admin::sign_in(&daemon).await;
+    let ok = admin.invite_both(&daemon, "ann@example.com", "+1 202 555 0100").await;
+    let flaky = admin.invite_both(&daemon, "bea@example.com", "+1 202 555 0503").await;
+    let refused = admin.invite_both(&daemon, "cal@example.com", "+1 202 555 0400").await;
+
+    let found = admin.wait_settled(&daemon, &ok).await;
+    assert_eq!(sms_of(&found)["state"], "sent", "{found}");
+    assert!(sms_of(&found)["reply"].as_str().unwrap().starts_with("HTTP 200"), "{found}");
+    let found = admin.wait_settled(&daemon, &flaky).await;
+    assert_eq!((sms_of(&found)["state"].as_str(), sms_of(&found)["attempts"].as_u64()), (Some("sent"), Some(2)));
+    assert!(found["remarks"].as_array().unwrap().iter().any(|r| r["text"].as_str().unwrap().starts_with("SMS to")));
+    let found = admin.wait_settled(&daemon, &refused).await;
+    assert_eq!(sms_of(&found)["state"], "failed");
+    assert!(
+        sms_of(&found)["reply"].as_str().unwrap().contains("HTTP 400: {\"error\": \"invalid destination number\"}")
+    );
+
+    // The SMS carries the same link and passcode as the mail.
+    let requests = gateway.requests();
+    let to_ann = requests.iter().find(|r| r["body"].as_str().unwrap().contains("0100")).unwrap();
+    assert_eq!(to_ann["path"], "/api/send?account=office");
+    // hyper sends header names in lower case (HTTP/1.1 names are case-insensitive).
+    assert_eq!(to_ann["headers"]["authorization"], "Bearer t0k3n");
+    assert_eq!(to_ann["headers"]["content-type"], "application/json");
+    let body: Value = serde_json::from_str(to_ann["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["to"], "+12025550100", "the number as stored, in E.164");
+    let text = body["text"].as_str().unwrap();
+    let mail = sink
+        .messages()
+        .into_iter()
+        .find(|raw| header(&mailparse::parse_mail(raw).unwrap(), "X-Sink-Rcpt") == "ann@example.com")
+        .unwrap();
+    let mail_text = mailparse::parse_mail(&mail).unwrap().subparts[0].get_body().unwrap();
+    let link = mail_text.lines().find(|l| l.contains("/e/")).unwrap();
+    let passcode = mail_text.lines().find_map(|l| l.strip_prefix("Passcode: ")).unwrap();
+    assert!(text.contains(link) && text.contains(passcode), "{text}");
+    assert!(text.starts_with("Example Ltd: enroll your device at https://"), "{text}");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sms_by_email_go_to_the_number_at_the_gateway_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let env = mail_env(
+        smtp_port,
+        &[("ENROLLD_SMS_GATEWAY", "email".into()), ("ENROLLD_SMS_EMAIL_DOMAIN", "sms.example.net".into())],
+    );
+    let daemon = start(&dir.path().join("state"), &env);
+    let admin = Admin::sign_in(&daemon).await;
+    let invite = admin.invite_both(&daemon, "dee@example.com", "+1 (202) 555-0100").await;
+    let found = admin.wait_settled(&daemon, &invite).await;
+    assert_eq!(sms_of(&found)["state"], "sent", "{found}");
+    let recipients: BTreeSet<String> =
+        sink.wait_for(2).iter().map(|raw| header(&mailparse::parse_mail(raw).unwrap(), "X-Sink-Rcpt")).collect();
+    assert_eq!(recipients, BTreeSet::from(["12025550100@sms.example.net".to_owned(), "dee@example.com".to_owned()]));
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
