@@ -73,6 +73,12 @@ pub struct MailConfig {
     pub retry_horizon: Duration,
     /// The SMS gateway, if any; without one, SMS jobs fail with a reply saying so.
     pub sms: Option<SmsGateway>,
+    /// Days before a pending invite expires that a reminder goes; 0 for none.
+    pub reminder_days: u32,
+    /// Who is told by mail when a device enrolls.
+    pub confirmation_to: Vec<String>,
+    /// Whether the user is told too.
+    pub confirmation_to_user: bool,
 }
 
 /// How text messages are sent.
@@ -314,6 +320,9 @@ const KEYS: &[Key] = &[
     Key { name: "mail_max_per_second", kind: Kind::Integer, flag: "" },
     Key { name: "mail_retry_first_secs", kind: Kind::Integer, flag: "" },
     Key { name: "mail_retry_hours", kind: Kind::Integer, flag: "" },
+    Key { name: "invite_reminder_days", kind: Kind::Integer, flag: "" },
+    Key { name: "confirmation_to", kind: Kind::List, flag: "" },
+    Key { name: "confirmation_to_user", kind: Kind::Bool, flag: "" },
     Key { name: "sms_gateway", kind: Kind::Text, flag: "" },
     Key { name: "sms_http_url", kind: Kind::Text, flag: "" },
     Key { name: "sms_http_method", kind: Kind::Text, flag: "" },
@@ -512,6 +521,9 @@ impl Layers {
                 "mail_max_per_second" => config.mail.max_per_second.to_string(),
                 "mail_retry_first_secs" => config.mail.retry_first.as_secs().to_string(),
                 "mail_retry_hours" => (config.mail.retry_horizon.as_secs() / 3_600).to_string(),
+                "invite_reminder_days" => config.mail.reminder_days.to_string(),
+                "confirmation_to" => config.mail.confirmation_to.join(", "),
+                "confirmation_to_user" => config.mail.confirmation_to_user.to_string(),
                 sms_key if sms_key.starts_with("sms_") => match (&config.mail.sms, sms_key) {
                     (None, "sms_gateway") => "off".to_owned(),
                     (None, _) => "(not used)".to_owned(),
@@ -658,6 +670,13 @@ impl Layers {
         }
 
         let mail = self.mail(&hostname)?;
+        let validity_days = self.integer("invite_validity_days", 7, 1..=90)?;
+        if u64::from(mail.reminder_days) >= validity_days {
+            return Err(self.invalid(
+                "invite_reminder_days",
+                &format!("a reminder {} days before expiry would go before the invite; use fewer days than invite_validity_days ({validity_days}), or 0 for none", mail.reminder_days),
+            ));
+        }
 
         Ok(Config {
             state_dir,
@@ -713,7 +732,21 @@ impl Layers {
             retry_first: Duration::from_secs(self.integer("mail_retry_first_secs", 60, 1..=3_600)?),
             retry_horizon: Duration::from_secs(self.integer("mail_retry_hours", 48, 1..=720)? * 3_600),
             sms: self.sms()?,
+            reminder_days: u32::try_from(self.integer("invite_reminder_days", 0, 0..=89)?).unwrap_or(0),
+            confirmation_to: self.confirmation_to()?,
+            confirmation_to_user: self.bool("confirmation_to_user").unwrap_or(false),
         })
+    }
+
+    fn confirmation_to(&self) -> Result<Vec<String>, ConfigError> {
+        let mut addresses = Vec::new();
+        for item in self.list("confirmation_to") {
+            if item.parse::<lettre::Address>().is_err() {
+                return Err(self.invalid("confirmation_to", &format!("{item:?} is not an email address")));
+            }
+            addresses.push(item.clone());
+        }
+        Ok(addresses)
     }
 
     fn sms(&self) -> Result<Option<SmsGateway>, ConfigError> {

@@ -173,6 +173,10 @@ pub async fn run(
     )?;
     let policy = Policy {
         invite_validity: time::Duration::try_from(config.invite_validity).unwrap_or(time::Duration::days(7)),
+        reminder_before: (config.mail.reminder_days > 0)
+            .then(|| time::Duration::days(i64::from(config.mail.reminder_days))),
+        confirmation_to: config.mail.confirmation_to.clone(),
+        confirmation_to_user: config.mail.confirmation_to_user,
         ..Policy::default()
     };
     let passcode_key = crate::state_dir::secret_file(&state_dir.pki().join("passcode.key"))

@@ -171,6 +171,11 @@ wire_enum!(
     JobChannel { Email = "email", Sms = "sms" }
 );
 wire_enum!(
+    /// What a delivery job sends: the invite itself, a reminder before it expires, or the notice that a device
+    /// enrolled.
+    JobKind { Invite = "invite", Reminder = "reminder", Confirmation = "confirmation" }
+);
+wire_enum!(
     /// A delivery job's state; the mail worker moves it along.
     JobState { Queued = "queued", Sending = "sending", Sent = "sent", Deferred = "deferred", Failed = "failed", Stale = "stale" }
 );
@@ -408,6 +413,15 @@ pub struct DeliveryJob {
     /// When the job was sent, failed for good, or found stale.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    #[serde(default = "invite_kind")]
+    pub kind: JobKind,
+    /// For a confirmation: the device that enrolled.
+    #[serde(default)]
+    pub device_id: Option<Id>,
+}
+
+fn invite_kind() -> JobKind {
+    JobKind::Invite
 }
 
 impl DeliveryJob {

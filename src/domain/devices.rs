@@ -11,8 +11,8 @@ use super::{
     validate_imei,
 };
 use crate::model::{
-    Channels, CommandKind, Device, DeviceStatus, Group, Id, Invite, InviteStatus, Ownership, PendingCommand, Platform,
-    Remark, StagedDevice, User,
+    Channels, CommandKind, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobChannel, JobKind,
+    JobState, Ownership, PendingCommand, Platform, Remark, StagedDevice, User,
 };
 use crate::store::{Scan, Tx, device_status_byte, hardware_key, tree};
 
@@ -176,9 +176,49 @@ impl Enrollment {
                 ),
             });
             tx.put(Some(&old_invite), &invite)?;
+            let user_email = match invited {
+                Some(id) => tx.get_id::<User, _>(&id)?.map(|u| u.email),
+                None => None,
+            };
+            for to in self.confirmation_recipients(user_email) {
+                tx.put(None, &self.confirmation_job(&invite, &device, to))?;
+            }
             self.audit(tx, actor, "device.enroll", Some(device.id.to_string()), format!("invite {invite_id}: {how}"))?;
             Ok(device)
         })
+    }
+
+    /// The distribution list, and the user when the policy says so, each once.
+    fn confirmation_recipients(&self, user_email: Option<String>) -> Vec<String> {
+        let mut to: Vec<String> = self.policy.confirmation_to.clone();
+        if self.policy.confirmation_to_user
+            && let Some(email) = user_email
+            && !to.iter().any(|t| t.eq_ignore_ascii_case(&email))
+        {
+            to.push(email);
+        }
+        to
+    }
+
+    fn confirmation_job(&self, invite: &Invite, device: &Device, to: String) -> DeliveryJob {
+        DeliveryJob {
+            id: self.new_id(),
+            invite_id: invite.id,
+            generation: invite.generation,
+            channel: JobChannel::Email,
+            to,
+            state: JobState::Queued,
+            created_at: self.now(),
+            link_token: None,
+            passcode: None,
+            import: None,
+            attempts: 0,
+            next_attempt_at: None,
+            last_reply: None,
+            finished_at: None,
+            kind: JobKind::Confirmation,
+            device_id: Some(device.id),
+        }
     }
 
     pub fn device(&self, id: &Id) -> DomainResult<Device> {

@@ -27,7 +27,8 @@ use super::{
     random_bytes, sha256_hex,
 };
 use crate::model::{
-    Channels, DeliveryJob, Group, Id, Invite, InviteStatus, JobChannel, JobState, Ownership, Platform, Remark, User,
+    Channels, DeliveryJob, Group, Id, Invite, InviteStatus, JobChannel, JobKind, JobState, Ownership, Platform, Remark,
+    User,
 };
 use crate::store::{Scan, Tx, invite_status_byte, time_key, tree};
 
@@ -253,6 +254,8 @@ impl Enrollment {
                 next_attempt_at: None,
                 last_reply: None,
                 finished_at: None,
+                kind: JobKind::Invite,
+                device_id: None,
             });
         };
         if invite.channels.email() {
@@ -261,13 +264,42 @@ impl Enrollment {
         if let (true, Some(phone)) = (invite.channels.sms(), &user.phone) {
             add(JobChannel::Sms, phone);
         }
+        // The reminder carries no link or passcode: they are not kept for days in the outbox.
+        if let Some(before) = self.policy.reminder_before
+            && invite.channels.email()
+            && invite.expires_at - before > self.now()
+        {
+            jobs.push(DeliveryJob {
+                id: self.new_id(),
+                invite_id: invite.id,
+                generation: invite.generation,
+                channel: JobChannel::Email,
+                to: user.email.clone(),
+                state: JobState::Queued,
+                created_at: self.now(),
+                link_token: None,
+                passcode: None,
+                import,
+                attempts: 0,
+                next_attempt_at: Some(invite.expires_at - before),
+                last_reply: None,
+                finished_at: None,
+                kind: JobKind::Reminder,
+                device_id: None,
+            });
+        }
         jobs
     }
 
     pub(crate) fn delivery_remark(jobs: &[DeliveryJob]) -> String {
-        match jobs.iter().map(|j| j.channel.as_str()).collect::<Vec<_>>().as_slice() {
+        let sends = jobs.iter().filter(|j| j.kind == JobKind::Invite);
+        match sends.map(|j| j.channel.as_str()).collect::<Vec<_>>().as_slice() {
             [] => "Shown to the admin; not sent".to_owned(),
-            channels => format!("Queued for delivery by {}", channels.join(" and ")),
+            channels => {
+                let reminder = jobs.iter().find(|j| j.kind == JobKind::Reminder).and_then(|j| j.next_attempt_at);
+                let reminder = reminder.map(|at| format!(", with a reminder on {} UTC", super::minute(at)));
+                format!("Queued for delivery by {}{}", channels.join(" and "), reminder.unwrap_or_default())
+            }
         }
     }
 
@@ -346,7 +378,7 @@ impl Enrollment {
             delivery: Vec::new(),
         };
         let jobs = self.jobs_for(&invite, &old_user, secrets, import);
-        invite.delivery = jobs.iter().map(|job| job.status(now)).collect();
+        invite.delivery = jobs.iter().filter(|job| job.kind == JobKind::Invite).map(|job| job.status(now)).collect();
         invite
             .remarks
             .push(Remark { at: now, text: format!("{verb} by {}: {}", actor.name, Self::delivery_remark(&jobs)) });
@@ -444,7 +476,7 @@ impl Enrollment {
         invite.failed_attempts = 0;
         invite.locked = false;
         let jobs = self.jobs_for(&invite, &user, secrets, None);
-        invite.delivery = jobs.iter().map(|job| job.status(now)).collect();
+        invite.delivery = jobs.iter().filter(|job| job.kind == JobKind::Invite).map(|job| job.status(now)).collect();
         invite.remarks.push(Remark {
             at: now,
             text: format!(

@@ -97,11 +97,23 @@ pub struct Policy {
     pub invite_validity: Duration,
     /// Wrong passcodes an invite tolerates before it locks.
     pub passcode_attempts: u32,
+    /// A reminder mail goes this long before a pending invite expires; `None`: no reminders.
+    pub reminder_before: Option<Duration>,
+    /// Who is told by mail when a device enrolls (a distribution list, say).
+    pub confirmation_to: Vec<String>,
+    /// Whether the user is told too.
+    pub confirmation_to_user: bool,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { invite_validity: Duration::days(7), passcode_attempts: 5 }
+        Policy {
+            invite_validity: Duration::days(7),
+            passcode_attempts: 5,
+            reminder_before: None,
+            confirmation_to: Vec::new(),
+            confirmation_to_user: false,
+        }
     }
 }
 

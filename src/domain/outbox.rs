@@ -8,7 +8,9 @@
 use time::{Duration, OffsetDateTime};
 
 use super::{DomainError, DomainResult, Enrollment, random_bytes};
-use crate::model::{DeliveryJob, Id, Import, ImportState, Invite, InviteStatus, JobChannel, JobState, Remark, User};
+use crate::model::{
+    DeliveryJob, Device, Id, Import, ImportState, Invite, InviteStatus, JobChannel, JobKind, JobState, Remark, User,
+};
 use crate::store::{Tx, tree};
 
 /// How long a job of a running CSV import waits before it is looked at again.
@@ -35,6 +37,8 @@ pub struct Claimed {
     pub job: DeliveryJob,
     pub invite: Invite,
     pub user: User,
+    /// For a confirmation: the device that enrolled.
+    pub device: Option<Device>,
 }
 
 /// What came of one delivery attempt.
@@ -127,7 +131,9 @@ impl Enrollment {
             }
             let invite = tx.get_id::<Invite, _>(&old.invite_id)?;
             let current = invite.as_ref().filter(|invite| {
-                invite.generation == old.generation && invite.status == InviteStatus::Pending && invite.expires_at > now
+                let open = invite.status == InviteStatus::Pending && invite.expires_at > now;
+                // A confirmation is about an invite that was used; the others need it still open.
+                invite.generation == old.generation && (open || old.kind == JobKind::Confirmation)
             });
             let Some(invite) = current else {
                 self.end_stale(tx, &old, now, invite.as_ref())?;
@@ -135,12 +141,16 @@ impl Enrollment {
             };
             let user: User =
                 tx.get_id(&invite.user_id)?.ok_or_else(|| DomainError::not_found("user", invite.user_id))?;
+            let device = match old.device_id {
+                Some(id) => tx.get_id::<Device, _>(&id)?,
+                None => None,
+            };
             let mut job = old.clone();
             job.state = JobState::Sending;
             job.attempts += 1;
             tx.put(Some(&old), &job)?;
             let invite = self.update_delivery(tx, invite.clone(), &job, now, None)?;
-            Ok(Some(Claimed { job, invite, user }))
+            Ok(Some(Claimed { job, invite, user, device }))
         })
     }
 
@@ -150,7 +160,11 @@ impl Enrollment {
         self.transact(|tx| {
             let old: DeliveryJob = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("delivery job", id))?;
             let mut job = old.clone();
-            let what = format!("{} to {}", job.channel.label(), job.to);
+            let what = match job.kind {
+                JobKind::Invite => format!("{} to {}", job.channel.label(), job.to),
+                JobKind::Reminder => format!("Reminder to {}", job.to),
+                JobKind::Confirmation => format!("Enrollment notice to {}", job.to),
+            };
             let remark = match attempt {
                 Attempt::Sent(reply) => {
                     job.state = JobState::Sent;
@@ -265,10 +279,13 @@ impl Enrollment {
         remark: Option<String>,
     ) -> super::TxResult<Invite> {
         let mut invite = old.clone();
-        let status = job.status(now);
-        match invite.delivery.iter_mut().find(|d| d.job_id == job.id) {
-            Some(slot) => *slot = status,
-            None => invite.delivery.push(status),
+        // The invite shows where its own messages stand; reminders and confirmations only leave remarks.
+        if job.kind == JobKind::Invite {
+            let status = job.status(now);
+            match invite.delivery.iter_mut().find(|d| d.job_id == job.id) {
+                Some(slot) => *slot = status,
+                None => invite.delivery.push(status),
+            }
         }
         if let Some(text) = remark {
             // A deferral replaces the previous deferral of the same message rather than piling up over 48 hours.
@@ -288,7 +305,7 @@ type TxUnit = super::TxResult<()>;
 #[cfg(test)]
 mod tests {
     use super::super::testing::{admin, domain};
-    use super::super::{NewInvite, NewUser};
+    use super::super::{Actor, NewInvite, NewUser};
     use super::*;
     use crate::model::{Channels, Ownership, Platform};
 
@@ -373,6 +390,91 @@ mod tests {
         d.claim_job(&new_job[0], |_| true).unwrap().unwrap();
         assert_eq!(d.requeue_in_flight().unwrap(), 1);
         assert_eq!(d.due_jobs(d.now(), 10).unwrap().0, new_job, "queued again after a crash mid-send");
+    }
+
+    fn with_policy(policy: super::super::Policy) -> (Enrollment, crate::clock::ManualClock) {
+        let clock = crate::clock::ManualClock::new(super::super::testing::start());
+        let store = crate::store::Store::open_temporary().unwrap();
+        let domain = Enrollment::new(store, std::sync::Arc::new(clock.clone()), policy, &[3; 32]).unwrap();
+        (domain, clock)
+    }
+
+    #[test]
+    fn a_reminder_waits_until_days_before_expiry_and_carries_no_secrets() {
+        let policy = super::super::Policy { reminder_before: Some(time::Duration::days(2)), ..Default::default() };
+        let (d, clock) = with_policy(policy);
+        let id = invite(&d, "eve@example.com");
+        let jobs = d.deliveries(&id).unwrap();
+        let reminder = jobs.iter().find(|j| j.kind == JobKind::Reminder).unwrap();
+        let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+        assert_eq!(reminder.next_attempt_at, Some(invite.expires_at - time::Duration::days(2)));
+        assert_eq!((reminder.link_token.as_ref(), reminder.passcode.as_ref()), (None, None));
+        assert_eq!(invite.delivery.len(), 1, "only the invite's own message shows on it");
+        assert!(invite.remarks[0].text.contains("with a reminder on"), "{:?}", invite.remarks);
+        assert_eq!(d.outbox_counts().unwrap(), OutboxCounts { queued: 1, ..Default::default() });
+        assert_eq!(d.store.count("outbox.scheduled").unwrap(), 1);
+
+        let (due, next) = d.due_jobs(d.now(), 10).unwrap();
+        assert_eq!(due.len(), 1, "the invite mail only");
+        let at = |t: Option<time::OffsetDateTime>| t.map(|t| t.unix_timestamp());
+        assert_eq!(at(next), at(reminder.next_attempt_at), "and when the reminder falls due");
+        d.claim_job(&due[0], |_| true).unwrap().unwrap();
+        let (due, next) = d.due_jobs(d.now(), 10).unwrap();
+        assert!(due.is_empty());
+        assert_eq!(at(next), at(reminder.next_attempt_at));
+
+        clock.advance(time::Duration::days(5) + time::Duration::minutes(1));
+        let due = d.due_jobs(d.now(), 10).unwrap().0;
+        assert_eq!(due, [reminder.id]);
+        let claimed = d.claim_job(&due[0], |_| true).unwrap().unwrap();
+        assert_eq!(claimed.job.kind, JobKind::Reminder);
+        d.finish_job(&due[0], &Attempt::Sent("250 ok".into()), &quick()).unwrap();
+        let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+        assert!(invite.remarks.last().unwrap().text.starts_with("Reminder to eve@example.com accepted"));
+    }
+
+    #[test]
+    fn a_resend_retires_the_old_reminder() {
+        let policy = super::super::Policy { reminder_before: Some(time::Duration::days(1)), ..Default::default() };
+        let (d, _clock) = with_policy(policy);
+        let id = invite(&d, "fay@example.com");
+        d.resend_invite(&admin(), &id).unwrap();
+        let kinds: Vec<_> = d.deliveries(&id).unwrap().iter().map(|j| (j.kind, j.state)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (JobKind::Invite, JobState::Stale),
+                (JobKind::Reminder, JobState::Stale),
+                (JobKind::Invite, JobState::Queued),
+                (JobKind::Reminder, JobState::Queued)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_enrollment_queues_a_notice_to_the_list_and_the_user() {
+        let policy = super::super::Policy {
+            confirmation_to: vec!["helpdesk@example.com".into()],
+            confirmation_to_user: true,
+            ..Default::default()
+        };
+        let (d, _clock) = with_policy(policy);
+        let id = invite(&d, "gus@example.com");
+        let first = d.due_jobs(d.now(), 10).unwrap().0;
+        d.claim_job(&first[0], |_| true).unwrap().unwrap();
+        d.finish_job(&first[0], &Attempt::Sent("250 ok".into()), &quick()).unwrap();
+        let facts = super::super::DeviceFacts { name: Some("Gus's Pixel".into()), ..Default::default() };
+        let device = d.complete_enrollment(&Actor::device(None), &id, &facts).unwrap();
+
+        let due = d.due_jobs(d.now(), 10).unwrap().0;
+        let claimed: Vec<Claimed> = due.iter().map(|j| d.claim_job(j, |_| true).unwrap().unwrap()).collect();
+        let to: Vec<&str> = claimed.iter().map(|c| c.job.to.as_str()).collect();
+        assert_eq!(to, ["helpdesk@example.com", "gus@example.com"]);
+        assert!(claimed.iter().all(|c| c.job.kind == JobKind::Confirmation));
+        assert_eq!(claimed[0].device.as_ref().map(|d| d.id), Some(device.id));
+        let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+        assert_eq!(invite.delivery.len(), 1);
+        assert_eq!(invite.delivery[0].state, JobState::Sent, "the invite's own delivery is untouched");
     }
 
     #[test]

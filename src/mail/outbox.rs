@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::templates::InviteContext;
 use super::{Mail, QR_CONTENT_ID, Relay};
 use crate::domain::{Attempt, Claimed, Enrollment, RetryPolicy};
-use crate::model::{Id, JobChannel};
+use crate::model::{Id, JobChannel, JobKind, Platform};
 
 /// How often an idle worker looks for new jobs.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -188,7 +188,7 @@ impl Worker {
             }
         };
         let attempt = match (claimed.job.channel, &self.relay, self.settings.mail.sms()) {
-            (JobChannel::Email, Some(relay), _) => match self.invite_message(relay, &claimed) {
+            (JobChannel::Email, Some(relay), _) => match self.message(relay, &claimed) {
                 Ok(message) => relay.send(message).await,
                 Err(error) => Attempt::Permanent(error.to_string()),
             },
@@ -237,6 +237,22 @@ impl Worker {
         Some(super::sms::invite_text(&context))
     }
 
+    fn message(&self, relay: &Relay, claimed: &Claimed) -> Result<lettre::Message, super::MailError> {
+        let job = &claimed.job;
+        let message_id = format!("{}.{}.{}", job.kind, job.invite_id, job.id);
+        match job.kind {
+            JobKind::Invite => self.invite_message(relay, claimed),
+            JobKind::Reminder => {
+                let (subject, text) = reminder_text(&self.settings.mail.organisation, claimed);
+                relay.text_message(&job.to, &message_id, &subject, &text)
+            }
+            JobKind::Confirmation => {
+                let (subject, text) = confirmation_text(claimed);
+                relay.text_message(&job.to, &message_id, &subject, &text)
+            }
+        }
+    }
+
     fn invite_message(&self, relay: &Relay, claimed: &Claimed) -> Result<lettre::Message, super::MailError> {
         let job = &claimed.job;
         let (Some(token), Some(passcode)) = (&job.link_token, &job.passcode) else {
@@ -257,4 +273,52 @@ impl Worker {
         let rendered = mail.templates().render(&context)?;
         relay.invite_message(&job.to, &format!("invite.{}.{}", job.invite_id, job.id), &rendered, &link)
     }
+}
+
+fn platform_name(platform: Platform) -> &'static str {
+    match platform {
+        Platform::Any => "any",
+        other => crate::csvfile::platform_text(other),
+    }
+}
+
+/// A reminder that an invite expires soon. It carries no link or passcode (they are not kept in the outbox for
+/// days), so it points to the invite mail and says what to do without it.
+fn reminder_text(organisation: &str, claimed: &Claimed) -> (String, String) {
+    let invite = &claimed.invite;
+    let device = match invite.platform {
+        Platform::Any => "a device".to_owned(),
+        platform => format!("your {} device", platform_name(platform)),
+    };
+    let expires = crate::domain::minute(invite.expires_at);
+    let who = if organisation.is_empty() { "your IT team" } else { organisation };
+    let subject = format!("Reminder: enroll {device} before {} UTC", expires);
+    let text = format!(
+        "Hello {},\n\nYour invite to enroll {device} in device management expires on {expires} UTC.\n\nOpen the link in the invite mail you received on {} and enter its passcode. If you cannot find that mail, ask {who} to send the invite again.\n",
+        claimed.user.name,
+        invite.requested_at.date(),
+    );
+    (subject, text)
+}
+
+/// The notice that a device enrolled, for the distribution list (and the user, if so configured).
+fn confirmation_text(claimed: &Claimed) -> (String, String) {
+    let (user, invite) = (&claimed.user, &claimed.invite);
+    let device = claimed.device.as_ref();
+    let platform = platform_name(device.map_or(invite.platform, |d| d.platform));
+    let field = |value: Option<&String>| value.cloned().unwrap_or_else(|| "(not reported)".into());
+    let subject = format!("Device enrolled: {} ({platform})", user.name);
+    let enrolled = device.map_or(invite.requested_at, |d| d.enrolled_at);
+    let text = format!(
+        "A device enrolled in device management.\n\nUser: {} <{}>\nDevice: {}\nModel: {}\nSerial number: {}\nIMEI: {}\nPlatform: {platform}\nOwnership: {}\nEnrolled: {} UTC\n",
+        user.name,
+        user.email,
+        field(device.and_then(|d| d.name.as_ref())),
+        field(device.and_then(|d| d.model.as_ref())),
+        field(device.and_then(|d| d.serial.as_ref())),
+        field(device.and_then(|d| d.imei.as_ref())),
+        invite.ownership,
+        crate::domain::minute(enrolled),
+    );
+    (subject, text)
 }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::tree;
 use crate::model::{
-    Admin, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, Session, Setting,
-    StagedDevice, User,
+    Admin, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobKind, JobState, Session,
+    Setting, StagedDevice, User,
 };
 
 /// A certificate the appliance's CA issued.
@@ -203,6 +203,10 @@ impl Record for DeliveryJob {
         entries
     }
     fn counters(&self) -> Vec<String> {
+        // A reminder waits days for its time; it is scheduled, not queued, until then.
+        if self.kind == JobKind::Reminder && self.state == JobState::Queued {
+            return vec!["outbox.scheduled".into()];
+        }
         vec![format!("outbox.{}", self.state)]
     }
 }
