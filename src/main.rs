@@ -172,6 +172,7 @@ fn send_test_mail(args: &ConfigArgs, to: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Attempt::Temporary(reply)) => fail(format!("not sent through {via} (temporary failure): {reply}"), 1),
+        Ok(Attempt::Unreachable(reply)) => fail(format!("not sent: {via} cannot be reached: {reply}"), 1),
         Ok(Attempt::Permanent(reply)) => fail(format!("not sent through {via}: {reply}"), 1),
         Err(error) => fail(error, 2),
     }

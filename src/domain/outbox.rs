@@ -46,8 +46,11 @@ pub struct Claimed {
 pub enum Attempt {
     /// Accepted; the server's reply (`250 2.0.0 Ok: queued as …`).
     Sent(String),
-    /// A temporary failure (connection refused, timeout, 4xx): try again later.
+    /// A temporary failure the server reported (4xx, or a gateway's 429 or 5xx): try again later.
     Temporary(String),
+    /// The server could not be reached (connection refused, timeout, TLS failure): try again later; the worker
+    /// also pauses the queue, since every other message would fail the same way.
+    Unreachable(String),
     /// A permanent failure (5xx, such as an unknown recipient): give up now.
     Permanent(String),
 }
@@ -171,7 +174,7 @@ impl Enrollment {
                     job.last_reply = Some(reply.clone());
                     format!("{what} accepted by the server: {reply}")
                 }
-                Attempt::Temporary(reply) => {
+                Attempt::Temporary(reply) | Attempt::Unreachable(reply) => {
                     job.last_reply = Some(reply.clone());
                     let next = now + retry.backoff(job.attempts);
                     let horizon = Duration::try_from(retry.horizon).unwrap_or(Duration::MAX);

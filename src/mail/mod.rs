@@ -342,8 +342,10 @@ fn classify(error: &lettre::transport::smtp::Error, settings: &SmtpConfig) -> At
     };
     if error.is_permanent() {
         Attempt::Permanent(text)
-    } else if error.is_transient() || error.is_timeout() || !error.is_response() {
+    } else if error.is_transient() {
         Attempt::Temporary(text)
+    } else if error.is_timeout() || !error.is_response() {
+        Attempt::Unreachable(text)
     } else {
         Attempt::Permanent(text)
     }

@@ -2,10 +2,10 @@
 //! and backs off as a whole while the relay is unreachable, so a long outage neither floods the relay when it
 //! returns nor burns every job's retries.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -63,90 +63,93 @@ struct Worker {
 
 impl Worker {
     async fn run(&self, shutdown: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.settings.max_connections));
+        let slots = self.settings.max_connections.max(1);
         let mut pace = tokio::time::interval(Duration::from_secs(1) / self.settings.max_per_second.max(1));
         pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut in_flight = JoinSet::new();
-        let mut failures_in_a_row = 0u32;
-        'work: while !shutdown.is_cancelled() {
-            // Outcomes of finished sends: an unreachable relay pauses everything; anything else resets the count.
+        let mut in_flight: JoinSet<(Id, Option<(JobChannel, Attempt)>)> = JoinSet::new();
+        // Jobs handed to a task but perhaps not claimed yet: still in the due index, so not to be handed out again.
+        let mut handed_out: HashSet<Id> = HashSet::new();
+        let mut unreachable = 0u32;
+        loop {
             while let Some(done) = in_flight.try_join_next() {
-                match done {
-                    Ok(Some(Attempt::Temporary(reply))) if !reply.starts_with('4') => failures_in_a_row += 1,
-                    Ok(_) => failures_in_a_row = 0,
-                    Err(error) => tracing::error!(%error, "a delivery task failed"),
-                }
+                self.settle(done, &mut handed_out, &mut unreachable);
             }
-            if failures_in_a_row > 0 {
-                let pause = self.settings.retry.backoff(failures_in_a_row).unsigned_abs().min(MAX_PAUSE);
-                tracing::warn!(pause_secs = pause.as_secs(), "the mail relay is unreachable; pausing the outbox");
-                // Let the in-flight sends finish first, so their outcomes count before the next probe.
+            if unreachable > 0 {
+                // The relay is unreachable: let the sends under way finish, pause, then probe with one message at a
+                // time until it answers again.
                 while let Some(done) = in_flight.join_next().await {
-                    if let Ok(Some(Attempt::Sent(_))) = done {
-                        failures_in_a_row = 0;
-                    }
+                    self.settle(done, &mut handed_out, &mut unreachable);
                 }
-                if failures_in_a_row > 0 {
+                if unreachable > 0 {
+                    let pause = self.settings.retry.backoff(unreachable).unsigned_abs().min(MAX_PAUSE);
+                    tracing::warn!(pause_secs = pause.as_secs(), "the mail relay is unreachable; pausing the outbox");
                     tokio::select! {
-                        () = shutdown.cancelled() => break 'work,
+                        () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(pause) => {}
                     }
-                    // One probe at a time until the relay answers again.
-                    let permit = slots.clone().acquire_owned().await;
-                    let Ok(permit) = permit else { break };
-                    let (due, _) = self.due(1).await;
-                    match due.first() {
+                    match self.due(1).await.0.first() {
                         Some(id) => {
                             let outcome = self.deliver(*id).await;
-                            drop(permit);
-                            match outcome {
-                                Some(Attempt::Temporary(reply)) if !reply.starts_with('4') => failures_in_a_row += 1,
-                                _ => failures_in_a_row = 0,
-                            }
+                            self.settle(Ok((*id, outcome)), &mut handed_out, &mut unreachable);
                         }
-                        None => failures_in_a_row = 0,
+                        None => unreachable = 0,
                     }
                     continue;
                 }
             }
-
-            let (due, next) = self.due(self.settings.max_connections * 4).await;
-            if due.is_empty() {
-                let wait = next
-                    .map(|at| (at - self.domain.now()).unsigned_abs())
-                    .map_or(IDLE_POLL, |until| until.min(IDLE_POLL));
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let free = slots - in_flight.len();
+            let (due, next) = if free == 0 { (Vec::new(), None) } else { self.due(slots * 4 + handed_out.len()).await };
+            let fresh: Vec<Id> = due.into_iter().filter(|id| !handed_out.contains(id)).take(free).collect();
+            if fresh.is_empty() {
+                // Nothing new to start: wait for a send to finish, the next due time, or a second for new work.
+                let wait = next.map_or(IDLE_POLL, |at| (at - self.domain.now()).unsigned_abs().min(IDLE_POLL));
                 tokio::select! {
                     () = shutdown.cancelled() => break,
+                    Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                        self.settle(done, &mut handed_out, &mut unreachable);
+                    }
                     () = tokio::time::sleep(wait) => {}
                 }
                 continue;
             }
-            for id in due {
+            for id in fresh {
                 tokio::select! {
-                    () = shutdown.cancelled() => break 'work,
+                    () = shutdown.cancelled() => break,
                     _ = pace.tick() => {}
                 }
-                let Ok(permit) = slots.clone().acquire_owned().await else { break 'work };
+                handed_out.insert(id);
                 let worker = self.clone_parts();
-                in_flight.spawn(async move {
-                    let outcome = worker.deliver(id).await;
-                    drop(permit);
-                    outcome
-                });
-            }
-            // Wait for this round to settle before looking again, so no job is handed out twice.
-            while let Some(done) = in_flight.join_next().await {
-                match done {
-                    Ok(Some(Attempt::Temporary(reply))) if !reply.starts_with('4') => failures_in_a_row += 1,
-                    Ok(Some(_)) => failures_in_a_row = 0,
-                    Ok(None) => {}
-                    Err(error) => tracing::error!(%error, "a delivery task failed"),
-                }
+                in_flight.spawn(async move { (id, worker.deliver(id).await) });
             }
         }
         if tokio::time::timeout(SHUTDOWN_WAIT, async { while in_flight.join_next().await.is_some() {} }).await.is_err()
         {
             tracing::warn!("messages still being sent at shutdown are queued again at the next start");
+        }
+    }
+
+    /// Books a finished send: the job is no longer handed out, and a refused connection (as opposed to a 4xx
+    /// reply, which is the relay speaking) counts towards pausing the queue.
+    fn settle(
+        &self,
+        done: Result<(Id, Option<(JobChannel, Attempt)>), tokio::task::JoinError>,
+        handed_out: &mut HashSet<Id>,
+        unreachable: &mut u32,
+    ) {
+        match done {
+            Ok((id, outcome)) => {
+                handed_out.remove(&id);
+                // Only the relay pauses the queue: an SMS gateway that is down holds up nothing else.
+                match outcome {
+                    Some((JobChannel::Email, Attempt::Unreachable(_))) => *unreachable += 1,
+                    Some((JobChannel::Email, _)) => *unreachable = 0,
+                    _ => {}
+                }
+            }
+            Err(error) => tracing::error!(%error, "a delivery task failed"),
         }
     }
 
@@ -169,8 +172,9 @@ impl Worker {
         }
     }
 
-    /// Claims, renders, sends and records one job; the attempt's outcome, or `None` when there was nothing to send.
-    async fn deliver(&self, id: Id) -> Option<Attempt> {
+    /// Claims, renders, sends and records one job; the channel and the attempt's outcome, or `None` when there
+    /// was nothing to send.
+    async fn deliver(&self, id: Id) -> Option<(JobChannel, Attempt)> {
         let domain = self.domain.clone();
         let has_relay = self.relay.is_some();
         // Email waits for a relay; SMS always goes ahead, to end with a clear reply when no gateway is set.
@@ -192,7 +196,7 @@ impl Worker {
                 Ok(message) => relay.send(message).await,
                 Err(error) => Attempt::Permanent(error.to_string()),
             },
-            (JobChannel::Email, None, _) => Attempt::Temporary("no mail relay is configured".into()),
+            (JobChannel::Email, None, _) => Attempt::Unreachable("no mail relay is configured".into()),
             (JobChannel::Sms, relay, Some(gateway)) => match self.invite_text(&claimed) {
                 Some(text) => {
                     let message_id = format!("sms.{}.{}", claimed.job.invite_id, claimed.job.id);
@@ -206,7 +210,9 @@ impl Worker {
         };
         match &attempt {
             Attempt::Sent(reply) => tracing::info!(job = %id, to = %claimed.job.to, %reply, "message sent"),
-            Attempt::Temporary(reply) => tracing::warn!(job = %id, to = %claimed.job.to, %reply, "message deferred"),
+            Attempt::Temporary(reply) | Attempt::Unreachable(reply) => {
+                tracing::warn!(job = %id, to = %claimed.job.to, %reply, "message deferred");
+            }
             Attempt::Permanent(reply) => tracing::warn!(job = %id, to = %claimed.job.to, %reply, "message failed"),
         }
         let domain = self.domain.clone();
@@ -217,7 +223,7 @@ impl Worker {
             Ok(Err(error)) => tracing::error!(%error, job = %id, "cannot record a delivery"),
             Err(error) => tracing::error!(%error, job = %id, "cannot record a delivery"),
         }
-        Some(attempt)
+        Some((claimed.job.channel, attempt))
     }
 
     fn invite_text(&self, claimed: &Claimed) -> Option<String> {

@@ -45,7 +45,7 @@ pub async fn send(gateway: &SmsGateway, relay: Option<&Relay>, to: &str, text: &
         SmsGateway::Http(http) => match tokio::time::timeout(GATEWAY_TIMEOUT, request(http, to, text)).await {
             Ok(attempt) => attempt,
             Err(_) => {
-                Attempt::Temporary(format!("the SMS gateway did not answer within {} s", GATEWAY_TIMEOUT.as_secs()))
+                Attempt::Unreachable(format!("the SMS gateway did not answer within {} s", GATEWAY_TIMEOUT.as_secs()))
             }
         },
     }
@@ -67,7 +67,7 @@ async fn request(gateway: &HttpGateway, to: &str, text: &str) -> Attempt {
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let stream = match TcpStream::connect((host.as_str(), port)).await {
         Ok(stream) => stream,
-        Err(error) => return Attempt::Temporary(format!("cannot reach the SMS gateway at {host}:{port}: {error}")),
+        Err(error) => return Attempt::Unreachable(format!("cannot reach the SMS gateway at {host}:{port}: {error}")),
     };
     let method = Method::from_bytes(gateway.method.as_bytes()).unwrap_or(Method::POST);
     let mut builder = Request::builder()
@@ -102,7 +102,7 @@ async fn request(gateway: &HttpGateway, to: &str, text: &str) -> Attempt {
         };
         match tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await {
             Ok(tls) => exchange(tls, request, gateway).await,
-            Err(error) => Attempt::Temporary(format!("TLS with the SMS gateway {host} failed: {error}")),
+            Err(error) => Attempt::Unreachable(format!("TLS with the SMS gateway {host} failed: {error}")),
         }
     } else {
         exchange(stream, request, gateway).await
@@ -116,17 +116,17 @@ async fn exchange(
 ) -> Attempt {
     let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
-        Err(error) => return Attempt::Temporary(format!("the SMS gateway: {error}")),
+        Err(error) => return Attempt::Unreachable(format!("the SMS gateway: {error}")),
     };
     tokio::spawn(connection);
     let response = match sender.send_request(request).await {
         Ok(response) => response,
-        Err(error) => return Attempt::Temporary(format!("the SMS gateway did not answer: {error}")),
+        Err(error) => return Attempt::Unreachable(format!("the SMS gateway did not answer: {error}")),
     };
     let status = response.status();
     let body = match response.into_body().collect().await {
         Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-        Err(error) => return Attempt::Temporary(format!("the SMS gateway's answer broke off: {error}")),
+        Err(error) => return Attempt::Unreachable(format!("the SMS gateway's answer broke off: {error}")),
     };
     let short: String = body.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(REPLY_CHARS).collect();
     let reply = format!("HTTP {}: {short}", status.as_u16()).trim_end_matches(": ").to_owned();

@@ -83,7 +83,7 @@ pub struct TestMailRequest {
 pub struct TestMailResult {
     /// Whether the relay accepted the message.
     pub sent: bool,
-    /// `temporary` or `permanent` when it did not.
+    /// `temporary`, `unreachable` or `permanent` when it did not.
     pub failure: Option<String>,
     /// The relay's reply, or the error, with advice a person can act on.
     pub reply: String,
@@ -101,6 +101,7 @@ pub async fn send_test(
     let (sent, failure, reply) = match attempt {
         Attempt::Sent(reply) => (true, None, reply),
         Attempt::Temporary(reply) => (false, Some("temporary".to_owned()), reply),
+        Attempt::Unreachable(reply) => (false, Some("unreachable".to_owned()), reply),
         Attempt::Permanent(reply) => (false, Some("permanent".to_owned()), reply),
     };
     let domain = state.enrollment.clone();
