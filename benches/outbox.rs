@@ -105,6 +105,7 @@ fn main() {
             reply_to: None,
             helo_name: "bench.local".into(),
             ca_file: None,
+            ca_pem: None,
         };
         let relay = Relay::new(&smtp, connections).expect("relay");
         let mail = Mail::new(&domain, Some(relay), None, "Example Ltd", "https://enroll.local").expect("mail");

@@ -106,7 +106,7 @@ pub struct HttpGateway {
 }
 
 /// The office's SMTP relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SmtpConfig {
     pub host: String,
     pub port: u16,
@@ -121,10 +121,14 @@ pub struct SmtpConfig {
     pub helo_name: String,
     /// An extra CA (PEM) to trust for the relay's certificate, besides the public roots.
     pub ca_file: Option<PathBuf>,
+    /// The same as PEM text, when the settings came through the admin API (used before `ca_file`).
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 /// How the connection to the relay is secured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum SmtpSecurity {
     /// Plain SMTP (port 25 on a trusted LAN).
     None,
@@ -888,6 +892,7 @@ impl Layers {
             reply_to,
             helo_name: self.text("smtp_helo_name").map_or_else(|| format!("{hostname}.local"), |h| h.trim().to_owned()),
             ca_file,
+            ca_pem: None,
         })
     }
 

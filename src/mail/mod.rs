@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use lettre::message::header::ContentType;
 use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
@@ -42,7 +42,7 @@ pub enum MailError {
     Qr(#[from] qr::QrError),
     #[error("the template does not render: {0}")]
     Template(#[from] templates::TemplateError),
-    #[error("no mail relay is configured; set smtp_host (and the other smtp_ settings) and restart enrolld")]
+    #[error("no mail relay is configured; save one (PUT /api/v1/mail/relay) or set smtp_host in the configuration")]
     NotConfigured,
     #[error(transparent)]
     Domain(#[from] crate::domain::DomainError),
@@ -50,6 +50,18 @@ pub enum MailError {
 
 /// Settings names under which saved templates are kept.
 const TEMPLATE_SETTING: &str = "template.";
+/// The setting holding relay settings saved through the API (JSON).
+const RELAY_SETTING: &str = "mail.relay";
+
+/// Where the relay settings in use came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RelaySource {
+    /// The configuration file or environment (`smtp_*`).
+    Configuration,
+    /// Saved by an admin through the API; they win over the configuration until removed.
+    Api,
+}
 
 /// A template as the API shows it.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
@@ -71,7 +83,12 @@ pub struct TemplateSource {
 /// when an admin saves one). Cheap to clone.
 #[derive(Clone)]
 pub struct Mail {
-    relay: Option<Relay>,
+    relay: Arc<ArcSwapOption<Relay>>,
+    /// Where the relay settings in use came from.
+    relay_source: Arc<ArcSwap<RelaySource>>,
+    /// The relay from the configuration file, to go back to when the API's settings are removed.
+    configured_relay: Option<Relay>,
+    max_connections: usize,
     sms: Option<Arc<SmsGateway>>,
     templates: Arc<ArcSwap<Templates>>,
     pub organisation: Arc<str>,
@@ -82,14 +99,15 @@ pub struct Mail {
 impl std::fmt::Debug for Mail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mail")
-            .field("relay", &self.relay.as_ref().map(|r| (&r.settings.host, r.settings.port)))
+            .field("relay", &self.relay().map(|r| (r.settings.host.clone(), r.settings.port)))
             .field("public_url", &self.public_url)
             .finish_non_exhaustive()
     }
 }
 
 impl Mail {
-    /// The relay (if configured) and the templates saved in the store (or the defaults).
+    /// The relay (the one saved through the API, else the configured one, if any) and the templates saved in the
+    /// store (or the defaults).
     pub fn new(
         domain: &Enrollment,
         relay: Option<Relay>,
@@ -97,13 +115,30 @@ impl Mail {
         organisation: &str,
         public_url: &str,
     ) -> Result<Mail, MailError> {
+        let max_connections = relay.as_ref().map_or(4, |r| r.max_connections);
+        let (in_use, source) = match domain.settings(RELAY_SETTING)?.into_iter().find(|s| s.name == RELAY_SETTING) {
+            Some(saved) => match serde_json::from_str::<SmtpConfig>(&saved.value)
+                .map_err(|e| MailError::Relay(e.to_string()))
+                .and_then(|settings| Relay::new(&settings, max_connections))
+            {
+                Ok(saved_relay) => (Some(saved_relay), RelaySource::Api),
+                Err(error) => {
+                    tracing::error!(%error, "the relay saved through the admin API is not usable; using the configuration's");
+                    (relay.clone(), RelaySource::Configuration)
+                }
+            },
+            None => (relay.clone(), RelaySource::Configuration),
+        };
         let saved = Self::saved(domain)?;
         let templates = Templates::new(&saved).unwrap_or_else(|error| {
             tracing::error!(%error, "a saved invite template no longer renders; using the defaults until it is fixed");
             Templates::defaults()
         });
         Ok(Mail {
-            relay,
+            relay: Arc::new(ArcSwapOption::from(in_use.map(Arc::new))),
+            relay_source: Arc::new(ArcSwap::from_pointee(source)),
+            configured_relay: relay,
+            max_connections,
             sms: sms.map(Arc::new),
             templates: Arc::new(ArcSwap::from_pointee(templates)),
             organisation: organisation.into(),
@@ -122,7 +157,10 @@ impl Mail {
     /// No relay and the default templates: for an API built without the daemon (tests).
     pub fn unconfigured() -> Mail {
         Mail {
-            relay: None,
+            relay: Arc::new(ArcSwapOption::empty()),
+            relay_source: Arc::new(ArcSwap::from_pointee(RelaySource::Configuration)),
+            configured_relay: None,
+            max_connections: 4,
             sms: None,
             templates: Arc::new(ArcSwap::from_pointee(Templates::defaults())),
             organisation: "".into(),
@@ -130,8 +168,31 @@ impl Mail {
         }
     }
 
-    pub fn relay(&self) -> Option<&Relay> {
-        self.relay.as_ref()
+    /// The relay in use now (an admin may change it through the API at any time).
+    pub fn relay(&self) -> Option<Arc<Relay>> {
+        self.relay.load_full()
+    }
+
+    pub fn relay_source(&self) -> RelaySource {
+        **self.relay_source.load()
+    }
+
+    /// Uses `settings` for the relay from now on (and after restarts), once they make a usable client.
+    pub fn save_relay(&self, domain: &Enrollment, actor: &Actor, settings: &SmtpConfig) -> Result<(), MailError> {
+        let relay = Relay::new(settings, self.max_connections)?;
+        let json = serde_json::to_string(settings).map_err(|e| MailError::Relay(e.to_string()))?;
+        domain.save_setting(actor, RELAY_SETTING, &json)?;
+        self.relay.store(Some(Arc::new(relay)));
+        self.relay_source.store(Arc::new(RelaySource::Api));
+        Ok(())
+    }
+
+    /// Forgets the relay saved through the API: the configuration file's applies again (or none).
+    pub fn reset_relay(&self, domain: &Enrollment, actor: &Actor) -> Result<(), MailError> {
+        domain.reset_setting(actor, RELAY_SETTING)?;
+        self.relay.store(self.configured_relay.clone().map(Arc::new));
+        self.relay_source.store(Arc::new(RelaySource::Configuration));
+        Ok(())
     }
 
     pub fn sms(&self) -> Option<&SmsGateway> {
@@ -209,7 +270,7 @@ impl Mail {
 
     /// Sends a short test message to `to` and returns what the relay said (with advice when it refused).
     pub async fn send_test(&self, to: &str) -> Result<Attempt, MailError> {
-        let relay = self.relay.as_ref().ok_or(MailError::NotConfigured)?;
+        let relay = self.relay().ok_or(MailError::NotConfigured)?;
         relay.send_test(to, &self.public_url).await
     }
 }
@@ -218,6 +279,7 @@ impl Mail {
 #[derive(Clone)]
 pub struct Relay {
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    max_connections: usize,
     from: Mailbox,
     reply_to: Option<Mailbox>,
     /// The right-hand side of Message-IDs.
@@ -229,10 +291,26 @@ impl Relay {
     pub fn new(settings: &SmtpConfig, max_connections: usize) -> Result<Relay, MailError> {
         let tls = || -> Result<TlsParameters, MailError> {
             let mut builder = TlsParameters::builder(settings.host.clone());
-            if let Some(path) = &settings.ca_file {
-                let ca_error = |reason: String| MailError::CaFile { path: path.display().to_string(), reason };
-                let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-                let ca = Certificate::from_pem(&pem).map_err(|e| ca_error(format!("not a PEM certificate ({e})")))?;
+            let pem = match (&settings.ca_pem, &settings.ca_file) {
+                (Some(pem), _) => Some(("ca_pem".to_owned(), pem.as_bytes().to_vec())),
+                (None, Some(path)) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| MailError::CaFile { path: path.display().to_string(), reason: e.to_string() })?;
+                    Some((path.display().to_string(), pem))
+                }
+                (None, None) => None,
+            };
+            if let Some((path, pem)) = pem {
+                use rustls_pki_types::pem::PemObject as _;
+                let certificates = rustls_pki_types::CertificateDer::pem_slice_iter(&pem).filter(Result::is_ok).count();
+                if certificates == 0 {
+                    return Err(MailError::CaFile {
+                        path,
+                        reason: "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+                    });
+                }
+                let ca = Certificate::from_pem(&pem)
+                    .map_err(|e| MailError::CaFile { path, reason: format!("not a PEM certificate ({e})") })?;
                 builder = builder.add_root_certificate(ca);
             }
             builder.build_rustls().map_err(|e| MailError::Relay(e.to_string()))
@@ -258,7 +336,7 @@ impl Relay {
         let id_domain = from_address.domain().to_owned();
         let from = Mailbox::new(Some(settings.from_name.clone()).filter(|n| !n.is_empty()), from_address);
         let reply_to = settings.reply_to.as_deref().map(address).transpose()?.map(|a| Mailbox::new(None, a));
-        Ok(Relay { transport: builder.build(), from, reply_to, id_domain, settings: settings.clone() })
+        Ok(Relay { transport: builder.build(), max_connections, from, reply_to, id_domain, settings: settings.clone() })
     }
 
     pub fn settings(&self) -> &SmtpConfig {

@@ -43,22 +43,16 @@ pub async fn run(domain: Enrollment, settings: OutboxSettings, shutdown: Cancell
         Ok(Err(error)) => tracing::error!(%error, "cannot queue interrupted messages again"),
         Err(error) => tracing::error!(%error, "cannot queue interrupted messages again"),
     }
-    let relay = settings.mail.relay().cloned();
-    if relay.is_none() {
+    if settings.mail.relay().is_none() {
         tracing::warn!("no mail relay is configured (smtp_host): invite mails wait in the outbox until one is");
-        if settings.mail.sms().is_none() {
-            shutdown.cancelled().await;
-            return;
-        }
     }
-    let worker = Worker { domain, settings: Arc::new(settings), relay };
+    let worker = Worker { domain, settings: Arc::new(settings) };
     worker.run(shutdown).await;
 }
 
 struct Worker {
     domain: Enrollment,
     settings: Arc<OutboxSettings>,
-    relay: Option<Relay>,
 }
 
 impl Worker {
@@ -154,7 +148,7 @@ impl Worker {
     }
 
     fn clone_parts(&self) -> Worker {
-        Worker { domain: self.domain.clone(), settings: self.settings.clone(), relay: self.relay.clone() }
+        Worker { domain: self.domain.clone(), settings: self.settings.clone() }
     }
 
     async fn due(&self, limit: usize) -> (Vec<Id>, Option<time::OffsetDateTime>) {
@@ -176,7 +170,9 @@ impl Worker {
     /// was nothing to send.
     async fn deliver(&self, id: Id) -> Option<(JobChannel, Attempt)> {
         let domain = self.domain.clone();
-        let has_relay = self.relay.is_some();
+        // The relay in use for this message (an admin may change it at any time).
+        let relay = self.settings.mail.relay();
+        let has_relay = relay.is_some();
         // Email waits for a relay; SMS always goes ahead, to end with a clear reply when no gateway is set.
         let can_send = move |channel| channel == JobChannel::Sms || has_relay;
         let claimed = match tokio::task::spawn_blocking(move || domain.claim_job(&id, can_send)).await {
@@ -191,7 +187,7 @@ impl Worker {
                 return None;
             }
         };
-        let attempt = match (claimed.job.channel, &self.relay, self.settings.mail.sms()) {
+        let attempt = match (claimed.job.channel, relay.as_deref(), self.settings.mail.sms()) {
             (JobChannel::Email, Some(relay), _) => match self.message(relay, &claimed) {
                 Ok(message) => relay.send(message).await,
                 Err(error) => Attempt::Permanent(error.to_string()),
@@ -200,7 +196,7 @@ impl Worker {
             (JobChannel::Sms, relay, Some(gateway)) => match self.invite_text(&claimed) {
                 Some(text) => {
                     let message_id = format!("sms.{}.{}", claimed.job.invite_id, claimed.job.id);
-                    super::sms::send(gateway, relay.as_ref(), &claimed.job.to, &text, &message_id).await
+                    super::sms::send(gateway, relay, &claimed.job.to, &text, &message_id).await
                 }
                 None => Attempt::Permanent("the job has no link left to send".into()),
             },

@@ -512,3 +512,48 @@ async fn sms_by_email_go_to_the_number_at_the_gateway_domain() {
     assert_eq!(recipients, BTreeSet::from(["12025550100@sms.example.net".to_owned(), "dee@example.com".to_owned()]));
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_saved_through_the_api_delivers_what_waited_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let env = vec![("ENROLLD_ADMIN_PASSWORD", PASSWORD.to_owned())];
+    let daemon = start(&state, &env);
+    let admin = Admin::sign_in(&daemon).await;
+    let (_, status) = admin.call(&daemon, Method::GET, "/api/v1/mail", None).await;
+    assert!(status["relay"].is_null(), "{status}");
+    let waiting = admin.invite(&daemon, "Ann Lee", "ann@example.com", "ios").await;
+
+    let bad = json!({"host": "127.0.0.1", "from_address": "not an address"});
+    let (code, error) = admin.call(&daemon, Method::PUT, "/api/v1/mail/relay", Some(bad)).await;
+    assert_eq!((code, error["field"].as_str()), (422, Some("from_address")), "{error}");
+    let bad_ca = json!({"host": "127.0.0.1", "from_address": "it@example.com", "ca_pem": "not PEM"});
+    let (code, error) = admin.call(&daemon, Method::PUT, "/api/v1/mail/relay", Some(bad_ca)).await;
+    assert_eq!((code, error["field"].as_str()), (422, Some("ca_pem")), "{error}");
+
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let relay = json!({"host": "127.0.0.1", "port": smtp_port, "security": "none", "from_address": "it@example.com"});
+    let (code, saved) = admin.call(&daemon, Method::PUT, "/api/v1/mail/relay", Some(relay)).await;
+    assert_eq!((code, saved["relay_source"].as_str()), (200, Some("api")), "{saved}");
+    assert_eq!(saved["relay"]["port"], smtp_port);
+    // The invite that waited while no relay was set goes out (its job was looked at again within ten minutes;
+    // a resend makes it go at once).
+    let (code, _) = admin.call(&daemon, Method::POST, &format!("/api/v1/invites/{waiting}/resend"), None).await;
+    assert_eq!(code, 200);
+    admin.wait_delivery(&daemon, &waiting, "sent").await;
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+
+    let daemon = start(&state, &env);
+    let admin = Admin::sign_in(&daemon).await;
+    let after_restart = admin.invite(&daemon, "Bea", "bea@example.com", "android").await;
+    admin.wait_delivery(&daemon, &after_restart, "sent").await;
+    assert_eq!(sink.messages().len(), 2);
+    let (code, reset) = admin.call(&daemon, Method::DELETE, "/api/v1/mail/relay", None).await;
+    assert_eq!((code, reset["relay_source"].as_str()), (200, Some("configuration")));
+    assert!(reset["relay"].is_null(), "{reset}");
+    let (_, audit) = admin.call(&daemon, Method::GET, "/api/v1/audit", None).await;
+    let actions: Vec<&str> = audit["items"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert!(actions.contains(&"setting.save") && actions.contains(&"setting.reset"), "{actions:?}");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}

@@ -1,4 +1,4 @@
-//! `/api/v1/mail`: the relay's state and the outbox counts, a test mail, and the invite templates (read, save with a
+//! `/api/v1/mail`: the relay's state and the outbox counts, the relay settings, a test mail, and the invite templates (read, save with a
 //! render check, reset, preview).
 
 use std::collections::BTreeMap;
@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiJson, ApiPath, SignedInAdmin, blocking};
+use crate::config::{SmtpConfig, SmtpSecurity};
 use crate::domain::{Attempt, OutboxCounts};
 use crate::http::{AppState, HttpError};
-use crate::mail::{MailError, TemplateSource};
+use crate::mail::{MailError, RelaySource, TemplateSource};
 use crate::model::Platform;
 
 impl From<MailError> for HttpError {
@@ -28,7 +29,11 @@ impl From<MailError> for HttpError {
                 HttpError { field: Some("to"), ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message) }
             }
             MailError::Domain(domain) => domain.into(),
-            MailError::CaFile { .. } | MailError::Relay(_) | MailError::Qr(_) => {
+            MailError::CaFile { .. } => HttpError {
+                field: Some("ca_pem"),
+                ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+            },
+            MailError::Relay(_) | MailError::Qr(_) => {
                 HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "mail", message)
             }
         }
@@ -49,8 +54,10 @@ pub struct RelayView {
 /// Where mail stands.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MailStatus {
-    /// Absent until `smtp_host` is configured; messages wait in the outbox meanwhile.
+    /// Absent until a relay is configured or saved; messages wait in the outbox meanwhile.
     pub relay: Option<RelayView>,
+    /// Whether the relay settings come from the configuration or were saved through this API.
+    pub relay_source: RelaySource,
     pub outbox: OutboxCounts,
 }
 
@@ -59,7 +66,11 @@ pub struct MailStatus {
 pub async fn status(State(state): State<AppState>) -> Result<Json<MailStatus>, HttpError> {
     let domain = state.enrollment.clone();
     let outbox = blocking(move || domain.outbox_counts()).await?;
-    let relay = state.mail.relay().map(|relay| {
+    Ok(Json(MailStatus { relay: relay_view(&state), relay_source: state.mail.relay_source(), outbox }))
+}
+
+fn relay_view(state: &AppState) -> Option<RelayView> {
+    state.mail.relay().map(|relay| {
         let settings = relay.settings();
         RelayView {
             host: settings.host.clone(),
@@ -68,8 +79,96 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<MailStatus>, H
             from: settings.from_address.clone(),
             username: settings.username.clone(),
         }
+    })
+}
+
+/// The relay settings an admin saves.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RelaySettings {
+    pub host: String,
+    /// Default: 587 for `starttls`, 465 for `tls`, 25 for `none`.
+    pub port: Option<u16>,
+    /// `starttls` (default), `tls` or `none`.
+    pub security: Option<SmtpSecurity>,
+    pub username: Option<String>,
+    /// Needed with `username`. Kept in the appliance's database, which only enrolld can read.
+    pub password: Option<String>,
+    /// The sender address, one the relay lets enrolld send as.
+    pub from_address: String,
+    pub from_name: Option<String>,
+    pub reply_to: Option<String>,
+    /// The name given in EHLO; default: the appliance's name.
+    pub helo_name: Option<String>,
+    /// An extra CA (PEM) to trust for a relay whose certificate an internal CA issued.
+    pub ca_pem: Option<String>,
+}
+
+/// Sends through this relay from now on (and after restarts), in place of the configuration's `smtp_*` settings.
+/// The settings are checked (addresses, the CA) before they are saved; send a test mail to check the relay itself.
+#[utoipa::path(put, path = "/api/v1/mail/relay", tag = "mail", request_body = RelaySettings,
+    responses((status = 200, body = MailStatus), (status = 422)))]
+pub async fn save_relay(
+    State(state): State<AppState>,
+    Extension(admin): Extension<SignedInAdmin>,
+    ApiJson(request): ApiJson<RelaySettings>,
+) -> Result<Json<MailStatus>, HttpError> {
+    let invalid = |field: &'static str, message: String| HttpError {
+        field: Some(field),
+        ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    };
+    let host = request.host.trim().to_owned();
+    if host.is_empty() || host.contains([' ', '/', ':']) {
+        return Err(invalid("host", "give the relay's name or address, such as mail.example.com".into()));
+    }
+    let address = |field: &'static str, text: &str| {
+        text.trim()
+            .parse::<lettre::Address>()
+            .map(|a| a.to_string())
+            .map_err(|e| invalid(field, format!("{text:?} is not an email address: {e}")))
+    };
+    let from_address = address("from_address", &request.from_address)?;
+    let reply_to =
+        request.reply_to.as_deref().filter(|r| !r.trim().is_empty()).map(|r| address("reply_to", r)).transpose()?;
+    let username = request.username.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty());
+    let password = request.password.filter(|p| !p.is_empty());
+    if username.is_some() != password.is_some() {
+        return Err(invalid("password", "give both a username and a password, or neither".into()));
+    }
+    let security = request.security.unwrap_or(SmtpSecurity::StartTls);
+    let helo_name = request.helo_name.map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).unwrap_or_else(|| {
+        state.mail.public_url.trim_start_matches("https://").split(':').next().unwrap_or("enroll.local").to_owned()
     });
-    Ok(Json(MailStatus { relay, outbox }))
+    let settings = SmtpConfig {
+        host,
+        port: request.port.filter(|p| *p != 0).unwrap_or(security.default_port()),
+        security,
+        username,
+        password,
+        from_address,
+        from_name: request.from_name.map(|n| n.trim().to_owned()).unwrap_or_else(|| "Device enrollment".into()),
+        reply_to,
+        helo_name,
+        ca_file: None,
+        ca_pem: request.ca_pem.filter(|p| !p.trim().is_empty()),
+    };
+    let (mail, domain) = (state.mail.clone(), state.enrollment.clone());
+    blocking(move || mail.save_relay(&domain, &admin.actor, &settings).map_err(HttpError::from)).await?;
+    let domain = state.enrollment.clone();
+    let outbox = blocking(move || domain.outbox_counts()).await?;
+    Ok(Json(MailStatus { relay: relay_view(&state), relay_source: state.mail.relay_source(), outbox }))
+}
+
+/// Forgets the relay saved through the API; the configuration's `smtp_*` settings apply again (or none).
+#[utoipa::path(delete, path = "/api/v1/mail/relay", tag = "mail", responses((status = 200, body = MailStatus)))]
+pub async fn reset_relay(
+    State(state): State<AppState>,
+    Extension(admin): Extension<SignedInAdmin>,
+) -> Result<Json<MailStatus>, HttpError> {
+    let (mail, domain) = (state.mail.clone(), state.enrollment.clone());
+    blocking(move || mail.reset_relay(&domain, &admin.actor).map_err(HttpError::from)).await?;
+    let domain = state.enrollment.clone();
+    let outbox = blocking(move || domain.outbox_counts()).await?;
+    Ok(Json(MailStatus { relay: relay_view(&state), relay_source: state.mail.relay_source(), outbox }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -72,6 +72,7 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(imports::export_staged))
         .routes(routes!(imports::export_devices))
         .routes(routes!(mail::status))
+        .routes(routes!(mail::save_relay, mail::reset_relay))
         .routes(routes!(mail::send_test))
         .routes(routes!(mail::templates))
         .routes(routes!(mail::save_template, mail::reset_template))
