@@ -324,3 +324,83 @@ fn confirmation_text(claimed: &Claimed) -> (String, String) {
     );
     (subject, text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::testing::admin;
+    use crate::domain::{Actor, DeviceFacts, NewInvite, NewUser, Policy};
+    use crate::model::{Channels, Ownership};
+
+    /// A domain whose policy sends reminders two days ahead and notices to a helpdesk list, with one invite.
+    fn invited() -> (Enrollment, crate::clock::ManualClock, Id) {
+        let clock = crate::clock::ManualClock::new(crate::domain::testing::start());
+        let policy = Policy {
+            reminder_before: Some(time::Duration::days(2)),
+            confirmation_to: vec!["helpdesk@example.com".into()],
+            ..Policy::default()
+        };
+        let store = crate::store::Store::open_temporary().unwrap();
+        let d = Enrollment::new(store, Arc::new(clock.clone()), policy, &[5; 32]).unwrap();
+        let new = NewUser { name: "Ann Lee".into(), email: "ann@example.com".into(), ..Default::default() };
+        let user = d.create_user(&admin(), &new).unwrap();
+        let new = NewInvite {
+            user_id: user.id,
+            platform: Platform::Macos,
+            ownership: Ownership::Personal,
+            group_id: None,
+            channels: Channels::Email,
+        };
+        let id = d.create_invite(&admin(), &new).unwrap().invite.id;
+        (d, clock, id)
+    }
+
+    fn claim_due(d: &Enrollment) -> Vec<Claimed> {
+        d.due_jobs(d.now(), 10).unwrap().0.iter().filter_map(|id| d.claim_job(id, |_| true).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_reminder_names_the_expiry_and_the_earlier_mail_but_no_secrets() {
+        let (d, clock, _) = invited();
+        claim_due(&d);
+        clock.advance(time::Duration::days(5) + time::Duration::minutes(1));
+        let claimed = claim_due(&d).remove(0);
+        assert_eq!(claimed.job.kind, JobKind::Reminder);
+        let (subject, text) = reminder_text("Example Ltd", &claimed);
+        let expires = crate::domain::minute(claimed.invite.expires_at);
+        assert_eq!(subject, format!("Reminder: enroll your macOS device before {expires} UTC"));
+        assert!(text.starts_with("Hello Ann Lee,") && text.contains(&format!("expires on {expires} UTC")), "{text}");
+        assert!(text.contains(&format!("received on {}", claimed.invite.requested_at.date())), "{text}");
+        assert!(text.contains("ask Example Ltd to send the invite again"), "{text}");
+        assert!(!text.contains("/e/"), "no link in a reminder: {text}");
+    }
+
+    #[test]
+    fn the_enrollment_notice_names_user_device_platform_and_time() {
+        let (d, _clock, id) = invited();
+        claim_due(&d);
+        let facts = DeviceFacts {
+            name: Some("Ann's MacBook".into()),
+            model: Some("MacBookAir10,1".into()),
+            serial: Some("C02XK1ABCDEF".into()),
+            ..Default::default()
+        };
+        let device = d.complete_enrollment(&Actor::device(None), &id, &facts).unwrap();
+        let claimed = claim_due(&d).remove(0);
+        assert_eq!((claimed.job.kind, claimed.job.to.as_str()), (JobKind::Confirmation, "helpdesk@example.com"));
+        let (subject, text) = confirmation_text(&claimed);
+        assert_eq!(subject, "Device enrolled: Ann Lee (macOS)");
+        for line in [
+            "User: Ann Lee <ann@example.com>",
+            "Device: Ann's MacBook",
+            "Model: MacBookAir10,1",
+            "Serial number: C02XK1ABCDEF",
+            "IMEI: (not reported)",
+            "Platform: macOS",
+            "Ownership: personal",
+        ] {
+            assert!(text.contains(line), "{line:?} in:\n{text}");
+        }
+        assert!(text.contains(&format!("Enrolled: {} UTC", crate::domain::minute(device.enrolled_at))), "{text}");
+    }
+}
