@@ -2,6 +2,7 @@
 //! (request timeout, body-size limit, tracing, `nosniff`), and the shared [`AppState`].
 
 pub mod api;
+mod enroll;
 mod error;
 mod ops;
 pub mod serve;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub import_max_bytes: usize,
     /// The mail relay and invite templates, shared with the outbox worker.
     pub mail: crate::mail::Mail,
+    /// Passcodes accepted on the enrollment pages, for a few minutes.
+    pub enroll_sessions: enroll::EnrollSessions,
 }
 
 impl AppState {
@@ -61,6 +64,7 @@ impl AppState {
             openapi: Arc::default(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
             mail: crate::mail::Mail::unconfigured(),
+            enroll_sessions: enroll::EnrollSessions::default(),
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,
@@ -80,7 +84,15 @@ pub struct Limits {
 
 /// The routes both listeners serve as they are: health and the CA certificate.
 fn open_routes() -> Router<AppState> {
-    Router::new().route("/healthz", get(ops::healthz)).route("/ca.crt", get(ops::ca_certificate))
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/ca.crt", get(ops::ca_certificate))
+        .merge(enroll::ca_profile_route())
+}
+
+/// What devices open over HTTPS: the invite pages and the CA profile.
+fn device_routes() -> Router<AppState> {
+    enroll::routes()
 }
 
 /// The application served over HTTPS.
@@ -88,7 +100,7 @@ pub fn https_router(mut state: AppState, limits: Limits) -> Router {
     state.import_max_bytes = limits.import_max_bytes;
     let (api, openapi) = api::router(state.clone());
     let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
-    with_middleware(open_routes().merge(api).fallback(ops::not_found), limits).with_state(state)
+    with_middleware(open_routes().merge(device_routes()).merge(api).fallback(ops::not_found), limits).with_state(state)
 }
 
 /// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries

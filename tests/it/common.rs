@@ -262,6 +262,37 @@ where
     Fetched { status, headers, body: String::from_utf8_lossy(&body).into_owned(), peer_chain: Vec::new() }
 }
 
+/// A browser-like request over TLS to `https://enroll.local` at `addr`: extra headers (a cookie, a User-Agent)
+/// and an optional form body.
+pub async fn browse(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    method: hyper::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    form: Option<&str>,
+) -> Fetched {
+    let config = client_config(std::slice::from_ref(ca));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("enroll.local").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, "enroll.local");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if form.is_some() {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    }
+    let request = request.body(Full::new(Bytes::from(form.unwrap_or_default().to_owned()))).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Fetched { status, headers, body: String::from_utf8_lossy(&body).into_owned(), peer_chain: Vec::new() }
+}
+
 pub fn parse_pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>().unwrap()
 }

@@ -7,5 +7,6 @@ mod api;
 mod common;
 mod config_errors;
 mod daemon;
+mod enroll;
 mod mail;
 mod mdns;

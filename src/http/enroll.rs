@@ -1,0 +1,437 @@
+//! The device-facing pages: `/e/{token}` (what an invite link opens: who and what it is for, the passcode form,
+//! then the steps), the pages for links that cannot be used (with a 4xx status), and `/ca.mobileconfig` (the
+//! appliance CA as an Apple profile). Plain HTML from one template, one stylesheet, no scripts, nothing external.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Form;
+use axum::extract::FromRequest as _;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use minijinja::{Environment, Value};
+use serde::Deserialize;
+use time::{Duration, OffsetDateTime};
+
+use super::AppState;
+use crate::domain::{Actor, LinkProblem, PasscodeCheck, random_bytes};
+use crate::model::{Id, Invite, Platform};
+
+/// How long a passcode, once accepted, keeps the enrollment page open.
+const SESSION_MINUTES: i64 = 15;
+/// Enrollment sessions kept at most; the oldest go first beyond it.
+const SESSION_CAPACITY: usize = 10_000;
+const SESSION_COOKIE: &str = "enroll_session";
+const PAGE: &str = include_str!("pages/enroll.html");
+const STYLESHEET: &str = include_str!("pages/enroll.css");
+/// No scripts, nothing from elsewhere, no framing; forms post only here.
+const CSP: &str =
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// Short-lived sessions that prove a device's user entered an invite's passcode, bound to that invite. Kept in
+/// memory (a restart asks for the passcode again); the cookie holds a random token, this map only its hash.
+#[derive(Clone, Debug, Default)]
+pub struct EnrollSessions {
+    inner: Arc<Mutex<HashMap<String, (Id, OffsetDateTime)>>>,
+}
+
+impl EnrollSessions {
+    fn open(&self, invite: Id, now: OffsetDateTime) -> String {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>());
+        let mut sessions = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions.retain(|_, (_, until)| *until > now);
+        if sessions.len() >= SESSION_CAPACITY
+            && let Some(oldest) = sessions.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| k.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        sessions
+            .insert(crate::domain::sha256_hex(token.as_bytes()), (invite, now + Duration::minutes(SESSION_MINUTES)));
+        token
+    }
+
+    /// Whether `token` is a live session for `invite`.
+    fn holds(&self, token: &str, invite: Id, now: OffsetDateTime) -> bool {
+        let sessions = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions
+            .get(&crate::domain::sha256_hex(token.as_bytes()))
+            .is_some_and(|(id, until)| *id == invite && *until > now)
+    }
+}
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new().route("/e/{token}", get(page).post(passcode)).route("/enroll.css", get(stylesheet))
+}
+
+/// The CA profile, also served over plain HTTP: a device fetches it before it trusts the appliance's HTTPS.
+pub fn ca_profile_route() -> axum::Router<AppState> {
+    axum::Router::new().route("/ca.mobileconfig", get(ca_profile))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PlatformChoice {
+    platform: Option<Platform>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PasscodeForm {
+    passcode: String,
+    platform: Option<Platform>,
+}
+
+async fn page(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    Query(choice): Query<PlatformChoice>,
+    headers: HeaderMap,
+) -> Response {
+    let invite = match open(&state, &token).await {
+        Ok(invite) => invite,
+        Err(response) => return response,
+    };
+    let now = state.clock.now();
+    let authenticated =
+        cookie(&headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
+    let platform = chosen_platform(&invite, choice.platform, &headers);
+    render(&state, StatusCode::OK, &invite, platform, authenticated, None)
+}
+
+async fn passcode(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    request: Request,
+) -> Response {
+    let client = super::api::client_of(request.extensions());
+    let Ok(Form(form)) = Form::<PasscodeForm>::from_request(request, &state).await else {
+        return problem_page(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "This form could not be read",
+            "Go back and enter the passcode again.",
+        );
+    };
+    let invite = match open(&state, &token).await {
+        Ok(invite) => invite,
+        Err(response) => return response,
+    };
+    let platform = chosen_platform(&invite, form.platform, &headers);
+    let domain = state.enrollment.clone();
+    let (id, entered) = (invite.id, form.passcode.clone());
+    let checked =
+        tokio::task::spawn_blocking(move || domain.check_passcode(&Actor::device(client), &id, &entered)).await;
+    match checked {
+        Ok(Ok(PasscodeCheck::Correct)) => {
+            let session = state.enroll_sessions.open(invite.id, state.clock.now());
+            let mut response = render(&state, StatusCode::OK, &invite, platform, true, None);
+            let cookie = format!(
+                "{SESSION_COOKIE}={session}; Path=/e/{token}; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
+                SESSION_MINUTES * 60
+            );
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            response
+        }
+        Ok(Ok(PasscodeCheck::Wrong { attempts_left })) => {
+            let wrong = format!(
+                "That passcode is not right. {attempts_left} {} left before this invite locks.",
+                if attempts_left == 1 { "try" } else { "tries" }
+            );
+            render(&state, StatusCode::UNAUTHORIZED, &invite, platform, false, Some(wrong))
+        }
+        Ok(Ok(PasscodeCheck::Locked)) => link_problem(&state, LinkProblem::Locked),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "checking a passcode failed");
+            problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.")
+        }
+        Err(error) => {
+            tracing::error!(%error, "checking a passcode failed");
+            problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.")
+        }
+    }
+}
+
+/// The invite a link opens, or the page saying why it cannot be used.
+async fn open(state: &AppState, token: &str) -> Result<Invite, Response> {
+    let domain = state.enrollment.clone();
+    let token = token.to_owned();
+    match tokio::task::spawn_blocking(move || domain.open_link(&token)).await {
+        Ok(Ok(Ok(invite))) => Ok(invite),
+        Ok(Ok(Err(problem))) => Err(link_problem(state, problem)),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "opening an invite link failed");
+            Err(problem_page(state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute."))
+        }
+        Err(error) => {
+            tracing::error!(%error, "opening an invite link failed");
+            Err(problem_page(state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute."))
+        }
+    }
+}
+
+/// Says which of the reasons it is, without saying anything about any other invite.
+fn link_problem(state: &AppState, problem: LinkProblem) -> Response {
+    let ask = "Ask your IT team to send the invite again; the new mail has a new link and passcode.";
+    let (status, title, advice) = match problem {
+        LinkProblem::Unknown => (
+            StatusCode::NOT_FOUND,
+            "This link is not valid",
+            "Check that the whole link was opened (some mail apps break long links), or ask your IT team to send the invite again.",
+        ),
+        LinkProblem::Expired => (StatusCode::GONE, "This invite has expired", ask),
+        LinkProblem::Removed => (StatusCode::GONE, "This invite was withdrawn", ask),
+        LinkProblem::Used => (
+            StatusCode::CONFLICT,
+            "This invite was already used",
+            "An invite enrolls one device. To enroll another, ask your IT team for a new invite.",
+        ),
+        LinkProblem::Locked => (
+            StatusCode::LOCKED,
+            "This invite is locked",
+            "The passcode was entered wrongly too many times. Ask your IT team to send the invite again.",
+        ),
+    };
+    problem_page(state, status, title, advice)
+}
+
+fn problem_page(state: &AppState, status: StatusCode, title: &str, advice: &str) -> Response {
+    let values = Value::from_pairs([
+        ("title", Value::from(title)),
+        ("problem", Value::from(title)),
+        ("advice", Value::from(advice)),
+        ("organisation", Value::from(state.mail.organisation.to_string())),
+    ]);
+    html(status, render_page(values))
+}
+
+fn render(
+    state: &AppState,
+    status: StatusCode,
+    invite: &Invite,
+    platform: Platform,
+    authenticated: bool,
+    wrong: Option<String>,
+) -> Response {
+    let user_name = state.enrollment.user(&invite.user_id).map(|u| u.name).unwrap_or_default();
+    let platforms: Vec<Value> = if invite.platform == Platform::Any {
+        [Platform::Ios, Platform::Ipados, Platform::Macos, Platform::Android, Platform::Windows]
+            .iter()
+            .map(|p| Value::from_pairs([("code", p.to_string()), ("name", platform_name(*p).to_owned())]))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let apple = matches!(platform, Platform::Ios | Platform::Ipados | Platform::Macos);
+    let values = Value::from_pairs([
+        ("title", Value::from(format!("Enroll your {}", device_words(platform)))),
+        ("organisation", Value::from(state.mail.organisation.to_string())),
+        ("user_name", Value::from(user_name)),
+        ("platform", Value::from(platform.to_string())),
+        ("platform_name", Value::from(platform_name(platform))),
+        ("platform_field", Value::from(invite.platform == Platform::Any)),
+        ("platforms", Value::from(platforms)),
+        ("expires", Value::from(format!("{} UTC", crate::domain::minute(invite.expires_at)))),
+        ("authenticated", Value::from(authenticated)),
+        ("wrong", Value::from(wrong)),
+        ("apple", Value::from(apple)),
+        ("trust_steps", Value::from(trust_steps(platform))),
+        ("steps", Value::from(enroll_steps(platform))),
+        ("session_minutes", Value::from(SESSION_MINUTES)),
+    ]);
+    html(status, render_page(values))
+}
+
+fn render_page(values: Value) -> String {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
+    match env.template_from_named_str("enroll.html", PAGE).and_then(|t| t.render(values)) {
+        Ok(page) => page,
+        Err(error) => {
+            tracing::error!(%error, "the enrollment page does not render");
+            "<!DOCTYPE html><title>Error</title><p>This page cannot be shown; try again later.</p>".to_owned()
+        }
+    }
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        // The link token is in the address; nothing may carry it elsewhere or keep the page.
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ];
+    (status, headers, body).into_response()
+}
+
+async fn stylesheet() -> Response {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "max-age=3600")], STYLESHEET)
+        .into_response()
+}
+
+/// The appliance CA as an Apple configuration profile holding only a `com.apple.security.root` payload, which
+/// iOS and macOS install from Safari. Its identifier is stable for the appliance; its UUIDs are new each time.
+async fn ca_profile(State(state): State<AppState>) -> Response {
+    use rustls_pki_types::pem::PemObject as _;
+    let Ok(der) = rustls_pki_types::CertificateDer::from_pem_slice(state.ca_pem.as_bytes()) else {
+        return problem_page(
+            &state,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The certificate cannot be read",
+            "Try again later.",
+        );
+    };
+    let name = if state.mail.organisation.is_empty() {
+        "Device enrollment appliance".to_owned()
+    } else {
+        format!("{} device enrollment", state.mail.organisation)
+    };
+    let identifier = format!("local.enrolld.{}", crate::pki::sha256_hex(&der)[..16].to_owned());
+    let root = plist::Dictionary::from_iter([
+        ("PayloadType", plist::Value::from("com.apple.security.root")),
+        ("PayloadVersion", plist::Value::from(1)),
+        ("PayloadIdentifier", plist::Value::from(format!("{identifier}.ca"))),
+        ("PayloadUUID", plist::Value::from(uuid_v4())),
+        ("PayloadDisplayName", plist::Value::from(format!("{name} CA"))),
+        ("PayloadContent", plist::Value::Data(der.to_vec())),
+    ]);
+    let profile = plist::Dictionary::from_iter([
+        ("PayloadType", plist::Value::from("Configuration")),
+        ("PayloadVersion", plist::Value::from(1)),
+        ("PayloadIdentifier", plist::Value::from(identifier)),
+        ("PayloadUUID", plist::Value::from(uuid_v4())),
+        ("PayloadDisplayName", plist::Value::from(format!("{name}: certificate"))),
+        (
+            "PayloadDescription",
+            plist::Value::from("Lets this device trust the enrollment appliance on your organisation's network."),
+        ),
+        ("PayloadContent", plist::Value::Array(vec![plist::Value::Dictionary(root)])),
+    ]);
+    let mut body = Vec::new();
+    if let Err(error) = plist::Value::Dictionary(profile).to_writer_xml(&mut body) {
+        tracing::error!(%error, "writing the CA profile failed");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-apple-aspen-config"),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"enrolld-ca.mobileconfig\""),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A random (version 4) UUID in upper case, as Apple's profiles write them.
+fn uuid_v4() -> String {
+    let mut b = random_bytes::<16>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02X}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// The platform the page is about: the invite's own, or for an OS-independent invite the one the user picked,
+/// else the one the browser says it runs on.
+fn chosen_platform(invite: &Invite, picked: Option<Platform>, headers: &HeaderMap) -> Platform {
+    if invite.platform != Platform::Any {
+        return invite.platform;
+    }
+    if let Some(platform) = picked.filter(|p| *p != Platform::Any) {
+        return platform;
+    }
+    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if agent.contains("iPad") {
+        Platform::Ipados
+    } else if agent.contains("iPhone") || agent.contains("iPod") {
+        Platform::Ios
+    } else if agent.contains("Android") {
+        Platform::Android
+    } else if agent.contains("Windows") {
+        Platform::Windows
+    } else if agent.contains("Macintosh") || agent.contains("Mac OS X") {
+        Platform::Macos
+    } else {
+        Platform::Any
+    }
+}
+
+fn platform_name(platform: Platform) -> &'static str {
+    match platform {
+        Platform::Any => "any device",
+        other => crate::csvfile::platform_text(other),
+    }
+}
+
+fn device_words(platform: Platform) -> String {
+    match platform {
+        Platform::Ios => "iPhone".into(),
+        Platform::Ipados => "iPad".into(),
+        Platform::Macos => "Mac".into(),
+        Platform::Android => "Android device".into(),
+        Platform::Windows => "Windows PC".into(),
+        Platform::Any => "device".into(),
+    }
+}
+
+fn trust_steps(platform: Platform) -> Vec<&'static str> {
+    match platform {
+        Platform::Ios | Platform::Ipados => vec![
+            "Tap the button above and allow the download.",
+            "Settings › General › VPN & Device Management: tap the downloaded profile and install it.",
+            "Settings › General › About › Certificate Trust Settings: turn on full trust for the certificate.",
+        ],
+        Platform::Macos => vec![
+            "Click the button above; the profile downloads.",
+            "System Settings › Privacy & Security › Profiles: double-click the profile and install it.",
+        ],
+        Platform::Android => vec![
+            "Tap the button above and open the downloaded file.",
+            "Name the certificate (for example \"Work\") and choose \"VPN and apps\" if asked.",
+        ],
+        Platform::Windows => vec![
+            "Click the button above and open the downloaded file.",
+            "Install Certificate › Local Machine › Place all certificates in: Trusted Root Certification Authorities.",
+        ],
+        Platform::Any => vec!["Pick the kind of device above to see its steps."],
+    }
+}
+
+fn enroll_steps(platform: Platform) -> Vec<&'static str> {
+    match platform {
+        Platform::Ios | Platform::Ipados => vec![
+            "Open this page in Safari (not in another browser or a mail app's preview).",
+            "Enter the passcode from your invite.",
+            "Trust the appliance's certificate, then install the enrollment profile under Settings › General › VPN & Device Management.",
+        ],
+        Platform::Macos => vec![
+            "Open this page in Safari and enter the passcode from your invite.",
+            "Install the enrollment profile under System Settings › Privacy & Security › Profiles.",
+        ],
+        Platform::Android => vec![
+            "A company-owned device that is new or reset: on the first setup screen, tap six times and scan the QR code from your invite.",
+            "Otherwise: install the device management agent, open this link in it (or scan the QR code) and enter the passcode.",
+        ],
+        Platform::Windows => vec![
+            "Enter the passcode from your invite and trust the appliance's certificate.",
+            "Settings › Accounts › Access work or school › Enroll only in device management, and sign in with your email address and the passcode.",
+        ],
+        Platform::Any => vec!["Pick the kind of device above; the steps for it appear here."],
+    }
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.to_owned())
+}
