@@ -853,9 +853,9 @@ impl Layers {
             (None, None) => None,
         };
         let username = self.text("smtp_username").map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned);
-        if password.is_some() && username.is_none() {
+        if password.is_some() != username.is_some() {
             return Err(ConfigError::Conflict(
-                "an SMTP password is set but smtp_username is not; set both or neither".into(),
+                "smtp_username and the SMTP password (smtp_password or smtp_password_file) go together; set both or neither".into(),
             ));
         }
         let from_address =

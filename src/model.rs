@@ -413,6 +413,9 @@ pub struct DeliveryJob {
     /// When the job was sent, failed for good, or found stale.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    /// When the first delivery attempt was made; the retry horizon counts from it.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub first_attempt_at: Option<OffsetDateTime>,
     #[serde(default = "invite_kind")]
     pub kind: JobKind,
     /// For a confirmation: the device that enrolled.

@@ -85,6 +85,8 @@ impl Enrollment {
         let hardware_id = optional_text(facts.hardware_id.as_deref());
         let new_id = self.new_id();
         let command_id = self.new_id();
+        // The invite's messages still waiting (a reminder, usually) are not needed once it is used.
+        let waiting = self.store.keys_under(tree::OUTBOX_BY_INVITE, invite_id.as_bytes())?;
         self.transact(|tx| {
             let old_invite: Invite =
                 tx.get_id(invite_id)?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
@@ -176,6 +178,7 @@ impl Enrollment {
                 ),
             });
             tx.put(Some(&old_invite), &invite)?;
+            self.retire_jobs(tx, &waiting)?;
             let user_email = match invited {
                 Some(id) => tx.get_id::<User, _>(&id)?.map(|u| u.email),
                 None => None,
@@ -216,6 +219,7 @@ impl Enrollment {
             next_attempt_at: None,
             last_reply: None,
             finished_at: None,
+            first_attempt_at: None,
             kind: JobKind::Confirmation,
             device_id: Some(device.id),
         }

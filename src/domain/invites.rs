@@ -254,6 +254,7 @@ impl Enrollment {
                 next_attempt_at: None,
                 last_reply: None,
                 finished_at: None,
+                first_attempt_at: None,
                 kind: JobKind::Invite,
                 device_id: None,
             });
@@ -284,6 +285,7 @@ impl Enrollment {
                 next_attempt_at: Some(invite.expires_at - before),
                 last_reply: None,
                 finished_at: None,
+                first_attempt_at: None,
                 kind: JobKind::Reminder,
                 device_id: None,
             });
@@ -421,7 +423,7 @@ impl Enrollment {
 
     /// Retires the delivery jobs of earlier sends: marked stale and their clear-text link and passcode dropped, so
     /// a dead link is never mailed and the secrets do not linger.
-    fn retire_jobs(&self, tx: &Tx<'_>, keys: &[Vec<u8>]) -> TxResult<()> {
+    pub(super) fn retire_jobs(&self, tx: &Tx<'_>, keys: &[Vec<u8>]) -> TxResult<()> {
         for key in keys {
             if let Some(old) = tx.get::<DeliveryJob, _>(key)?
                 && matches!(old.state, JobState::Queued | JobState::Deferred | JobState::Sending)

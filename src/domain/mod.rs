@@ -24,7 +24,7 @@ pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
-pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy};
+pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
 
 use crate::clock::Clock;
@@ -242,13 +242,13 @@ impl Enrollment {
     }
 }
 
-/// Fills a buffer from the system's secure random source.
 /// A time to the minute, for remarks ("2026-11-22 14:05").
 pub(crate) fn minute(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);
     format!("{} {:02}:{:02}", at.date(), at.hour(), at.minute())
 }
 
+/// Fills a buffer from the system's secure random source.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     // The kernel's CSPRNG does not fail once the system has booted; a failure here is unrecoverable anyway.

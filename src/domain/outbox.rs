@@ -55,6 +55,33 @@ pub enum Attempt {
     Permanent(String),
 }
 
+impl Attempt {
+    /// What the server (or gateway) said.
+    pub fn reply(&self) -> &str {
+        match self {
+            Attempt::Sent(reply)
+            | Attempt::Temporary(reply)
+            | Attempt::Unreachable(reply)
+            | Attempt::Permanent(reply) => reply,
+        }
+    }
+}
+
+/// The attempt with the job's link token and passcode blanked out of the reply: some gateways echo the message
+/// back, and replies are kept on the invite, shown in the API and logged.
+pub fn redact(attempt: &Attempt, job: &DeliveryJob) -> Attempt {
+    let mut reply = attempt.reply().to_owned();
+    for secret in [&job.link_token, &job.passcode].into_iter().flatten().filter(|s| !s.is_empty()) {
+        reply = reply.replace(secret.as_str(), "…");
+    }
+    match attempt {
+        Attempt::Sent(_) => Attempt::Sent(reply),
+        Attempt::Temporary(_) => Attempt::Temporary(reply),
+        Attempt::Unreachable(_) => Attempt::Unreachable(reply),
+        Attempt::Permanent(_) => Attempt::Permanent(reply),
+    }
+}
+
 /// When temporary failures are retried.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -100,10 +127,9 @@ impl Enrollment {
     }
 
     /// Moves a due job to `sending` and returns it with its invite and user. `None` when there is nothing to send
-    /// now: the job is gone or not due, belongs to a CSV import still running (it is looked at again shortly), or
-    /// has gone stale (marked so).
-    /// A job on a channel `can_send` says no to (no relay configured, say) waits ten minutes and is looked at
-    /// again.
+    /// now: the job is gone or not due, has gone stale (marked so: its invite was resent, removed, used or expired,
+    /// or its user deleted), belongs to a CSV import still running (looked at again shortly), or is on a channel
+    /// `can_send` says no to, such as email with no relay configured (looked at again in ten minutes).
     pub fn claim_job(&self, id: &Id, can_send: impl Fn(JobChannel) -> bool) -> DomainResult<Option<Claimed>> {
         let now = self.now();
         self.transact(|tx| {
@@ -111,12 +137,21 @@ impl Enrollment {
             if !matches!(old.state, JobState::Queued | JobState::Deferred) || old.due_at().is_some_and(|at| at > now) {
                 return Ok(None);
             }
-            if !can_send(old.channel) {
-                let mut job = old.clone();
-                job.next_attempt_at = Some(now + CHANNEL_UNAVAILABLE_WAIT);
-                tx.put(Some(&old), &job)?;
+            // Staleness first, so that a job that can never go out gives up its secrets whatever else holds it.
+            let invite = tx.get_id::<Invite, _>(&old.invite_id)?;
+            let current = invite.as_ref().filter(|invite| {
+                let open = invite.status == InviteStatus::Pending && invite.expires_at > now;
+                // A confirmation is about an invite that was used; the others need it still open.
+                invite.generation == old.generation && (open || old.kind == JobKind::Confirmation)
+            });
+            let Some(invite) = current else {
+                self.end_stale(tx, &old, now, invite.as_ref())?;
                 return Ok(None);
-            }
+            };
+            let Some(user) = tx.get_id::<User, _>(&invite.user_id)? else {
+                self.end_stale(tx, &old, now, None)?;
+                return Ok(None);
+            };
             if let Some(import) = old.import {
                 match tx.get_id::<Import, _>(&import)?.map(|i| i.state) {
                     Some(ImportState::Queued | ImportState::Validating | ImportState::Importing) => {
@@ -132,18 +167,12 @@ impl Enrollment {
                     }
                 }
             }
-            let invite = tx.get_id::<Invite, _>(&old.invite_id)?;
-            let current = invite.as_ref().filter(|invite| {
-                let open = invite.status == InviteStatus::Pending && invite.expires_at > now;
-                // A confirmation is about an invite that was used; the others need it still open.
-                invite.generation == old.generation && (open || old.kind == JobKind::Confirmation)
-            });
-            let Some(invite) = current else {
-                self.end_stale(tx, &old, now, invite.as_ref())?;
+            if !can_send(old.channel) {
+                let mut job = old.clone();
+                job.next_attempt_at = Some(now + CHANNEL_UNAVAILABLE_WAIT);
+                tx.put(Some(&old), &job)?;
                 return Ok(None);
-            };
-            let user: User =
-                tx.get_id(&invite.user_id)?.ok_or_else(|| DomainError::not_found("user", invite.user_id))?;
+            }
             let device = match old.device_id {
                 Some(id) => tx.get_id::<Device, _>(&id)?,
                 None => None,
@@ -151,9 +180,25 @@ impl Enrollment {
             let mut job = old.clone();
             job.state = JobState::Sending;
             job.attempts += 1;
+            job.first_attempt_at.get_or_insert(now);
             tx.put(Some(&old), &job)?;
             let invite = self.update_delivery(tx, invite.clone(), &job, now, None)?;
             Ok(Some(Claimed { job, invite, user, device }))
+        })
+    }
+
+    /// Puts a job back by `wait` after its claim failed (a damaged record, say), so that it cannot block the queue.
+    pub fn postpone_job(&self, id: &Id, wait: Duration) -> DomainResult<()> {
+        let now = self.now();
+        self.transact(|tx| {
+            if let Some(old) = tx.get_id::<DeliveryJob, _>(id)?
+                && matches!(old.state, JobState::Queued | JobState::Deferred)
+            {
+                let mut job = old.clone();
+                job.next_attempt_at = Some(now + wait);
+                tx.put(Some(&old), &job)?;
+            }
+            Ok(())
         })
     }
 
@@ -162,13 +207,17 @@ impl Enrollment {
         let now = self.now();
         self.transact(|tx| {
             let old: DeliveryJob = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("delivery job", id))?;
+            let attempt = redact(attempt, &old);
+            if old.state != JobState::Sending {
+                // Retired while it was being sent (its invite removed or resent): keep that, note what was said.
+                let mut job = old.clone();
+                job.last_reply = Some(attempt.reply().to_owned());
+                tx.put(Some(&old), &job)?;
+                return Ok(job);
+            }
             let mut job = old.clone();
-            let what = match job.kind {
-                JobKind::Invite => format!("{} to {}", job.channel.label(), job.to),
-                JobKind::Reminder => format!("Reminder to {}", job.to),
-                JobKind::Confirmation => format!("Enrollment notice to {}", job.to),
-            };
-            let remark = match attempt {
+            let what = what(&job);
+            let remark = match &attempt {
                 Attempt::Sent(reply) => {
                     job.state = JobState::Sent;
                     job.last_reply = Some(reply.clone());
@@ -178,7 +227,7 @@ impl Enrollment {
                     job.last_reply = Some(reply.clone());
                     let next = now + retry.backoff(job.attempts);
                     let horizon = Duration::try_from(retry.horizon).unwrap_or(Duration::MAX);
-                    if next > job.created_at + horizon {
+                    if next > job.first_attempt_at.unwrap_or(job.created_at) + horizon {
                         job.state = JobState::Failed;
                         format!(
                             "{what} failed: still not delivered after {} attempts over {} hours ({reply}); fix the mail settings and resend the invite",
@@ -261,7 +310,8 @@ impl Enrollment {
         job.link_token = None;
         job.passcode = None;
         tx.put(Some(old), &job)?;
-        if let Some(invite) = invite.filter(|i| i.generation == job.generation) {
+        // A reminder that is no longer needed (the device enrolled first, usually) leaves no remark.
+        if let Some(invite) = invite.filter(|i| i.generation == job.generation && job.kind != JobKind::Reminder) {
             let why = match invite.status {
                 InviteStatus::Pending => "the invite expired before it could be sent".to_owned(),
                 status => format!("the invite is {status}"),
@@ -292,7 +342,7 @@ impl Enrollment {
         }
         if let Some(text) = remark {
             // A deferral replaces the previous deferral of the same message rather than piling up over 48 hours.
-            let prefix = format!("{} to {} deferred", job.channel.label(), job.to);
+            let prefix = format!("{} deferred", what(job));
             if invite.remarks.last().is_some_and(|r| r.text.starts_with(&prefix)) {
                 invite.remarks.pop();
             }
@@ -304,6 +354,15 @@ impl Enrollment {
 }
 
 type TxUnit = super::TxResult<()>;
+
+/// The message in a sentence: "Email to a@example.com", "Reminder to …", "Enrollment notice to …".
+fn what(job: &DeliveryJob) -> String {
+    match job.kind {
+        JobKind::Invite => format!("{} to {}", job.channel.label(), job.to),
+        JobKind::Reminder => format!("Reminder to {}", job.to),
+        JobKind::Confirmation => format!("Enrollment notice to {}", job.to),
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -478,6 +537,69 @@ mod tests {
         let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
         assert_eq!(invite.delivery.len(), 1);
         assert_eq!(invite.delivery[0].state, JobState::Sent, "the invite's own delivery is untouched");
+    }
+
+    #[test]
+    fn the_horizon_counts_from_the_first_attempt_so_a_late_reminder_is_retried() {
+        let policy = super::super::Policy { reminder_before: Some(time::Duration::days(2)), ..Default::default() };
+        let (d, clock) = with_policy(policy);
+        let id = invite(&d, "hal@example.com");
+        let reminder = d.deliveries(&id).unwrap().into_iter().find(|j| j.kind == JobKind::Reminder).unwrap();
+        clock.advance(time::Duration::days(5) + time::Duration::minutes(1));
+        d.claim_job(&reminder.id, |_| true).unwrap().unwrap();
+        let job = d.finish_job(&reminder.id, &Attempt::Temporary("451 greylisted".into()), &quick()).unwrap();
+        assert_eq!(job.state, JobState::Deferred, "five days after it was queued, but at its first attempt");
+        assert!(job.first_attempt_at.is_some());
+    }
+
+    #[test]
+    fn replies_that_echo_the_link_or_passcode_are_blanked() {
+        let (d, _clock) = domain();
+        let id = invite(&d, "ida@example.com");
+        let claimed = claim_first(&d);
+        let (token, passcode) = (claimed.job.link_token.clone().unwrap(), claimed.job.passcode.clone().unwrap());
+        let echo = format!("HTTP 200: {{\"body\": \"enroll at https://e.local/e/{token} passcode {passcode}\"}}");
+        let job = d.finish_job(&claimed.job.id, &Attempt::Sent(echo), &quick()).unwrap();
+        let reply = job.last_reply.unwrap();
+        assert!(!reply.contains(&token) && !reply.contains(&passcode) && reply.contains("/e/… passcode …"), "{reply}");
+        let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+        let remarks: String = invite.remarks.iter().map(|r| r.text.clone()).collect();
+        assert!(!remarks.contains(&token) && !remarks.contains(&passcode));
+        assert!(!invite.delivery[0].reply.as_deref().unwrap().contains(&passcode));
+    }
+
+    #[test]
+    fn an_outcome_after_the_invite_was_removed_mid_send_keeps_the_job_retired() {
+        let (d, _clock) = domain();
+        let id = invite(&d, "jon@example.com");
+        let claimed = claim_first(&d);
+        d.remove_invite(&admin(), &id).unwrap();
+        let job = d.finish_job(&claimed.job.id, &Attempt::Temporary("421 try later".into()), &quick()).unwrap();
+        assert_eq!((job.state, job.last_reply.as_deref()), (JobState::Stale, Some("421 try later")));
+        assert!(d.due_jobs(d.now(), 10).unwrap().0.is_empty(), "not back in the queue");
+    }
+
+    #[test]
+    fn a_notice_whose_user_was_deleted_goes_stale_instead_of_blocking_the_queue() {
+        let policy =
+            super::super::Policy { confirmation_to: vec!["helpdesk@example.com".into()], ..Default::default() };
+        let (d, _clock) = with_policy(policy);
+        let id = invite(&d, "kim@example.com");
+        let first = claim_first(&d);
+        d.finish_job(&first.job.id, &Attempt::Sent("250 ok".into()), &quick()).unwrap();
+        d.complete_enrollment(&Actor::device(None), &id, &Default::default()).unwrap();
+        let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
+        let choice = Some(super::super::UserChoiceForDevices::Unassign);
+        d.delete_user(&admin(), &invite.user_id, choice).unwrap();
+        let notice = d.due_jobs(d.now(), 10).unwrap().0;
+        assert_eq!(notice.len(), 1);
+        assert!(d.claim_job(&notice[0], |_| true).unwrap().is_none());
+        assert!(d.due_jobs(d.now(), 10).unwrap().0.is_empty());
+    }
+
+    fn claim_first(d: &Enrollment) -> Claimed {
+        let due = d.due_jobs(d.now(), 10).unwrap().0;
+        d.claim_job(&due[0], |_| true).unwrap().unwrap()
     }
 
     #[test]

@@ -26,8 +26,10 @@ use templates::{Rendered, Templates};
 
 /// The Content-ID of the QR code image in invite mails.
 pub const QR_CONTENT_ID: &str = "enroll-qr";
-/// How long one SMTP conversation step may take.
+/// How long connecting to the relay may take.
 const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one message's whole SMTP conversation may take.
+const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why the relay cannot be set up or a message cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -399,9 +401,25 @@ impl Relay {
         Ok(self.send(message).await)
     }
 
-    /// Hands a message to the relay and says what came of it.
+    /// Hands a message to the relay and says what came of it. lettre's own timeout covers only the connect, so the
+    /// whole conversation is bounded here: a relay that accepts and then says nothing cannot hold a slot forever.
     pub async fn send(&self, message: Message) -> Attempt {
-        match self.transport.send(message).await {
+        let sent = match tokio::time::timeout(SEND_TIMEOUT, self.transport.send(message)).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                let (host, port) = (&self.settings.host, self.settings.port);
+                let hint = if port == 465 && self.settings.security != SmtpSecurity::Tls {
+                    "; port 465 expects TLS from the start: use smtp_security = \"tls\""
+                } else {
+                    ""
+                };
+                return Attempt::Unreachable(format!(
+                    "{host}:{port} did not finish the SMTP conversation within {} s{hint}",
+                    SEND_TIMEOUT.as_secs()
+                ));
+            }
+        };
+        match sent {
             Ok(response) => {
                 let lines: Vec<&str> = response.message().collect();
                 Attempt::Sent(format!("{} {}", response.code(), lines.join(" ")).trim().to_owned())
@@ -418,7 +436,14 @@ fn classify(error: &lettre::transport::smtp::Error, settings: &SmtpConfig) -> At
         Some(advice) => format!("{error} — {advice}"),
         None => error.to_string(),
     };
-    if error.is_permanent() {
+    // A refusal of the relay itself (sign-in, relaying, a peer that does not speak SMTP) is not about this message:
+    // every other one would fail the same way, so it is retried and pauses the queue until the settings are fixed.
+    let code = error.status().map(|c| c.to_string()).unwrap_or_default();
+    let relay_refused = matches!(code.as_str(), "530" | "534" | "535" | "538" | "454")
+        || (error.is_permanent() && error.to_string().to_lowercase().contains("relay access denied"));
+    if relay_refused || error.is_response() {
+        Attempt::Unreachable(text)
+    } else if error.is_permanent() {
         Attempt::Permanent(text)
     } else if error.is_transient() {
         Attempt::Temporary(text)

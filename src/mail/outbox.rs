@@ -18,6 +18,8 @@ use crate::model::{Id, JobChannel, JobKind, Platform};
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How long in-flight messages get to finish at shutdown (the rest are queued again at the next start).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// How long a job whose claim failed waits before it is tried again.
+const CLAIM_FAILED_WAIT: time::Duration = time::Duration::hours(1);
 /// The longest pause while the relay is unreachable.
 const MAX_PAUSE: Duration = Duration::from_secs(300);
 
@@ -82,10 +84,11 @@ impl Worker {
                         () = tokio::time::sleep(pause) => {}
                     }
                     match self.due(1).await.0.first() {
-                        Some(id) => {
-                            let outcome = self.deliver(*id).await;
-                            self.settle(Ok((*id, outcome)), &mut handed_out, &mut unreachable);
-                        }
+                        Some(id) => match self.deliver(*id).await {
+                            Some(outcome) => self.settle(Ok((*id, Some(outcome))), &mut handed_out, &mut unreachable),
+                            // Nothing was sent (the job went stale, say): the next message probes again.
+                            None => unreachable = 0,
+                        },
                         None => unreachable = 0,
                     }
                     continue;
@@ -173,13 +176,20 @@ impl Worker {
         // The relay in use for this message (an admin may change it at any time).
         let relay = self.settings.mail.relay();
         let has_relay = relay.is_some();
-        // Email waits for a relay; SMS always goes ahead, to end with a clear reply when no gateway is set.
-        let can_send = move |channel| channel == JobChannel::Sms || has_relay;
+        let sms_needs_relay = matches!(self.settings.mail.sms(), Some(crate::config::SmsGateway::Email { .. }));
+        // Email (and SMS by email) waits for a relay; other SMS go ahead, to end with a clear reply when no gateway
+        // is set.
+        let can_send = move |channel| has_relay || (channel == JobChannel::Sms && !sms_needs_relay);
         let claimed = match tokio::task::spawn_blocking(move || domain.claim_job(&id, can_send)).await {
             Ok(Ok(Some(claimed))) => claimed,
             Ok(Ok(None)) => return None,
             Ok(Err(error)) => {
-                tracing::error!(%error, job = %id, "cannot claim a delivery job");
+                tracing::error!(%error, job = %id, "cannot claim a delivery job; trying it again in an hour");
+                let domain = self.domain.clone();
+                let postponed = tokio::task::spawn_blocking(move || domain.postpone_job(&id, CLAIM_FAILED_WAIT)).await;
+                if !matches!(postponed, Ok(Ok(()))) {
+                    tracing::error!(job = %id, "cannot put the delivery job back either");
+                }
                 return None;
             }
             Err(error) => {
@@ -204,6 +214,7 @@ impl Worker {
                 "no SMS gateway is configured (sms_gateway), so the text message was not sent".into(),
             ),
         };
+        let attempt = crate::domain::redact(&attempt, &claimed.job);
         match &attempt {
             Attempt::Sent(reply) => tracing::info!(job = %id, to = %claimed.job.to, %reply, "message sent"),
             Attempt::Temporary(reply) | Attempt::Unreachable(reply) => {

@@ -490,6 +490,10 @@ async fn sms_go_through_an_http_gateway_with_the_same_retries_and_remarks() {
     let passcode = mail_text.lines().find_map(|l| l.strip_prefix("Passcode: ")).unwrap();
     assert!(text.contains(link) && text.contains(passcode), "{text}");
     assert!(text.starts_with("Example Ltd: enroll your device at https://"), "{text}");
+    // The gateway echoed the text back; the reply the invite keeps has the secrets blanked.
+    let (_, found) = admin.call(&daemon, Method::GET, &format!("/api/v1/invites/{ok}"), None).await;
+    let reply = sms_of(&found)["reply"].as_str().unwrap().to_owned();
+    assert!(!reply.contains(passcode) && !reply.contains(&link[link.len() - 20..]) && reply.contains('…'), "{reply}");
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
 

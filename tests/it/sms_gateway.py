@@ -1,5 +1,5 @@
 """A small HTTP SMS gateway for the SMS tests: records every request as a JSON line in LOG and answers like a
-typical SMS API. A number ending in 0400 is refused (400); one ending in 0503 fails once (503), then is accepted.
+typical SMS API (echoing the text back, as many do). A number ending in 0400 is refused (400); one ending in 0503 fails once (503), then is accepted.
 
 Usage: sms_gateway.py PORT LOG. Prints "ready" once it listens; runs until killed."""
 
@@ -23,7 +23,9 @@ class Gateway(BaseHTTPRequestHandler):
             seen.add(digits)
             self.answer(503, {"error": "try again later"})
         else:
-            self.answer(200, {"status": "queued", "id": "msg-%d" % len(open(sys.argv[2]).readlines())})
+            # Like many real gateways, the answer echoes the message back.
+            text = json.loads(body).get("text", "")
+            self.answer(200, {"status": "queued", "id": "msg-%d" % len(open(sys.argv[2]).readlines()), "body": text})
 
     def answer(self, status, document):
         payload = json.dumps(document).encode()
