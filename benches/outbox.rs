@@ -108,7 +108,8 @@ fn main() {
             ca_pem: None,
         };
         let relay = Relay::new(&smtp, connections).expect("relay");
-        let mail = Mail::new(&domain, Some(relay), None, "Example Ltd", "https://enroll.local").expect("mail");
+        let mail =
+            Mail::new(&domain, Some(relay), None, connections, "Example Ltd", "https://enroll.local").expect("mail");
         let settings = OutboxSettings {
             mail,
             max_connections: connections,

@@ -765,6 +765,13 @@ impl Layers {
             }
             Some("http") => {
                 let url = self.text("sms_http_url").map(str::trim).unwrap_or_default();
+                let authority = url.parse::<axum::http::Uri>().ok().and_then(|u| u.authority().cloned());
+                if authority.is_some_and(|a| a.as_str().contains('@')) {
+                    return Err(self.invalid(
+                        "sms_http_url",
+                        "put no credentials in the URL (they would travel in the Host header and show in logs); give them in sms_http_headers, such as \"Authorization: Bearer …\"",
+                    ));
+                }
                 if !(url.starts_with("https://") || url.starts_with("http://"))
                     || url.parse::<axum::http::Uri>().is_err()
                 {
@@ -1182,6 +1189,25 @@ mod tests {
             (&[("ENROLLD_HTTPS_LISTEN", "off"), ("ENROLLD_HTTP_LISTEN", "off")], "both off"),
             (&[("ENROLLD_HTTPS_LISTEN", "8000"), ("ENROLLD_HTTP_LISTEN", "[::]:8000")], "same port"),
             (&[("ENROLLD_TLS_CERT", "/x.pem")], "tls_key is not"),
+            (&[("ENROLLD_SMTP_HOST", "mail.example.com"), ("ENROLLD_SMTP_SECURITY", "ssl")], "use starttls"),
+            (&[("ENROLLD_SMTP_HOST", "mail.example.com"), ("ENROLLD_SMTP_USERNAME", "it")], "go together"),
+            (&[("ENROLLD_SMTP_HOST", "mail.example.com"), ("ENROLLD_MAIL_FROM", "it at example")], "mail_from"),
+            (&[("ENROLLD_PUBLIC_URL", "http://enroll.example.com")], "must start with https://"),
+            (
+                &[("ENROLLD_SMS_GATEWAY", "http"), ("ENROLLD_SMS_HTTP_URL", "https://u:k@gw.example/send")],
+                "no credentials",
+            ),
+            (
+                &[
+                    ("ENROLLD_SMS_GATEWAY", "http"),
+                    ("ENROLLD_SMS_HTTP_URL", "https://gw.example/"),
+                    ("ENROLLD_SMS_HTTP_BODY", "{{ txt }}"),
+                ],
+                "sms_http_body",
+            ),
+            (&[("ENROLLD_SMS_GATEWAY", "email")], "sms_email_domain"),
+            (&[("ENROLLD_CONFIRMATION_TO", "helpdesk")], "confirmation_to"),
+            (&[("ENROLLD_INVITE_REMINDER_DAYS", "7")], "fewer days than invite_validity_days"),
         ];
         for (vars, expected) in cases {
             let result = Layers::gather(&ConfigArgs::default(), env(vars)).and_then(|layers| layers.resolve(None));

@@ -196,6 +196,7 @@ pub async fn run(
         &enrollment,
         relay,
         config.mail.sms.clone(),
+        config.mail.max_connections,
         &config.mail.organisation,
         &config.public_url(https_port),
     )?;

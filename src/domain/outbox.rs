@@ -115,9 +115,9 @@ impl Enrollment {
         let now_key = crate::store::time_key(now);
         let mut due = Vec::new();
         for (key, value) in self.store.first_entries(tree::OUTBOX_DUE, limit + 1)? {
-            let Some(id) = Id::from_slice(&value) else { continue };
-            if key[..8] > now_key[..] || due.len() == limit {
-                let millis = u64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+            let (Some(id), Some(due_key)) = (Id::from_slice(&value), key.get(..8)) else { continue };
+            if due_key > &now_key[..] || due.len() == limit {
+                let millis = u64::from_be_bytes(due_key.try_into().unwrap_or_default());
                 let next = OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok();
                 return Ok((due, next));
             }
@@ -272,6 +272,11 @@ impl Enrollment {
                     let mut job = current.clone();
                     job.state = JobState::Queued;
                     tx.put(Some(&current), &job)?;
+                    if let Some(invite) = tx.get_id::<Invite, _>(&job.invite_id)?
+                        && invite.generation == job.generation
+                    {
+                        self.update_delivery(tx, invite, &job, self.now(), None)?;
+                    }
                 }
                 Ok(())
             })?;

@@ -114,10 +114,11 @@ impl Mail {
         domain: &Enrollment,
         relay: Option<Relay>,
         sms: Option<SmsGateway>,
+        max_connections: usize,
         organisation: &str,
         public_url: &str,
     ) -> Result<Mail, MailError> {
-        let max_connections = relay.as_ref().map_or(4, |r| r.max_connections);
+        let max_connections = relay.as_ref().map_or(max_connections, |r| r.max_connections);
         let (in_use, source) = match domain.settings(RELAY_SETTING)?.into_iter().find(|s| s.name == RELAY_SETTING) {
             Some(saved) => match serde_json::from_str::<SmtpConfig>(&saved.value)
                 .map_err(|e| MailError::Relay(e.to_string()))

@@ -19,6 +19,8 @@ use crate::domain::Attempt;
 
 /// How long a gateway gets to answer.
 const GATEWAY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of a gateway's answer that is read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// How much of a gateway's answer is kept as the reply.
 const REPLY_CHARS: usize = 300;
 
@@ -61,7 +63,8 @@ async fn request(gateway: &HttpGateway, to: &str, text: &str) -> Attempt {
         Err(error) => return Attempt::Permanent(format!("sms_http_url: {error}")),
     };
     let https = uri.scheme_str() == Some("https");
-    let Some(host) = uri.host().map(str::to_owned) else {
+    // An IPv6 literal comes bracketed in a URL; connecting and TLS want it bare.
+    let Some(host) = uri.host().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned()) else {
         return Attempt::Permanent("sms_http_url has no host".into());
     };
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -124,7 +127,8 @@ async fn exchange(
         Err(error) => return Attempt::Unreachable(format!("the SMS gateway did not answer: {error}")),
     };
     let status = response.status();
-    let body = match response.into_body().collect().await {
+    // A gateway's answer is a short status; a runaway one is cut off rather than read whole.
+    let body = match http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES).collect().await {
         Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
         Err(error) => return Attempt::Unreachable(format!("the SMS gateway's answer broke off: {error}")),
     };

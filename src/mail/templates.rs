@@ -162,7 +162,10 @@ impl Templates {
         for platform in
             [Platform::Ios, Platform::Ipados, Platform::Macos, Platform::Android, Platform::Windows, Platform::Any]
         {
-            templates.render(&InviteContext::sample(platform))?;
+            // With and without an organisation name, so a branch on it cannot hide an error until send time.
+            let sample = InviteContext::sample(platform);
+            templates.render(&sample)?;
+            templates.render(&InviteContext { organisation: String::new(), ..sample })?;
         }
         Ok(templates)
     }
@@ -237,6 +240,10 @@ mod tests {
         let error = Templates::new(&overrides).unwrap_err();
         assert_eq!((error.part.as_str(), error.line), (SUBJECT, 1), "{error}");
         assert!(error.reason.contains("undefined"), "{error}");
+
+        let hidden = "{% if not organisation %}{{ typo }}{% endif %}Enroll";
+        let overrides = BTreeMap::from([(SUBJECT.to_owned(), hidden.to_owned())]);
+        assert!(Templates::new(&overrides).unwrap_err().reason.contains("undefined"), "an error behind a branch");
 
         let overrides = BTreeMap::from([("invite.footer.txt".to_owned(), "x".to_owned())]);
         assert!(Templates::new(&overrides).unwrap_err().reason.contains("no such template"));
