@@ -3,6 +3,7 @@
 //! transactions, so every multi-record change (an invite and its delivery jobs and audit entry) lands whole or not
 //! at all.
 
+mod apple;
 pub mod auth;
 mod devices;
 mod import;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use utoipa::ToSchema;
 
+pub use apple::StoredPushCertificate;
 pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment};
 pub use import::{ExportList, ImportRequest};
 pub use invites::{

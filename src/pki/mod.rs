@@ -18,6 +18,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
+pub mod push;
+
 use crate::config::SubjectName;
 use crate::state_dir::write_private;
 

@@ -6,6 +6,7 @@
 //! protected router rather than per handler.
 
 mod access;
+mod apple;
 mod devices;
 mod imports;
 mod invites;
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(imports::export_invites))
         .routes(routes!(imports::export_staged))
         .routes(routes!(imports::export_devices))
+        .routes(routes!(apple::push_certificate, apple::upload_push_certificate))
         .routes(routes!(mail::status))
         .routes(routes!(mail::save_relay, mail::reset_relay))
         .routes(routes!(mail::send_test))

@@ -1,0 +1,77 @@
+//! The Apple MDM push certificate through the real binary: uploaded as PEM, read back with its Topic and expiry,
+//! a warning in its last 30 days, renewals that keep the Topic accepted, and one with another Topic refused.
+//!
+//! Apple's Push Certificates Portal cannot be reached from a test, so the certificates are made here in its shape:
+//! the Topic (`com.apple.mgmt.External.<uuid>`) in the subject's UID attribute, as Apple issues them.
+
+use hyper::Method;
+use serde_json::{Value, json};
+
+use crate::common::{Daemon, api, get_plain, parse_pem_certs};
+
+const PASSWORD: &str = "staple battery horse";
+const TOPIC: &str = "com.apple.mgmt.External.5f2c7b3e-1d2a-4c5b-9e8f-0a1b2c3d4e5f";
+
+fn push_certificate(topic: &str, days: i64) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 1]), topic);
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("APSP:{topic}"));
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+    (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_push_certificate_is_uploaded_shown_renewed_and_never_swapped_for_another_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::spawn(&dir.path().join("state"), &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
+    daemon.wait_healthy();
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    let token = signed_in["token"].as_str().unwrap().to_owned();
+    let path = "/api/v1/apple/push-certificate";
+    let call = |method: Method, body: Option<Value>| api(daemon.https, &ca, method, path, Some(&token), body);
+
+    let (status, none) = call(Method::GET, None).await;
+    assert_eq!((status, none["error"].as_str()), (404, Some("no_push_certificate")));
+    let (status, _) = api(daemon.https, &ca, Method::GET, path, None, None).await;
+    assert_eq!(status, 401, "admins only");
+
+    let (cert, key) = push_certificate(TOPIC, 365);
+    let (_, other_key) = push_certificate(TOPIC, 365);
+    let mismatched = json!({"certificate_pem": cert, "private_key_pem": other_key});
+    let (status, error) = call(Method::PUT, Some(mismatched)).await;
+    assert_eq!((status, error["field"].as_str()), (422, Some("private_key_pem")), "{error}");
+    let (not_mdm, not_mdm_key) = push_certificate("com.example.app", 365);
+    let (status, error) =
+        call(Method::PUT, Some(json!({"certificate_pem": not_mdm, "private_key_pem": not_mdm_key}))).await;
+    assert_eq!((status, error["field"].as_str()), (422, Some("certificate_pem")));
+    assert!(error["message"].as_str().unwrap().contains("not an MDM push certificate"), "{error}");
+
+    let (status, shown) = call(Method::PUT, Some(json!({"certificate_pem": cert, "private_key_pem": key}))).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["topic"], TOPIC);
+    assert!((363..=365).contains(&shown["days_left"].as_i64().unwrap()), "{shown}");
+    assert!(shown["warning"].is_null());
+    assert!(shown.get("private_key_pem").is_none(), "the key is never shown");
+
+    // A renewal keeps the Topic; this one expires within 30 days, so it is flagged.
+    let (renewed, renewed_key) = push_certificate(TOPIC, 20);
+    let (status, shown) =
+        call(Method::PUT, Some(json!({"certificate_pem": renewed, "private_key_pem": renewed_key}))).await;
+    assert_eq!(status, 200, "{shown}");
+    let warning = shown["warning"].as_str().unwrap();
+    assert!(warning.starts_with("expires in 19 days") || warning.starts_with("expires in 20 days"), "{warning}");
+    let (_, read_back) = call(Method::GET, None).await;
+    assert_eq!(read_back["sha256"], shown["sha256"]);
+
+    let (other, other_key) = push_certificate("com.apple.mgmt.External.00000000-0000-0000-0000-000000000000", 365);
+    let (status, error) =
+        call(Method::PUT, Some(json!({"certificate_pem": other, "private_key_pem": other_key}))).await;
+    assert_eq!((status, error["error"].as_str()), (409, Some("push_topic_changed")), "{error}");
+    let (_, still) = call(Method::GET, None).await;
+    assert_eq!(still["topic"], TOPIC, "the certificate in use is unchanged");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
