@@ -226,6 +226,8 @@ fn render(
         Vec::new()
     };
     let apple = matches!(platform, Platform::Ios | Platform::Ipados | Platform::Macos);
+    // Without the push certificate an Apple enrollment cannot work; say so rather than lead the user on.
+    let push_missing = apple && matches!(state.enrollment.push_certificate(), Ok(None));
     let values = Value::from_pairs([
         ("title", Value::from(format!("Enroll your {}", device_words(platform)))),
         ("organisation", Value::from(state.mail.organisation.to_string())),
@@ -241,6 +243,7 @@ fn render(
         ("trust_steps", Value::from(trust_steps(platform))),
         ("steps", Value::from(enroll_steps(platform))),
         ("session_minutes", Value::from(SESSION_MINUTES)),
+        ("push_missing", Value::from(push_missing)),
     ]);
     html(status, render_page(values))
 }

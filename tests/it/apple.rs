@@ -10,9 +10,10 @@ use serde_json::{Value, json};
 use crate::common::{Daemon, api, get_plain, parse_pem_certs};
 
 const PASSWORD: &str = "staple battery horse";
-const TOPIC: &str = "com.apple.mgmt.External.5f2c7b3e-1d2a-4c5b-9e8f-0a1b2c3d4e5f";
+pub const TOPIC: &str = "com.apple.mgmt.External.5f2c7b3e-1d2a-4c5b-9e8f-0a1b2c3d4e5f";
 
-fn push_certificate(topic: &str, days: i64) -> (String, String) {
+/// A certificate and key in the shape of Apple's MDM push certificates.
+pub fn push_certificate(topic: &str, days: i64) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name.push(rcgen::DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 1]), topic);

@@ -77,6 +77,7 @@ async fn an_invite_link_asks_for_the_passcode_then_shows_the_steps() {
     let right = b.post(&path, &format!("passcode={passcode}")).await;
     assert_eq!(right.status, 200);
     assert!(right.body.contains("Passcode accepted") && right.body.contains("/ca.mobileconfig"), "{}", right.body);
+    assert!(right.body.contains("the push certificate is missing"), "no push certificate was uploaded");
     let cookie = right.headers.get("set-cookie").unwrap().to_str().unwrap().to_owned();
     for attribute in ["HttpOnly", "Secure", "SameSite=Strict", &format!("Path=/e/{token}")] {
         assert!(cookie.contains(attribute), "{attribute} in {cookie}");
@@ -87,9 +88,19 @@ async fn an_invite_link_asks_for_the_passcode_then_shows_the_steps() {
     let forged = b.get(&path, &[("cookie", "enroll_session=forged")]).await;
     assert!(forged.body.contains("Passcode from your invite"), "a made-up session opens nothing");
 
+    // Once the push certificate is uploaded, the notice goes.
+    let (cert, key) = crate::apple::push_certificate(crate::apple::TOPIC, 365);
+    let upload = json!({"certificate_pem": cert, "private_key_pem": key});
+    let push = "/api/v1/apple/push-certificate";
+    let (status, _) = api(b.daemon.https, &b.ca, Method::PUT, push, Some(&b.token), Some(upload)).await;
+    assert_eq!(status, 200);
+    let ready = b.get(&path, &[("cookie", &session)]).await;
+    assert!(ready.body.contains("Passcode accepted") && !ready.body.contains("push certificate is missing"));
+
     // The session is bound to its invite: it opens no other.
     let (_, other, _) = b.invite("Bea", "android").await;
     let elsewhere = b.get(&format!("/e/{other}"), &[("cookie", &session)]).await;
+    assert!(!elsewhere.body.contains("push certificate"), "only Apple devices need it");
     assert!(
         elsewhere.body.contains("Passcode from your invite") && elsewhere.body.contains("Enroll your Android device")
     );
