@@ -284,6 +284,32 @@ impl Enrollment {
         Ok(stuck.len())
     }
 
+    /// Makes invite messages that were put back because their channel could not be used (no relay yet) due at
+    /// once, for when a relay has just been set. Reminders keep their time. Returns how many.
+    pub fn wake_waiting(&self) -> DomainResult<usize> {
+        let now = self.now();
+        let waiting = self.store.all::<DeliveryJob>(|job| {
+            job.kind != JobKind::Reminder
+                && job.state == JobState::Queued
+                && job.attempts == 0
+                && job.next_attempt_at.is_some_and(|at| at > now)
+        })?;
+        for chunk in waiting.chunks(500) {
+            self.transact(|tx| {
+                for stale_copy in chunk {
+                    if let Some(old) = tx.get_id::<DeliveryJob, _>(&stale_copy.id)?
+                        && old.state == JobState::Queued
+                    {
+                        let job = DeliveryJob { next_attempt_at: None, ..old.clone() };
+                        tx.put(Some(&old), &job)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(waiting.len())
+    }
+
     /// Messages by state, from the store's counters.
     pub fn outbox_counts(&self) -> DomainResult<OutboxCounts> {
         let count = |state: JobState| self.store.count(&format!("outbox.{state}"));
@@ -605,6 +631,17 @@ mod tests {
     fn claim_first(d: &Enrollment) -> Claimed {
         let due = d.due_jobs(d.now(), 10).unwrap().0;
         d.claim_job(&due[0], |_| true).unwrap().unwrap()
+    }
+
+    #[test]
+    fn mail_put_back_for_want_of_a_relay_is_woken_when_one_is_set() {
+        let (d, _clock) = domain();
+        invite(&d, "lea@example.com");
+        let job = d.due_jobs(d.now(), 10).unwrap().0[0];
+        assert!(d.claim_job(&job, |_| false).unwrap().is_none(), "no relay: put back ten minutes");
+        assert!(d.due_jobs(d.now(), 10).unwrap().0.is_empty());
+        assert_eq!(d.wake_waiting().unwrap(), 1);
+        assert_eq!(d.due_jobs(d.now(), 10).unwrap().0, [job]);
     }
 
     #[test]

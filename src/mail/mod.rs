@@ -187,6 +187,11 @@ impl Mail {
         domain.save_setting(actor, RELAY_SETTING, &json)?;
         self.relay.store(Some(Arc::new(relay)));
         self.relay_source.store(Arc::new(RelaySource::Api));
+        // Mail that waited for a relay goes now rather than at its next look.
+        let woken = domain.wake_waiting()?;
+        if woken > 0 {
+            tracing::info!(woken, "messages that waited for a mail relay are due now");
+        }
         Ok(())
     }
 

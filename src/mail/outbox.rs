@@ -119,7 +119,15 @@ impl Worker {
                 }
                 handed_out.insert(id);
                 let worker = self.clone_parts();
-                in_flight.spawn(async move { (id, worker.deliver(id).await) });
+                // Run in its own task, so a panic while delivering frees the job's slot here (the job itself, if
+                // it was claimed, stays `sending` until the next start queues it again).
+                in_flight.spawn(async move {
+                    let outcome = tokio::spawn(async move { worker.deliver(id).await }).await;
+                    if let Err(error) = &outcome {
+                        tracing::error!(%error, job = %id, "delivering a message failed unexpectedly");
+                    }
+                    (id, outcome.ok().flatten())
+                });
             }
         }
         if tokio::time::timeout(SHUTDOWN_WAIT, async { while in_flight.join_next().await.is_some() {} }).await.is_err()
