@@ -12,7 +12,7 @@ use super::{
 };
 use crate::model::{
     Channels, CommandKind, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobChannel, JobKind,
-    JobState, Ownership, PendingCommand, Platform, Remark, StagedDevice, User,
+    Ownership, PendingCommand, Platform, Remark, StagedDevice, User,
 };
 use crate::store::{Scan, Tx, device_status_byte, hardware_key, tree};
 
@@ -205,23 +205,8 @@ impl Enrollment {
 
     fn confirmation_job(&self, invite: &Invite, device: &Device, to: String) -> DeliveryJob {
         DeliveryJob {
-            id: self.new_id(),
-            invite_id: invite.id,
-            generation: invite.generation,
-            channel: JobChannel::Email,
-            to,
-            state: JobState::Queued,
-            created_at: self.now(),
-            link_token: None,
-            passcode: None,
-            import: None,
-            attempts: 0,
-            next_attempt_at: None,
-            last_reply: None,
-            finished_at: None,
-            first_attempt_at: None,
-            kind: JobKind::Confirmation,
             device_id: Some(device.id),
+            ..self.queued_job(invite, JobKind::Confirmation, JobChannel::Email, to)
         }
     }
 

@@ -240,23 +240,10 @@ impl Enrollment {
         }
         let mut add = |channel, to: &str| {
             jobs.push(DeliveryJob {
-                id: self.new_id(),
-                invite_id: invite.id,
-                generation: invite.generation,
-                channel,
-                to: to.to_owned(),
-                state: JobState::Queued,
-                created_at: self.now(),
                 link_token: Some(secrets.token.clone()),
                 passcode: Some(secrets.passcode.clone()),
                 import,
-                attempts: 0,
-                next_attempt_at: None,
-                last_reply: None,
-                finished_at: None,
-                first_attempt_at: None,
-                kind: JobKind::Invite,
-                device_id: None,
+                ..self.queued_job(invite, JobKind::Invite, channel, to.to_owned())
             });
         };
         if invite.channels.email() {
@@ -271,23 +258,9 @@ impl Enrollment {
             && invite.expires_at - before > self.now()
         {
             jobs.push(DeliveryJob {
-                id: self.new_id(),
-                invite_id: invite.id,
-                generation: invite.generation,
-                channel: JobChannel::Email,
-                to: user.email.clone(),
-                state: JobState::Queued,
-                created_at: self.now(),
-                link_token: None,
-                passcode: None,
                 import,
-                attempts: 0,
                 next_attempt_at: Some(invite.expires_at - before),
-                last_reply: None,
-                finished_at: None,
-                first_attempt_at: None,
-                kind: JobKind::Reminder,
-                device_id: None,
+                ..self.queued_job(invite, JobKind::Reminder, JobChannel::Email, user.email.clone())
             });
         }
         jobs

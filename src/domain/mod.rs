@@ -374,14 +374,14 @@ pub(crate) mod testing {
     }
 
     pub fn domain() -> (Enrollment, ManualClock) {
+        domain_with(Policy::default())
+    }
+
+    pub fn domain_with(policy: Policy) -> (Enrollment, ManualClock) {
         let clock = ManualClock::new(start());
-        let enrollment = Enrollment::new(
-            Store::open_temporary().unwrap(),
-            Arc::new(clock.clone()),
-            Policy::default(),
-            &random_bytes(),
-        )
-        .unwrap();
+        let enrollment =
+            Enrollment::new(Store::open_temporary().unwrap(), Arc::new(clock.clone()), policy, &random_bytes())
+                .unwrap();
         (enrollment, clock)
     }
 

@@ -310,6 +310,30 @@ impl Enrollment {
         Ok(waiting.len())
     }
 
+    /// A new job of `kind` for `invite`, queued and due at once, with nothing of its own yet (no secrets, no
+    /// import, no device): the callers add what their kind carries.
+    pub(super) fn queued_job(&self, invite: &Invite, kind: JobKind, channel: JobChannel, to: String) -> DeliveryJob {
+        DeliveryJob {
+            id: self.new_id(),
+            invite_id: invite.id,
+            generation: invite.generation,
+            channel,
+            to,
+            state: JobState::Queued,
+            created_at: self.now(),
+            link_token: None,
+            passcode: None,
+            import: None,
+            attempts: 0,
+            next_attempt_at: None,
+            last_reply: None,
+            finished_at: None,
+            first_attempt_at: None,
+            kind,
+            device_id: None,
+        }
+    }
+
     /// Messages by state, from the store's counters.
     pub fn outbox_counts(&self) -> DomainResult<OutboxCounts> {
         let count = |state: JobState| self.store.count(&format!("outbox.{state}"));
@@ -397,7 +421,7 @@ fn what(job: &DeliveryJob) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{admin, domain};
+    use super::super::testing::{admin, domain, domain_with};
     use super::super::{Actor, NewInvite, NewUser};
     use super::*;
     use crate::model::{Channels, Ownership, Platform};
@@ -485,17 +509,10 @@ mod tests {
         assert_eq!(d.due_jobs(d.now(), 10).unwrap().0, new_job, "queued again after a crash mid-send");
     }
 
-    fn with_policy(policy: super::super::Policy) -> (Enrollment, crate::clock::ManualClock) {
-        let clock = crate::clock::ManualClock::new(super::super::testing::start());
-        let store = crate::store::Store::open_temporary().unwrap();
-        let domain = Enrollment::new(store, std::sync::Arc::new(clock.clone()), policy, &[3; 32]).unwrap();
-        (domain, clock)
-    }
-
     #[test]
     fn a_reminder_waits_until_days_before_expiry_and_carries_no_secrets() {
         let policy = super::super::Policy { reminder_before: Some(time::Duration::days(2)), ..Default::default() };
-        let (d, clock) = with_policy(policy);
+        let (d, clock) = domain_with(policy);
         let id = invite(&d, "eve@example.com");
         let jobs = d.deliveries(&id).unwrap();
         let reminder = jobs.iter().find(|j| j.kind == JobKind::Reminder).unwrap();
@@ -529,7 +546,7 @@ mod tests {
     #[test]
     fn a_resend_retires_the_old_reminder() {
         let policy = super::super::Policy { reminder_before: Some(time::Duration::days(1)), ..Default::default() };
-        let (d, _clock) = with_policy(policy);
+        let (d, _clock) = domain_with(policy);
         let id = invite(&d, "fay@example.com");
         d.resend_invite(&admin(), &id).unwrap();
         let kinds: Vec<_> = d.deliveries(&id).unwrap().iter().map(|j| (j.kind, j.state)).collect();
@@ -551,7 +568,7 @@ mod tests {
             confirmation_to_user: true,
             ..Default::default()
         };
-        let (d, _clock) = with_policy(policy);
+        let (d, _clock) = domain_with(policy);
         let id = invite(&d, "gus@example.com");
         let first = d.due_jobs(d.now(), 10).unwrap().0;
         d.claim_job(&first[0], |_| true).unwrap().unwrap();
@@ -573,7 +590,7 @@ mod tests {
     #[test]
     fn the_horizon_counts_from_the_first_attempt_so_a_late_reminder_is_retried() {
         let policy = super::super::Policy { reminder_before: Some(time::Duration::days(2)), ..Default::default() };
-        let (d, clock) = with_policy(policy);
+        let (d, clock) = domain_with(policy);
         let id = invite(&d, "hal@example.com");
         let reminder = d.deliveries(&id).unwrap().into_iter().find(|j| j.kind == JobKind::Reminder).unwrap();
         clock.advance(time::Duration::days(5) + time::Duration::minutes(1));
@@ -614,7 +631,7 @@ mod tests {
     fn a_notice_whose_user_was_deleted_goes_stale_instead_of_blocking_the_queue() {
         let policy =
             super::super::Policy { confirmation_to: vec!["helpdesk@example.com".into()], ..Default::default() };
-        let (d, _clock) = with_policy(policy);
+        let (d, _clock) = domain_with(policy);
         let id = invite(&d, "kim@example.com");
         let first = claim_first(&d);
         d.finish_job(&first.job.id, &Attempt::Sent("250 ok".into()), &quick()).unwrap();

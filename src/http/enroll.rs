@@ -94,7 +94,7 @@ async fn page(
     };
     let now = state.clock.now();
     let authenticated =
-        cookie(&headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
+        super::cookie(&headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
     let platform = chosen_platform(&invite, choice.platform, &headers);
     render(&state, StatusCode::OK, &invite, platform, authenticated, None)
 }
@@ -122,9 +122,11 @@ async fn passcode(
     let domain = state.enrollment.clone();
     let (id, entered) = (invite.id, form.passcode.clone());
     let checked =
-        tokio::task::spawn_blocking(move || domain.check_passcode(&Actor::device(client), &id, &entered)).await;
+        in_store(&state, "checking a passcode", move || domain.check_passcode(&Actor::device(client), &id, &entered))
+            .await;
     match checked {
-        Ok(Ok(PasscodeCheck::Correct)) => {
+        Err(page) => page,
+        Ok(PasscodeCheck::Correct) => {
             let session = state.enroll_sessions.open(invite.id, state.clock.now());
             let mut response = render(&state, StatusCode::OK, &invite, platform, true, None);
             let cookie = format!(
@@ -136,22 +138,14 @@ async fn passcode(
             }
             response
         }
-        Ok(Ok(PasscodeCheck::Wrong { attempts_left })) => {
+        Ok(PasscodeCheck::Wrong { attempts_left }) => {
             let wrong = format!(
                 "That passcode is not right. {attempts_left} {} left before this invite locks.",
                 if attempts_left == 1 { "try" } else { "tries" }
             );
             render(&state, StatusCode::UNAUTHORIZED, &invite, platform, false, Some(wrong))
         }
-        Ok(Ok(PasscodeCheck::Locked)) => link_problem(&state, LinkProblem::Locked),
-        Ok(Err(error)) => {
-            tracing::error!(%error, "checking a passcode failed");
-            problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.")
-        }
-        Err(error) => {
-            tracing::error!(%error, "checking a passcode failed");
-            problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.")
-        }
+        Ok(PasscodeCheck::Locked) => link_problem(&state, LinkProblem::Locked),
     }
 }
 
@@ -159,18 +153,26 @@ async fn passcode(
 async fn open(state: &AppState, token: &str) -> Result<Invite, Response> {
     let domain = state.enrollment.clone();
     let token = token.to_owned();
-    match tokio::task::spawn_blocking(move || domain.open_link(&token)).await {
-        Ok(Ok(Ok(invite))) => Ok(invite),
-        Ok(Ok(Err(problem))) => Err(link_problem(state, problem)),
-        Ok(Err(error)) => {
-            tracing::error!(%error, "opening an invite link failed");
-            Err(problem_page(state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute."))
-        }
-        Err(error) => {
-            tracing::error!(%error, "opening an invite link failed");
-            Err(problem_page(state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute."))
-        }
+    match in_store(state, "opening an invite link", move || domain.open_link(&token)).await? {
+        Ok(invite) => Ok(invite),
+        Err(problem) => Err(link_problem(state, problem)),
     }
+}
+
+/// Runs a domain call on the blocking pool. A store failure or a panicked task is logged (as `doing` failed)
+/// and answered with a page asking to try again.
+async fn in_store<T: Send + 'static>(
+    state: &AppState,
+    doing: &str,
+    work: impl FnOnce() -> crate::domain::DomainResult<T> + Send + 'static,
+) -> Result<T, Response> {
+    let error = match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    tracing::error!(%error, "{doing} failed");
+    Err(problem_page(state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute."))
 }
 
 /// Says which of the reasons it is, without saying anything about any other invite.
@@ -426,15 +428,4 @@ fn enroll_steps(platform: Platform) -> Vec<&'static str> {
         ],
         Platform::Any => vec!["Pick the kind of device above; the steps for it appear here."],
     }
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.to_owned())
 }

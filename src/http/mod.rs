@@ -90,6 +90,18 @@ fn open_routes() -> Router<AppState> {
         .merge(enroll::ca_profile_route())
 }
 
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub(crate) fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.to_owned())
+}
+
 /// What devices open over HTTPS: the invite pages and the CA profile.
 fn device_routes() -> Router<AppState> {
     enroll::routes()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::templates::InviteContext;
+use super::templates::{InviteContext, platform_name};
 use super::{Mail, QR_CONTENT_ID, Relay};
 use crate::domain::{Attempt, Claimed, Enrollment, RetryPolicy};
 use crate::model::{Id, JobChannel, JobKind, Platform};
@@ -37,12 +37,11 @@ pub struct OutboxSettings {
 pub async fn run(domain: Enrollment, settings: OutboxSettings, shutdown: CancellationToken) {
     let requeued = {
         let domain = domain.clone();
-        tokio::task::spawn_blocking(move || domain.requeue_in_flight()).await
+        in_store(move || domain.requeue_in_flight()).await
     };
     match requeued {
-        Ok(Ok(0)) => {}
-        Ok(Ok(count)) => tracing::info!(count, "messages that were being sent at the last stop are queued again"),
-        Ok(Err(error)) => tracing::error!(%error, "cannot queue interrupted messages again"),
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "messages that were being sent at the last stop are queued again"),
         Err(error) => tracing::error!(%error, "cannot queue interrupted messages again"),
     }
     if settings.mail.relay().is_none() {
@@ -164,17 +163,10 @@ impl Worker {
 
     async fn due(&self, limit: usize) -> (Vec<Id>, Option<time::OffsetDateTime>) {
         let domain = self.domain.clone();
-        match tokio::task::spawn_blocking(move || domain.due_jobs(domain.now(), limit)).await {
-            Ok(Ok(due)) => due,
-            Ok(Err(error)) => {
-                tracing::error!(%error, "cannot read the outbox");
-                (Vec::new(), None)
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot read the outbox");
-                (Vec::new(), None)
-            }
-        }
+        in_store(move || domain.due_jobs(domain.now(), limit)).await.unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot read the outbox");
+            (Vec::new(), None)
+        })
     }
 
     /// Claims, renders, sends and records one job; the channel and the attempt's outcome, or `None` when there
@@ -194,8 +186,7 @@ impl Worker {
             Ok(Err(error)) => {
                 tracing::error!(%error, job = %id, "cannot claim a delivery job; trying it again in an hour");
                 let domain = self.domain.clone();
-                let postponed = tokio::task::spawn_blocking(move || domain.postpone_job(&id, CLAIM_FAILED_WAIT)).await;
-                if !matches!(postponed, Ok(Ok(()))) {
+                if in_store(move || domain.postpone_job(&id, CLAIM_FAILED_WAIT)).await.is_err() {
                     tracing::error!(job = %id, "cannot put the delivery job back either");
                 }
                 return None;
@@ -233,19 +224,18 @@ impl Worker {
         let domain = self.domain.clone();
         let retry = self.settings.retry;
         let recorded = attempt.clone();
-        match tokio::task::spawn_blocking(move || domain.finish_job(&id, &recorded, &retry)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::error!(%error, job = %id, "cannot record a delivery"),
-            Err(error) => tracing::error!(%error, job = %id, "cannot record a delivery"),
+        if let Err(error) = in_store(move || domain.finish_job(&id, &recorded, &retry)).await {
+            tracing::error!(%error, job = %id, "cannot record a delivery");
         }
         Some((claimed.job.channel, attempt))
     }
 
-    fn invite_text(&self, claimed: &Claimed) -> Option<String> {
+    /// What the invite templates (and the SMS text) are rendered from; `None` once the job's secrets are gone.
+    fn invite_context(&self, claimed: &Claimed) -> Option<InviteContext> {
         let job = &claimed.job;
         let (token, passcode) = (job.link_token.as_ref()?, job.passcode.as_ref()?);
         let mail = &self.settings.mail;
-        let context = InviteContext::new(
+        Some(InviteContext::new(
             &claimed.user.name,
             &mail.organisation,
             format!("{}/e/{token}", mail.public_url),
@@ -253,16 +243,25 @@ impl Worker {
             claimed.invite.expires_at,
             claimed.invite.platform,
             claimed.invite.ownership,
-            "",
-        );
-        Some(super::sms::invite_text(&context))
+            &format!("cid:{QR_CONTENT_ID}"),
+        ))
+    }
+
+    fn invite_text(&self, claimed: &Claimed) -> Option<String> {
+        self.invite_context(claimed).map(|context| super::sms::invite_text(&context))
     }
 
     fn message(&self, relay: &Relay, claimed: &Claimed) -> Result<lettre::Message, super::MailError> {
         let job = &claimed.job;
         let message_id = format!("{}.{}.{}", job.kind, job.invite_id, job.id);
         match job.kind {
-            JobKind::Invite => self.invite_message(relay, claimed),
+            JobKind::Invite => {
+                let context = self
+                    .invite_context(claimed)
+                    .ok_or_else(|| super::MailError::Message("the job has no link left to send".into()))?;
+                let rendered = self.settings.mail.templates().render(&context)?;
+                relay.invite_message(&job.to, &message_id, &rendered, &context.link)
+            }
             JobKind::Reminder => {
                 let (subject, text) = reminder_text(&self.settings.mail.organisation, claimed);
                 relay.text_message(&job.to, &message_id, &subject, &text)
@@ -273,33 +272,15 @@ impl Worker {
             }
         }
     }
-
-    fn invite_message(&self, relay: &Relay, claimed: &Claimed) -> Result<lettre::Message, super::MailError> {
-        let job = &claimed.job;
-        let (Some(token), Some(passcode)) = (&job.link_token, &job.passcode) else {
-            return Err(super::MailError::Message("the job has no link left to send".into()));
-        };
-        let mail = &self.settings.mail;
-        let link = format!("{}/e/{token}", mail.public_url);
-        let context = InviteContext::new(
-            &claimed.user.name,
-            &mail.organisation,
-            link.clone(),
-            passcode,
-            claimed.invite.expires_at,
-            claimed.invite.platform,
-            claimed.invite.ownership,
-            &format!("cid:{QR_CONTENT_ID}"),
-        );
-        let rendered = mail.templates().render(&context)?;
-        relay.invite_message(&job.to, &format!("invite.{}.{}", job.invite_id, job.id), &rendered, &link)
-    }
 }
 
-fn platform_name(platform: Platform) -> &'static str {
-    match platform {
-        Platform::Any => "any",
-        other => crate::csvfile::platform_text(other),
+/// Runs a domain call on the blocking pool; a store failure and a panicked task both come back as the error text.
+async fn in_store<T: Send + 'static>(
+    work: impl FnOnce() -> crate::domain::DomainResult<T> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
     }
 }
 
@@ -353,14 +334,11 @@ mod tests {
 
     /// A domain whose policy sends reminders two days ahead and notices to a helpdesk list, with one invite.
     fn invited() -> (Enrollment, crate::clock::ManualClock, Id) {
-        let clock = crate::clock::ManualClock::new(crate::domain::testing::start());
-        let policy = Policy {
+        let (d, clock) = crate::domain::testing::domain_with(Policy {
             reminder_before: Some(time::Duration::days(2)),
             confirmation_to: vec!["helpdesk@example.com".into()],
             ..Policy::default()
-        };
-        let store = crate::store::Store::open_temporary().unwrap();
-        let d = Enrollment::new(store, Arc::new(clock.clone()), policy, &[5; 32]).unwrap();
+        });
         let new = NewUser { name: "Ann Lee".into(), email: "ann@example.com".into(), ..Default::default() };
         let user = d.create_user(&admin(), &new).unwrap();
         let new = NewInvite {

@@ -54,7 +54,7 @@ pub async fn send(gateway: &SmsGateway, relay: Option<&Relay>, to: &str, text: &
 }
 
 async fn request(gateway: &HttpGateway, to: &str, text: &str) -> Attempt {
-    let body = match render_body(&gateway.body, to, text) {
+    let body = match HttpGateway::render_body(&gateway.body, to, text) {
         Ok(body) => body,
         Err(error) => return Attempt::Permanent(format!("sms_http_body does not render: {error}")),
     };
@@ -150,23 +150,6 @@ async fn exchange(
     }
 }
 
-/// The request body: the template over the number and the text, raw and encoded for JSON and forms.
-fn render_body(template: &str, to: &str, text: &str) -> Result<String, minijinja::Error> {
-    let json = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let url = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    let values = minijinja::Value::from_pairs([
-        ("to", to.to_owned()),
-        ("text", text.to_owned()),
-        ("to_json", json(to)),
-        ("text_json", json(text)),
-        ("to_url", url(to)),
-        ("text_url", url(text)),
-    ]);
-    env.render_str(template, values)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,10 +157,11 @@ mod tests {
     #[test]
     fn bodies_encode_the_number_and_text_for_json_and_forms() {
         let text = "Enroll at https://e.local/e/x?a=1 \"now\"";
-        let json = render_body(r#"{"to": {{ to_json }}, "text": {{ text_json }}}"#, "+1 202", text).unwrap();
+        let json =
+            HttpGateway::render_body(r#"{"to": {{ to_json }}, "text": {{ text_json }}}"#, "+1 202", text).unwrap();
         let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!((parsed["to"].as_str(), parsed["text"].as_str()), (Some("+1 202"), Some(text)));
-        let form = render_body("to={{ to_url }}&msg={{ text_url }}", "+1 202", "a&b=c").unwrap();
+        let form = HttpGateway::render_body("to={{ to_url }}&msg={{ text_url }}", "+1 202", "a&b=c").unwrap();
         assert_eq!(form, "to=%2B1+202&msg=a%26b%3Dc");
     }
 

@@ -67,10 +67,7 @@ impl InviteContext {
             expires: format!("{} {} {}, {:02}:{:02} UTC", at.day(), at.month(), at.year(), at.hour(), at.minute()),
             expires_at: rfc3339,
             platform: platform.to_string(),
-            platform_name: match platform {
-                Platform::Any => "any".to_owned(),
-                other => crate::csvfile::platform_text(other).to_owned(),
-            },
+            platform_name: platform_name(platform).to_owned(),
             ownership: ownership.to_string(),
             qr_code: qr_code.to_owned(),
             subject: String::new(),
@@ -105,6 +102,14 @@ impl InviteContext {
             Ownership::Corporate,
             "cid:enroll-qr",
         )
+    }
+}
+
+/// A platform as messages name it: "iOS", "macOS", … and "any" for an OS-independent invite.
+pub fn platform_name(platform: Platform) -> &'static str {
+    match platform {
+        Platform::Any => "any",
+        other => crate::csvfile::platform_text(other),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -40,7 +40,7 @@ pub async fn require_admin(State(state): State<AppState>, mut request: Request, 
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(|token| token.trim().to_owned());
-    let (token, via_cookie) = match (bearer, session_cookie(request.headers())) {
+    let (token, via_cookie) = match (bearer, crate::http::cookie(request.headers(), SESSION_COOKIE)) {
         (Some(token), _) => (token, false),
         (None, Some(token)) => (token, true),
         (None, None) => {
@@ -85,17 +85,6 @@ fn unauthorized(message: &str) -> Response {
     let mut response = HttpError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
-}
-
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.to_owned())
 }
 
 /// Answers a sign-in with the token in the body and the same token as the browser's session cookie.

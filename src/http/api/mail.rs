@@ -64,9 +64,14 @@ pub struct MailStatus {
 /// The relay in use and how many messages are queued, deferred, sent and failed.
 #[utoipa::path(get, path = "/api/v1/mail", tag = "mail", responses((status = 200, body = MailStatus)))]
 pub async fn status(State(state): State<AppState>) -> Result<Json<MailStatus>, HttpError> {
+    Ok(Json(mail_status(&state).await?))
+}
+
+/// The relay in use, where its settings came from, and the outbox counts.
+async fn mail_status(state: &AppState) -> Result<MailStatus, HttpError> {
     let domain = state.enrollment.clone();
     let outbox = blocking(move || domain.outbox_counts()).await?;
-    Ok(Json(MailStatus { relay: relay_view(&state), relay_source: state.mail.relay_source(), outbox }))
+    Ok(MailStatus { relay: relay_view(state), relay_source: state.mail.relay_source(), outbox })
 }
 
 fn relay_view(state: &AppState) -> Option<RelayView> {
@@ -153,9 +158,7 @@ pub async fn save_relay(
     };
     let (mail, domain) = (state.mail.clone(), state.enrollment.clone());
     blocking(move || mail.save_relay(&domain, &admin.actor, &settings).map_err(HttpError::from)).await?;
-    let domain = state.enrollment.clone();
-    let outbox = blocking(move || domain.outbox_counts()).await?;
-    Ok(Json(MailStatus { relay: relay_view(&state), relay_source: state.mail.relay_source(), outbox }))
+    Ok(Json(mail_status(&state).await?))
 }
 
 /// Forgets the relay saved through the API; the configuration's `smtp_*` settings apply again (or none).
@@ -166,9 +169,7 @@ pub async fn reset_relay(
 ) -> Result<Json<MailStatus>, HttpError> {
     let (mail, domain) = (state.mail.clone(), state.enrollment.clone());
     blocking(move || mail.reset_relay(&domain, &admin.actor).map_err(HttpError::from)).await?;
-    let domain = state.enrollment.clone();
-    let outbox = blocking(move || domain.outbox_counts()).await?;
-    Ok(Json(MailStatus { relay: relay_view(&state), relay_source: state.mail.relay_source(), outbox }))
+    Ok(Json(mail_status(&state).await?))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
