@@ -52,6 +52,17 @@ pub struct Config {
     pub session_ttl: Duration,
     /// How invites and other messages are sent.
     pub mail: MailConfig,
+    /// Apple's push service: where MDM pushes go.
+    pub apns: ApnsConfig,
+}
+
+/// Where Apple MDM pushes go. Apple's production gateway unless a test (or a proxy) says otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApnsConfig {
+    /// `https://host[:port]`, without a path.
+    pub url: String,
+    /// A CA (PEM) to trust for the gateway besides the public roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How enrolld sends mail: the office's SMTP relay and the outbox's pace.
@@ -306,6 +317,9 @@ struct Key {
     flag: &'static str,
 }
 
+/// Apple's production push gateway.
+pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
+
 /// Every configuration key. The environment variable is `ENROLLD_` + the name in capitals.
 const KEYS: &[Key] = &[
     Key { name: "state_dir", kind: Kind::Text, flag: "--state-dir" },
@@ -354,6 +368,8 @@ const KEYS: &[Key] = &[
     Key { name: "sms_http_body", kind: Kind::Text, flag: "" },
     Key { name: "sms_http_success_contains", kind: Kind::Text, flag: "" },
     Key { name: "sms_email_domain", kind: Kind::Text, flag: "" },
+    Key { name: "apns_url", kind: Kind::Text, flag: "" },
+    Key { name: "apns_ca_file", kind: Kind::Text, flag: "" },
 ];
 
 /// Environment variables that are not configuration keys but are still ours.
@@ -540,6 +556,10 @@ impl Layers {
                 "invite_validity_days" => (config.invite_validity.as_secs() / 86_400).to_string(),
                 "session_ttl_hours" => (config.session_ttl.as_secs() / 3_600).to_string(),
                 "organisation" => config.mail.organisation.clone(),
+                "apns_url" => config.apns.url.clone(),
+                "apns_ca_file" => {
+                    config.apns.ca_file.as_ref().map_or("(public roots only)".into(), |p| p.display().to_string())
+                }
                 "public_url" => config.public_url(config.https_listen.map(|a| a.port())),
                 "mail_max_connections" => config.mail.max_connections.to_string(),
                 "mail_max_per_second" => config.mail.max_per_second.to_string(),
@@ -724,7 +744,27 @@ impl Layers {
             invite_validity: Duration::from_secs(self.integer("invite_validity_days", 7, 1..=90)? * 86_400),
             session_ttl: Duration::from_secs(self.integer("session_ttl_hours", 12, 1..=720)? * 3_600),
             mail,
+            apns: self.apns()?,
         })
+    }
+
+    fn apns(&self) -> Result<ApnsConfig, ConfigError> {
+        let url = self.text("apns_url").unwrap_or(APNS_PRODUCTION).trim().trim_end_matches('/').to_owned();
+        let rest = url.strip_prefix("https://").ok_or_else(|| {
+            self.invalid("apns_url", "it must start with https:// (Apple's push service is HTTP/2 over TLS)")
+        })?;
+        if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+            return Err(
+                self.invalid("apns_url", &format!("give the scheme, host and port only, such as {APNS_PRODUCTION}"))
+            );
+        }
+        let ca_file = self.text("apns_ca_file").map(PathBuf::from);
+        if let Some(path) = &ca_file
+            && let Err(error) = std::fs::read(path)
+        {
+            return Err(self.invalid("apns_ca_file", &format!("cannot read it ({error}); give a PEM file")));
+        }
+        Ok(ApnsConfig { url, ca_file })
     }
 
     fn mail(&self, hostname: &str) -> Result<MailConfig, ConfigError> {

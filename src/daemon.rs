@@ -45,6 +45,8 @@ pub enum DaemonError {
     Admin(#[from] AuthError),
     #[error(transparent)]
     Mail(#[from] MailError),
+    #[error("the Apple push client: {0}")]
+    Push(String),
     #[error(
         "the system clock says {now}, before this build of enrolld existed; set the time (NTP, or `date -s`) and start again, or certificates issued now would be rejected"
     )]
@@ -203,6 +205,9 @@ pub async fn run(
     let mut state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
     state.shutdown = token.clone();
     state.mail = mail.clone();
+    let pusher = crate::push::Pusher::new(&config.apns).map_err(|e| DaemonError::Push(e.to_string()))?;
+    let serving = listeners.https.is_some().then(|| keeper.serving());
+    state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher);
     let limits = Limits {
         request_timeout: config.request_timeout,
         max_body_bytes: config.max_body_bytes,

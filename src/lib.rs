@@ -18,6 +18,7 @@ pub mod mail;
 pub mod mdns;
 pub mod model;
 pub mod pki;
+pub mod push;
 pub mod state_dir;
 pub mod store;
 pub mod tls;

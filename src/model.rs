@@ -342,6 +342,66 @@ pub struct Device {
     pub status: DeviceStatus,
     #[serde(default)]
     pub pending_commands: Vec<PendingCommand>,
+    /// SHA-256 of the identity certificate the device signs its messages with (Apple: issued over SCEP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The last thing that went wrong reaching the device (a push the push service refused, a command the device
+    /// rejected), cleared when it next answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// A device identity issued over SCEP to an Apple device enrolling with an invite, and what the device has said
+/// over check-in since. Keyed by the certificate's SHA-256; the device record points back with `identity`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppleIdentity {
+    pub sha256: String,
+    /// Serial number of the certificate, lower-case hex.
+    pub serial: String,
+    pub invite_id: Id,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Set once the device has enrolled (its first `TokenUpdate`).
+    pub device_id: Option<Id>,
+    /// From `Authenticate`.
+    pub udid: Option<String>,
+    pub serial_number: Option<String>,
+    pub model: Option<String>,
+    pub model_name: Option<String>,
+    pub os_version: Option<String>,
+    pub build_version: Option<String>,
+    pub device_name: Option<String>,
+    pub imei: Option<String>,
+    /// From `TokenUpdate`: where to push.
+    pub push: Option<ApplePush>,
+    /// The device sent `CheckOut`; it is no longer managed under this identity.
+    #[serde(default)]
+    pub checked_out: bool,
+}
+
+/// An Apple device's push address: the APNs device token (hex), the magic string the MDM push carries, and the
+/// Topic of the push certificate it listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplePush {
+    pub token: String,
+    pub push_magic: String,
+    pub topic: String,
+    /// Base64 of the unlock token (clears a forgotten passcode); kept, never shown.
+    pub unlock_token: Option<String>,
+}
+
+/// A one-time SCEP challenge, handed out inside an invite's enrollment profile. Keyed by the SHA-256 of the
+/// challenge; gone once used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScepChallenge {
+    pub hash: String,
+    pub invite_id: Id,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
 }
 
 /// A device registered ahead of enrollment; an enrolling device with the same serial or IMEI takes its user and

@@ -30,6 +30,8 @@ pub enum TlsError {
 /// The certificate handed to every new TLS handshake; replacing it leaves established connections alone.
 pub struct ServingCertificate {
     current: ArcSwap<CertifiedKey>,
+    /// The same certificate with its key as PKCS#8, for signing enrollment profiles.
+    source: ArcSwap<ServerCertificate>,
     /// The names the current certificate carries (DNS names and addresses as text), for the HTTPS redirect.
     names: ArcSwap<Vec<String>>,
 }
@@ -44,12 +46,14 @@ impl ServingCertificate {
     pub fn new(cert: &ServerCertificate) -> Result<Self, TlsError> {
         Ok(ServingCertificate {
             current: ArcSwap::from_pointee(certified_key(cert)?),
+            source: ArcSwap::from_pointee(cert.clone()),
             names: ArcSwap::from_pointee(names_of(cert)),
         })
     }
 
     pub fn replace(&self, cert: &ServerCertificate) -> Result<(), TlsError> {
         self.current.store(Arc::new(certified_key(cert)?));
+        self.source.store(Arc::new(cert.clone()));
         self.names.store(Arc::new(names_of(cert)));
         Ok(())
     }
@@ -58,6 +62,11 @@ impl ServingCertificate {
     pub fn covers(&self, host: &str) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
         self.names.load().contains(&host)
+    }
+
+    /// The certificate (chain and key) now being served.
+    pub fn certificate(&self) -> Arc<ServerCertificate> {
+        self.source.load_full()
     }
 
     /// The leaf certificate now being served.

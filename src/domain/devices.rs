@@ -7,7 +7,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::invites::{AdditionalInvite, CreatedInvite, NewInvite, link_state};
 use super::{
-    Actor, DomainError, DomainResult, Enrollment, Paged, clamp_limit, decode_cursor, optional_text, paged,
+    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, clamp_limit, decode_cursor, optional_text, paged,
     validate_imei,
 };
 use crate::model::{
@@ -79,15 +79,30 @@ impl Enrollment {
     /// marked used, the device record created (or, for a device that enrolled before, updated), and a staged record
     /// with the same serial or IMEI hands over its user and group and leaves the staged list.
     pub fn complete_enrollment(&self, actor: &Actor, invite_id: &Id, facts: &DeviceFacts) -> DomainResult<Device> {
-        let now = self.now();
-        let serial = optional_text(facts.serial.as_deref());
-        let imei = optional_text(facts.imei.as_deref());
-        let hardware_id = optional_text(facts.hardware_id.as_deref());
         let new_id = self.new_id();
         let command_id = self.new_id();
         // The invite's messages still waiting (a reminder, usually) are not needed once it is used.
         let waiting = self.store.keys_under(tree::OUTBOX_BY_INVITE, invite_id.as_bytes())?;
-        self.transact(|tx| {
+        self.transact(|tx| self.enroll_in(tx, actor, invite_id, facts, [new_id, command_id], &waiting))
+    }
+
+    /// [`Enrollment::complete_enrollment`] inside the caller's transaction, so a protocol can record its own state
+    /// (such as an Apple device's push token) in the same one. `ids` are the new device's and its first command's;
+    /// `waiting` the invite's delivery jobs.
+    pub(super) fn enroll_in(
+        &self,
+        tx: &Tx<'_>,
+        actor: &Actor,
+        invite_id: &Id,
+        facts: &DeviceFacts,
+        [new_id, command_id]: [Id; 2],
+        waiting: &[Vec<u8>],
+    ) -> TxResult<Device> {
+        let now = self.now();
+        let serial = optional_text(facts.serial.as_deref());
+        let imei = optional_text(facts.imei.as_deref());
+        let hardware_id = optional_text(facts.hardware_id.as_deref());
+        {
             let old_invite: Invite =
                 tx.get_id(invite_id)?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
             if let Err(problem) = link_state(&old_invite, now) {
@@ -132,6 +147,8 @@ impl Enrollment {
                 last_contact: now,
                 status: DeviceStatus::Enrolled,
                 pending_commands: Vec::new(),
+                identity: None,
+                problem: None,
             });
             let device = Device {
                 platform: facts.platform.filter(|p| *p != Platform::Any).unwrap_or(match old_invite.platform {
@@ -178,7 +195,7 @@ impl Enrollment {
                 ),
             });
             tx.put(Some(&old_invite), &invite)?;
-            self.retire_jobs(tx, &waiting)?;
+            self.retire_jobs(tx, waiting)?;
             let user_email = match invited {
                 Some(id) => tx.get_id::<User, _>(&id)?.map(|u| u.email),
                 None => None,
@@ -188,7 +205,7 @@ impl Enrollment {
             }
             self.audit(tx, actor, "device.enroll", Some(device.id.to_string()), format!("invite {invite_id}: {how}"))?;
             Ok(device)
-        })
+        }
     }
 
     /// The distribution list, and the user when the policy says so, each once.

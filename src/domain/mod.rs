@@ -8,6 +8,7 @@ pub mod auth;
 mod devices;
 mod import;
 mod invites;
+mod mdm;
 mod outbox;
 mod settings;
 mod users;
@@ -26,6 +27,7 @@ pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
+pub use mdm::{AppleFacts, ChallengeProblem};
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
 

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use time::{Duration, OffsetDateTime};
 
 use super::AppState;
+use super::mdm::profile;
 use crate::domain::{Actor, LinkProblem, PasscodeCheck, random_bytes};
 use crate::model::{Id, Invite, Platform};
 
@@ -63,7 +64,10 @@ impl EnrollSessions {
 }
 
 pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new().route("/e/{token}", get(page).post(passcode)).route("/enroll.css", get(stylesheet))
+    axum::Router::new()
+        .route("/e/{token}", get(page).post(passcode))
+        .route("/e/{token}/profile", get(enrollment_profile))
+        .route("/enroll.css", get(stylesheet))
 }
 
 /// The CA profile, also served over plain HTTP: a device fetches it before it trusts the appliance's HTTPS.
@@ -96,7 +100,7 @@ async fn page(
     let authenticated =
         super::cookie(&headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
     let platform = chosen_platform(&invite, choice.platform, &headers);
-    render(&state, StatusCode::OK, &invite, platform, authenticated, None)
+    render(&state, &token, StatusCode::OK, &invite, platform, authenticated, None)
 }
 
 async fn passcode(
@@ -128,7 +132,7 @@ async fn passcode(
         Err(page) => page,
         Ok(PasscodeCheck::Correct) => {
             let session = state.enroll_sessions.open(invite.id, state.clock.now());
-            let mut response = render(&state, StatusCode::OK, &invite, platform, true, None);
+            let mut response = render(&state, &token, StatusCode::OK, &invite, platform, true, None);
             let cookie = format!(
                 "{SESSION_COOKIE}={session}; Path=/e/{token}; Max-Age={}; HttpOnly; Secure; SameSite=Strict",
                 SESSION_MINUTES * 60
@@ -143,7 +147,7 @@ async fn passcode(
                 "That passcode is not right. {attempts_left} {} left before this invite locks.",
                 if attempts_left == 1 { "try" } else { "tries" }
             );
-            render(&state, StatusCode::UNAUTHORIZED, &invite, platform, false, Some(wrong))
+            render(&state, &token, StatusCode::UNAUTHORIZED, &invite, platform, false, Some(wrong))
         }
         Ok(PasscodeCheck::Locked) => link_problem(&state, LinkProblem::Locked),
     }
@@ -212,6 +216,7 @@ fn problem_page(state: &AppState, status: StatusCode, title: &str, advice: &str)
 
 fn render(
     state: &AppState,
+    token: &str,
     status: StatusCode,
     invite: &Invite,
     platform: Platform,
@@ -246,6 +251,7 @@ fn render(
         ("steps", Value::from(enroll_steps(platform))),
         ("session_minutes", Value::from(SESSION_MINUTES)),
         ("push_missing", Value::from(push_missing)),
+        ("profile_url", Value::from(format!("/e/{token}/profile?platform={platform}"))),
     ]);
     html(status, render_page(values))
 }
@@ -282,8 +288,7 @@ async fn stylesheet() -> Response {
 /// The appliance CA as an Apple configuration profile holding only a `com.apple.security.root` payload, which
 /// iOS and macOS install from Safari. Its identifier is stable for the appliance; its UUIDs are new each time.
 async fn ca_profile(State(state): State<AppState>) -> Response {
-    use rustls_pki_types::pem::PemObject as _;
-    let Ok(der) = rustls_pki_types::CertificateDer::from_pem_slice(state.ca_pem.as_bytes()) else {
+    let Some(der) = ca_der(&state) else {
         return problem_page(
             &state,
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -291,58 +296,123 @@ async fn ca_profile(State(state): State<AppState>) -> Response {
             "Try again later.",
         );
     };
-    let name = if state.mail.organisation.is_empty() {
-        "Device enrollment appliance".to_owned()
-    } else {
-        format!("{} device enrollment", state.mail.organisation)
-    };
-    let identifier = format!("local.enrolld.{}", crate::pki::sha256_hex(&der)[..16].to_owned());
-    let root = plist::Dictionary::from_iter([
-        ("PayloadType", plist::Value::from("com.apple.security.root")),
-        ("PayloadVersion", plist::Value::from(1)),
-        ("PayloadIdentifier", plist::Value::from(format!("{identifier}.ca"))),
-        ("PayloadUUID", plist::Value::from(uuid_v4())),
-        ("PayloadDisplayName", plist::Value::from(format!("{name} CA"))),
-        ("PayloadContent", plist::Value::Data(der.to_vec())),
-    ]);
+    let name = profile::display_name(&state.mail.organisation);
     let profile = plist::Dictionary::from_iter([
         ("PayloadType", plist::Value::from("Configuration")),
         ("PayloadVersion", plist::Value::from(1)),
-        ("PayloadIdentifier", plist::Value::from(identifier)),
-        ("PayloadUUID", plist::Value::from(uuid_v4())),
+        ("PayloadIdentifier", plist::Value::from(profile::identifiers(&der).trust)),
+        ("PayloadUUID", plist::Value::from(profile::uuid_v4())),
         ("PayloadDisplayName", plist::Value::from(format!("{name}: certificate"))),
         (
             "PayloadDescription",
             plist::Value::from("Lets this device trust the enrollment appliance on your organisation's network."),
         ),
-        ("PayloadContent", plist::Value::Array(vec![plist::Value::Dictionary(root)])),
+        (
+            "PayloadContent",
+            plist::Value::Array(vec![plist::Value::Dictionary(profile::root_payload(&der, &state.mail.organisation))]),
+        ),
     ]);
     let mut body = Vec::new();
     if let Err(error) = plist::Value::Dictionary(profile).to_writer_xml(&mut body) {
         tracing::error!(%error, "writing the CA profile failed");
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
+    mobileconfig(body, "enrolld-ca.mobileconfig")
+}
+
+fn ca_der(state: &AppState) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::from_pem_slice(state.ca_pem.as_bytes()).ok().map(|der| der.to_vec())
+}
+
+fn mobileconfig(body: Vec<u8>, file_name: &str) -> Response {
     (
         [
-            (header::CONTENT_TYPE, "application/x-apple-aspen-config"),
-            (header::CONTENT_DISPOSITION, "attachment; filename=\"enrolld-ca.mobileconfig\""),
+            (header::CONTENT_TYPE, "application/x-apple-aspen-config".to_owned()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{file_name}\"")),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
         ],
         body,
     )
         .into_response()
 }
 
-/// A random (version 4) UUID in upper case, as Apple's profiles write them.
-fn uuid_v4() -> String {
-    let mut b = random_bytes::<16>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02X}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+/// The signed enrollment profile for an Apple device, once the passcode was accepted. Each download carries a new
+/// one-time SCEP challenge bound to the invite.
+async fn enrollment_profile(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    Query(choice): Query<PlatformChoice>,
+    headers: HeaderMap,
+) -> Response {
+    let invite = match open(&state, &token).await {
+        Ok(invite) => invite,
+        Err(response) => return response,
+    };
+    let now = state.clock.now();
+    let authenticated =
+        super::cookie(&headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
+    if !authenticated {
+        return problem_page(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "Enter the passcode first",
+            "Open the link from your invite again and enter its passcode; the profile can be downloaded after that.",
+        );
+    }
+    let platform = chosen_platform(&invite, choice.platform, &headers);
+    if !matches!(platform, Platform::Ios | Platform::Ipados | Platform::Macos) {
+        return problem_page(
+            &state,
+            StatusCode::NOT_FOUND,
+            "This profile is for Apple devices",
+            "Go back to the enrollment page and follow the steps shown for your device.",
+        );
+    }
+    let domain = state.enrollment.clone();
+    let Ok(Some(push)) = in_store(&state, "reading the push certificate", move || domain.push_certificate()).await
+    else {
+        return problem_page(
+            &state,
+            StatusCode::CONFLICT,
+            "Apple device management is not set up yet",
+            "Your IT team has not uploaded the Apple push certificate, so this device cannot enroll now. Let them know; this link keeps working until it expires.",
+        );
+    };
+    let domain = state.enrollment.clone();
+    let id = invite.id;
+    let challenge = match in_store(&state, "making a SCEP challenge", move || domain.scep_challenge(&id)).await {
+        Ok(challenge) => challenge,
+        Err(page) => return page,
+    };
+    let Some(ca) = ca_der(&state) else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
+    let profile = profile::EnrollmentProfile {
+        ca_der: &ca,
+        organisation: &state.mail.organisation,
+        public_url: &state.mail.public_url,
+        topic: &push.topic,
+        challenge: &challenge,
+        invite: invite.id.to_string(),
+        platform,
+        ownership: invite.ownership,
+    };
+    let mut xml = Vec::new();
+    if let Err(error) = profile.build().to_writer_xml(&mut xml) {
+        tracing::error!(%error, "writing the enrollment profile failed");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let body = match state.mdm.sign_profile(&xml, now) {
+        Some(Ok(signed)) => signed,
+        Some(Err(error)) => {
+            tracing::error!(%error, "signing the enrollment profile failed");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        None => xml,
+    };
+    tracing::info!(invite = %invite.id, "enrollment profile downloaded");
+    mobileconfig(body, "enroll.mobileconfig")
 }
 
-/// The platform the page is about: the invite's own, or for an OS-independent invite the one the user picked,
-/// else the one the browser says it runs on.
 fn chosen_platform(invite: &Invite, picked: Option<Platform>, headers: &HeaderMap) -> Platform {
     if invite.platform != Platform::Any {
         return invite.platform;

@@ -4,6 +4,7 @@
 pub mod api;
 mod enroll;
 mod error;
+pub mod mdm;
 mod ops;
 pub mod serve;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     pub mail: crate::mail::Mail,
     /// Passcodes accepted on the enrollment pages, for a few minutes.
     pub enroll_sessions: enroll::EnrollSessions,
+    /// Apple device management: the SCEP CA, profile signing, pushes.
+    pub mdm: mdm::Mdm,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ impl AppState {
             password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
             mail: crate::mail::Mail::unconfigured(),
             enroll_sessions: enroll::EnrollSessions::default(),
+            mdm: mdm::Mdm::default(),
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,
@@ -104,7 +108,7 @@ pub(crate) fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<Stri
 
 /// What devices open over HTTPS: the invite pages and the CA profile.
 fn device_routes() -> Router<AppState> {
-    enroll::routes()
+    enroll::routes().merge(mdm::routes())
 }
 
 /// The application served over HTTPS.

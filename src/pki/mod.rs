@@ -18,7 +18,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
+pub mod cms;
 pub mod push;
+pub mod scep;
 
 use crate::config::SubjectName;
 use crate::state_dir::write_private;
@@ -233,6 +235,11 @@ impl ServerCertificate {
         let leaf = chain.first().ok_or("the file holds no certificate")?;
         let info = parse_certificate(leaf)?;
         Ok(ServerCertificate { chain, key_pkcs8, info })
+    }
+
+    /// The private key, PKCS#8 DER.
+    pub fn key_pkcs8(&self) -> &[u8] {
+        &self.key_pkcs8
     }
 
     pub fn private_key(&self) -> PrivateKeyDer<'static> {

@@ -64,8 +64,10 @@ pub mod tree {
     pub const OUTBOX_BY_INVITE: usize = 27;
     pub const OUTBOX_DUE: usize = 28;
     pub const SETTINGS: usize = 29;
+    pub const SCEP_CHALLENGES: usize = 30;
+    pub const APPLE_IDENTITIES: usize = 31;
 
-    pub(super) const NAMES: [&str; 30] = [
+    pub(super) const NAMES: [&str; 32] = [
         "meta",
         "certificates",
         "users",
@@ -96,6 +98,8 @@ pub mod tree {
         "outbox_by_invite",
         "outbox_due",
         "settings",
+        "scep_challenges",
+        "apple_identities",
     ];
 }
 

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::tree;
 use crate::model::{
-    Admin, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobKind, JobState, Session,
-    Setting, StagedDevice, User,
+    Admin, AppleIdentity, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobKind,
+    JobState, ScepChallenge, Session, Setting, StagedDevice, User,
 };
 
 /// A certificate the appliance's CA issued.
@@ -232,6 +232,20 @@ impl Record for Setting {
     const TREE: usize = tree::SETTINGS;
     fn key(&self) -> Vec<u8> {
         self.name.as_bytes().to_vec()
+    }
+}
+
+impl Record for AppleIdentity {
+    const TREE: usize = tree::APPLE_IDENTITIES;
+    fn key(&self) -> Vec<u8> {
+        self.sha256.as_bytes().to_vec()
+    }
+}
+
+impl Record for ScepChallenge {
+    const TREE: usize = tree::SCEP_CHALLENGES;
+    fn key(&self) -> Vec<u8> {
+        self.hash.as_bytes().to_vec()
     }
 }
 

@@ -272,6 +272,25 @@ pub async fn browse(
     headers: &[(&str, &str)],
     form: Option<&str>,
 ) -> Fetched {
+    let mut headers = headers.to_vec();
+    if form.is_some() {
+        headers.push(("content-type", "application/x-www-form-urlencoded"));
+    }
+    let body = form.unwrap_or_default().as_bytes().to_vec();
+    let (status, headers, body) = fetch_bytes(addr, ca, method, path, &headers, body).await;
+    Fetched { status, headers, body: String::from_utf8_lossy(&body).into_owned(), peer_chain: Vec::new() }
+}
+
+/// A request over TLS to `https://enroll.local` at `addr` with a byte body and headers, answered in bytes (for
+/// profiles, SCEP and plists).
+pub async fn fetch_bytes(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    method: hyper::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, hyper::HeaderMap, Vec<u8>) {
     let config = client_config(std::slice::from_ref(ca));
     let stream = TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("enroll.local").unwrap();
@@ -282,15 +301,12 @@ pub async fn browse(
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    if form.is_some() {
-        request = request.header(hyper::header::CONTENT_TYPE, "application/x-www-form-urlencoded");
-    }
-    let request = request.body(Full::new(Bytes::from(form.unwrap_or_default().to_owned()))).unwrap();
+    let request = request.body(Full::new(Bytes::from(body))).unwrap();
     let response = sender.send_request(request).await.unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Fetched { status, headers, body: String::from_utf8_lossy(&body).into_owned(), peer_chain: Vec::new() }
+    let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, headers, body)
 }
 
 pub fn parse_pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {

@@ -5,9 +5,11 @@
 
 mod api;
 mod apple;
+mod apple_device;
 mod common;
 mod config_errors;
 mod daemon;
 mod enroll;
 mod mail;
+mod mdm;
 mod mdns;

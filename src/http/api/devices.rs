@@ -70,7 +70,10 @@ pub async fn deprovision(
     ApiJson(body): ApiJson<Deprovision>,
 ) -> Result<Json<Device>, HttpError> {
     let domain = state.enrollment.clone();
-    Ok(Json(blocking(move || domain.deprovision_device(&admin.actor, &id, body.kind)).await?))
+    let device = blocking(move || domain.deprovision_device(&admin.actor, &id, body.kind)).await?;
+    // An Apple device fetches the command when pushed; others pick it up at their next check-in.
+    state.mdm.wake(&state, device.id);
+    Ok(Json(device))
 }
 
 /// Enroll an additional device for this device's user.

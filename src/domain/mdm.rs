@@ -1,0 +1,271 @@
+//! Apple MDM enrollment state: the one-time SCEP challenges an enrollment profile carries, the device identities
+//! issued for them, and what devices say over check-in (`Authenticate`, `TokenUpdate`, `CheckOut`), which moves an
+//! invite to *Enrolled* and a device to *Enrolled* or *Unmanaged*.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::devices::DeviceFacts;
+use super::invites::link_state;
+use super::{Actor, DomainError, DomainResult, Enrollment, optional_text, random_bytes, sha256_hex};
+use crate::model::{AppleIdentity, ApplePush, Device, Id, Invite, Platform, Remark, ScepChallenge};
+use crate::store::tree;
+
+/// What an Apple device says about itself in `Authenticate` (and in `DeviceInformation` answers).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppleFacts {
+    pub udid: Option<String>,
+    pub serial_number: Option<String>,
+    pub model: Option<String>,
+    pub model_name: Option<String>,
+    pub os_version: Option<String>,
+    pub build_version: Option<String>,
+    pub device_name: Option<String>,
+    pub imei: Option<String>,
+}
+
+impl AppleFacts {
+    /// The platform, from the model name Apple sends (`iPhone`, `iPad`, `MacBook Pro`, `iMac`, …).
+    pub fn platform(&self) -> Option<Platform> {
+        let name = self.model_name.as_deref().or(self.model.as_deref())?;
+        if name.starts_with("iPad") {
+            Some(Platform::Ipados)
+        } else if name.starts_with("iPhone") || name.starts_with("iPod") {
+            Some(Platform::Ios)
+        } else if name.starts_with("Mac") || name.starts_with("iMac") {
+            Some(Platform::Macos)
+        } else {
+            None
+        }
+    }
+
+    pub fn device_facts(&self) -> DeviceFacts {
+        let os = match (&self.os_version, &self.build_version) {
+            (Some(version), Some(build)) => Some(format!("{version} ({build})")),
+            (version, _) => version.clone(),
+        };
+        DeviceFacts {
+            platform: self.platform(),
+            name: self.device_name.clone(),
+            model: self.model_name.clone().or(self.model.clone()),
+            serial: self.serial_number.clone(),
+            imei: self.imei.clone(),
+            hardware_id: self.udid.clone(),
+            os_version: os,
+        }
+    }
+}
+
+/// Why a SCEP challenge gets no certificate. Deliberately coarse: a device learns nothing about other invites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeProblem {
+    /// Never issued, or already used.
+    Unknown,
+    /// Its invite expired, or was resent, removed or used meanwhile.
+    Expired,
+}
+
+impl Enrollment {
+    /// A new one-time SCEP challenge for an invite that can still enroll a device; it dies with the invite.
+    pub fn scep_challenge(&self, invite_id: &Id) -> DomainResult<String> {
+        let now = self.now();
+        let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<24>());
+        let hash = sha256_hex(challenge.as_bytes());
+        self.transact(|tx| {
+            let invite: Invite = tx.get_id(invite_id)?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
+            if let Err(problem) = link_state(&invite, now) {
+                return Err(DomainError::conflict(
+                    "invite_not_open",
+                    format!("this invite cannot enroll a device ({problem:?})"),
+                )
+                .into());
+            }
+            let record = ScepChallenge {
+                hash: hash.clone(),
+                invite_id: *invite_id,
+                created_at: now,
+                expires_at: invite.expires_at,
+            };
+            tx.put(None, &record)
+        })?;
+        Ok(challenge)
+    }
+
+    /// Uses up a SCEP challenge: it is deleted whatever the outcome, and names its invite only if that invite can
+    /// still enroll a device.
+    pub fn redeem_scep_challenge(&self, challenge: &str) -> DomainResult<Result<Invite, ChallengeProblem>> {
+        let now = self.now();
+        let hash = sha256_hex(challenge.as_bytes());
+        self.transact(|tx| {
+            let Some(record) = tx.get::<ScepChallenge, _>(hash.as_bytes())? else {
+                return Ok(Err(ChallengeProblem::Unknown));
+            };
+            tx.delete(&record)?;
+            if record.expires_at <= now {
+                return Ok(Err(ChallengeProblem::Expired));
+            }
+            let Some(invite) = tx.get_id::<Invite, _>(&record.invite_id)? else {
+                return Ok(Err(ChallengeProblem::Unknown));
+            };
+            Ok(link_state(&invite, now).map_err(|_| ChallengeProblem::Expired))
+        })
+    }
+
+    /// Records the identity issued to the device enrolling with `invite`; its remarks say so.
+    pub fn record_apple_identity(
+        &self,
+        actor: &Actor,
+        invite_id: &Id,
+        info: &crate::pki::CertInfo,
+    ) -> DomainResult<AppleIdentity> {
+        let now = self.now();
+        let identity = AppleIdentity {
+            sha256: info.sha256.clone(),
+            serial: info.serial.clone(),
+            invite_id: *invite_id,
+            issued_at: now,
+            not_after: info.not_after,
+            device_id: None,
+            udid: None,
+            serial_number: None,
+            model: None,
+            model_name: None,
+            os_version: None,
+            build_version: None,
+            device_name: None,
+            imei: None,
+            push: None,
+            checked_out: false,
+        };
+        self.transact(|tx| {
+            let old: Invite = tx.get_id(invite_id)?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
+            let mut invite = old.clone();
+            invite.remarks.push(Remark {
+                at: now,
+                text: "The device installed the enrollment profile and received its identity certificate".into(),
+            });
+            tx.put(Some(&old), &invite)?;
+            tx.put(None, &identity)?;
+            self.audit(
+                tx,
+                actor,
+                "apple.identity",
+                Some(invite_id.to_string()),
+                format!("device identity issued, serial {}, SHA-256 {}", info.serial, info.sha256),
+            )?;
+            Ok(identity.clone())
+        })
+    }
+
+    /// The identity with this certificate fingerprint, if enrolld issued it.
+    pub fn apple_identity(&self, sha256: &str) -> DomainResult<Option<AppleIdentity>> {
+        Ok(self.store.get::<AppleIdentity>(sha256.as_bytes())?)
+    }
+
+    /// `Authenticate`: the device says what it is. Nothing is enrolled yet; an already enrolled device (one that
+    /// re-authenticates) has its record updated.
+    pub fn apple_authenticate(&self, sha256: &str, facts: &AppleFacts) -> DomainResult<AppleIdentity> {
+        let identity = self.transact(|tx| {
+            let old: AppleIdentity =
+                tx.get(sha256.as_bytes())?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
+            let mut identity = old.clone();
+            let keep = |new: &Option<String>, old: &Option<String>| optional_text(new.as_deref()).or(old.clone());
+            identity.udid = keep(&facts.udid, &old.udid);
+            identity.serial_number = keep(&facts.serial_number, &old.serial_number);
+            identity.model = keep(&facts.model, &old.model);
+            identity.model_name = keep(&facts.model_name, &old.model_name);
+            identity.os_version = keep(&facts.os_version, &old.os_version);
+            identity.build_version = keep(&facts.build_version, &old.build_version);
+            identity.device_name = keep(&facts.device_name, &old.device_name);
+            identity.imei = keep(&facts.imei, &old.imei);
+            tx.put(Some(&old), &identity)?;
+            Ok(identity)
+        })?;
+        if let Some(device) = identity.device_id {
+            self.device_checked_in(&device, &facts.device_facts())?;
+        }
+        Ok(identity)
+    }
+
+    /// `TokenUpdate`: the device can now be reached by push. The first one completes the enrollment (invite used,
+    /// device Enrolled, staged record matched, notices queued) in the same transaction that records the push
+    /// address; later ones update the address. Returns the device and whether this enrolled it.
+    pub fn apple_token_update(&self, actor: &Actor, sha256: &str, push: &ApplePush) -> DomainResult<(Device, bool)> {
+        let now = self.now();
+        let identity = self.apple_identity(sha256)?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
+        let waiting = self.store.keys_under(tree::OUTBOX_BY_INVITE, identity.invite_id.as_bytes())?;
+        let ids = [self.new_id(), self.new_id()];
+        self.transact(|tx| {
+            let old: AppleIdentity =
+                tx.get(sha256.as_bytes())?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
+            if old.checked_out {
+                return Err(DomainError::conflict(
+                    "checked_out",
+                    "this device checked out; it must enroll again with a new invite",
+                )
+                .into());
+            }
+            let (before, enrolled, first) = match old.device_id.map(|id| tx.get_id::<Device, _>(&id)).transpose()? {
+                Some(Some(device)) => (Some(device.clone()), device, false),
+                _ => {
+                    let facts = AppleFacts {
+                        udid: old.udid.clone(),
+                        serial_number: old.serial_number.clone(),
+                        model: old.model.clone(),
+                        model_name: old.model_name.clone(),
+                        os_version: old.os_version.clone(),
+                        build_version: old.build_version.clone(),
+                        device_name: old.device_name.clone(),
+                        imei: old.imei.clone(),
+                    };
+                    let device = self.enroll_in(tx, actor, &old.invite_id, &facts.device_facts(), ids, &waiting)?;
+                    (Some(device.clone()), device, true)
+                }
+            };
+            let mut device = enrolled;
+            device.identity = Some(sha256.to_owned());
+            device.last_contact = now;
+            device.problem = None;
+            tx.put(before.as_ref(), &device)?;
+            let mut identity = old.clone();
+            identity.device_id = Some(device.id);
+            identity.push = Some(push.clone());
+            tx.put(Some(&old), &identity)?;
+            Ok((device, first))
+        })
+    }
+
+    /// `CheckOut`: the device removed its management profile. The device becomes Unmanaged if this is the identity
+    /// it is managed under (a device that enrolled again since keeps its newer enrollment).
+    pub fn apple_check_out(&self, actor: &Actor, sha256: &str) -> DomainResult<Option<Device>> {
+        let device_id = self.transact(|tx| {
+            let old: AppleIdentity =
+                tx.get(sha256.as_bytes())?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
+            let identity = AppleIdentity { checked_out: true, ..old.clone() };
+            tx.put(Some(&old), &identity)?;
+            let Some(device_id) = old.device_id else { return Ok(None) };
+            let current = tx.get_id::<Device, _>(&device_id)?.and_then(|d| d.identity);
+            Ok((current.as_deref() == Some(sha256)).then_some(device_id))
+        })?;
+        device_id.map(|id| self.device_checked_out(actor, &id)).transpose()
+    }
+
+    /// Where to push to reach a device, if it is an Apple device that is managed and has sent its token.
+    pub fn apple_push_target(&self, device_id: &Id) -> DomainResult<Option<ApplePush>> {
+        let device = self.device(device_id)?;
+        let Some(sha256) = device.identity else { return Ok(None) };
+        Ok(self.apple_identity(&sha256)?.filter(|i| !i.checked_out).and_then(|i| i.push))
+    }
+
+    /// Notes (or, with `None`, clears) what went wrong reaching a device.
+    pub fn record_device_problem(&self, device_id: &Id, problem: Option<String>) -> DomainResult<Device> {
+        self.transact(|tx| {
+            let old: Device = tx.get_id(device_id)?.ok_or_else(|| DomainError::not_found("device", device_id))?;
+            let device = Device { problem: problem.clone(), ..old.clone() };
+            if device != old {
+                tx.put(Some(&old), &device)?;
+            }
+            Ok(device)
+        })
+    }
+}

@@ -1,0 +1,438 @@
+//! What enrolled Apple devices talk to: the SCEP server that issues their identity (`/scep`, RFC 8894), the
+//! check-in endpoint (`/mdm/apple/checkin`: `Authenticate`, `TokenUpdate`, `CheckOut`) and the command endpoint
+//! (`/mdm/apple/server`), plus the push that wakes a device when a command waits. Every check-in and command request
+//! must carry an `Mdm-Signature` made by an identity this appliance issued; anything else is refused and logged.
+
+pub mod messages;
+pub mod profile;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::AppState;
+use crate::domain::{Actor, ChallengeProblem};
+use crate::model::{AppleIdentity, Id};
+use crate::pki::CertificateAuthority;
+use crate::pki::cms::{self, SigningKey};
+use crate::pki::scep::{CAPABILITIES, FailInfo, ScepAuthority, ScepError};
+use crate::push::Pusher;
+use crate::tls::ServingCertificate;
+use messages::{CheckIn, CommandReport};
+
+/// Largest check-in or command report read (a full `DeviceInformation` answer is a few KiB).
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Largest SCEP request read.
+const MAX_SCEP_BYTES: usize = 64 << 10;
+
+/// The device-management handle in [`AppState`]: the CAs, the serving certificate (profiles are signed with it),
+/// and the push client.
+#[derive(Clone, Debug, Default)]
+pub struct Mdm {
+    inner: Option<Arc<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ca: Arc<CertificateAuthority>,
+    pki_dir: PathBuf,
+    scep: tokio::sync::OnceCell<Arc<ScepAuthority>>,
+    serving: Option<Arc<ServingCertificate>>,
+    pusher: Pusher,
+}
+
+impl Mdm {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        pki_dir: PathBuf,
+        serving: Option<Arc<ServingCertificate>>,
+        pusher: Pusher,
+    ) -> Mdm {
+        Mdm { inner: Some(Arc::new(Inner { ca, pki_dir, scep: Default::default(), serving, pusher })) }
+    }
+
+    /// The SCEP CA, made on first use (RSA key generation runs on the blocking pool).
+    async fn scep(&self, now: time::OffsetDateTime) -> Result<Arc<ScepAuthority>, Response> {
+        let Some(inner) = self.inner.clone() else {
+            return Err(
+                (StatusCode::SERVICE_UNAVAILABLE, "device management is not running on this server").into_response()
+            );
+        };
+        inner
+            .scep
+            .get_or_try_init(|| async {
+                let (ca, dir) = (inner.ca.clone(), inner.pki_dir.clone());
+                match tokio::task::spawn_blocking(move || ScepAuthority::load_or_create(&dir, &ca, now)).await {
+                    Ok(Ok(scep)) => Ok(Arc::new(scep)),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(error) => Err(error.to_string()),
+                }
+            })
+            .await
+            .cloned()
+            .map_err(|error| {
+                tracing::error!(%error, "the SCEP CA cannot be loaded or created");
+                (StatusCode::SERVICE_UNAVAILABLE, "the SCEP CA is not available; see the server log").into_response()
+            })
+    }
+
+    /// The key and chain that sign enrollment profiles: the HTTPS certificate's. `None` when enrolld serves plain
+    /// HTTP behind a TLS proxy (the profile then goes out unsigned).
+    fn profile_signer(&self) -> Option<(SigningKey, Vec<Vec<u8>>)> {
+        let serving = self.inner.as_ref()?.serving.as_ref()?.certificate();
+        let key = SigningKey::from_pkcs8(serving.key_pkcs8())
+            .inspect_err(|error| tracing::warn!(%error, "enrollment profiles go out unsigned"))
+            .ok()?;
+        Some((key, serving.chain.iter().map(|c| c.to_vec()).collect()))
+    }
+
+    /// Signs an enrollment profile (CMS SignedData carrying it, with the HTTPS certificate chain). `None` when
+    /// there is no key to sign with: the profile then goes out unsigned.
+    pub fn sign_profile(&self, xml: &[u8], now: time::OffsetDateTime) -> Option<Result<Vec<u8>, cms::CmsError>> {
+        let (key, chain) = self.profile_signer()?;
+        let chain: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
+        Some(cms::sign(Some(xml), &key, &chain, Vec::new(), now))
+    }
+
+    /// Wakes a device so it fetches its waiting commands: looks up its push address and the push certificate and
+    /// sends the push in the background. What goes wrong is recorded on the device.
+    pub fn wake(&self, state: &AppState, device_id: Id) {
+        let Some(inner) = self.inner.clone() else { return };
+        let domain = state.enrollment.clone();
+        tokio::spawn(async move {
+            let lookup = {
+                let domain = domain.clone();
+                tokio::task::spawn_blocking(move || {
+                    Ok::<_, crate::domain::DomainError>((
+                        domain.apple_push_target(&device_id)?,
+                        domain.push_certificate()?,
+                    ))
+                })
+                .await
+            };
+            let (target, certificate) = match lookup {
+                Ok(Ok((Some(target), Some(certificate)))) => (target, certificate),
+                Ok(Ok(_)) => return,
+                Ok(Err(error)) => return tracing::warn!(%error, device = %device_id, "no push: lookup failed"),
+                Err(error) => return tracing::warn!(%error, device = %device_id, "no push: lookup failed"),
+            };
+            let outcome = inner.pusher.push(&certificate, &target).await;
+            let problem = match &outcome {
+                Ok(()) => {
+                    tracing::debug!(device = %device_id, "push sent");
+                    None
+                }
+                Err(error) => {
+                    tracing::warn!(%error, device = %device_id, "push failed");
+                    Some(error.advice())
+                }
+            };
+            let recorded = tokio::task::spawn_blocking(move || domain.record_device_problem(&device_id, problem)).await;
+            if let Ok(Err(error)) = recorded {
+                tracing::warn!(%error, device = %device_id, "recording the push outcome failed");
+            }
+        });
+    }
+}
+
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/scep", get(scep_get).post(scep_post))
+        .route("/mdm/apple/checkin", put(checkin).post(checkin))
+        .route("/mdm/apple/server", put(server).post(server))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ScepQuery {
+    operation: Option<String>,
+    message: Option<String>,
+}
+
+async fn scep_get(State(state): State<AppState>, Query(query): Query<ScepQuery>) -> Response {
+    match query.operation.as_deref() {
+        Some("GetCACaps") => ([(header::CONTENT_TYPE, "text/plain")], CAPABILITIES).into_response(),
+        Some("GetCACert") => {
+            let scep = match state.mdm.scep(state.clock.now()).await {
+                Ok(scep) => scep,
+                Err(response) => return response,
+            };
+            match scep.ca_certificates() {
+                Ok(body) => ([(header::CONTENT_TYPE, "application/x-x509-ca-ra-cert")], body).into_response(),
+                Err(error) => {
+                    tracing::error!(%error, "GetCACert failed");
+                    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                }
+            }
+        }
+        // RFC 8894 §4.3: the message may come base64-encoded in the query when the client cannot POST.
+        Some("PKIOperation") => {
+            let decoded = query
+                .message
+                .as_deref()
+                .and_then(|m| base64::engine::general_purpose::STANDARD.decode(m.replace(' ', "+").trim()).ok());
+            match decoded {
+                Some(body) => pki_operation(&state, &body).await,
+                None => scep_problem("PKIOperation needs the request in `message`, base64-encoded"),
+            }
+        }
+        Some(other) => scep_problem(&format!(
+            "unknown operation {other:?}; this server answers GetCACaps, GetCACert and PKIOperation"
+        )),
+        None => scep_problem("give ?operation=GetCACaps, GetCACert or PKIOperation"),
+    }
+}
+
+async fn scep_post(State(state): State<AppState>, Query(query): Query<ScepQuery>, body: Bytes) -> Response {
+    if query.operation.as_deref() != Some("PKIOperation") {
+        return scep_problem("POST is for ?operation=PKIOperation");
+    }
+    if body.len() > MAX_SCEP_BYTES {
+        return (StatusCode::PAYLOAD_TOO_LARGE, format!("a SCEP request is at most {MAX_SCEP_BYTES} bytes"))
+            .into_response();
+    }
+    pki_operation(&state, &body).await
+}
+
+fn scep_problem(text: &str) -> Response {
+    (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text.to_owned()).into_response()
+}
+
+/// A `PKCSReq`: the challenge is redeemed (once), the identity issued and recorded, and the `CertRep` signed.
+/// A refused request gets a `CertRep` with a `failInfo`, not an HTTP error, as SCEP clients expect.
+async fn pki_operation(state: &AppState, body: &[u8]) -> Response {
+    let now = state.clock.now();
+    let scep = match state.mdm.scep(now).await {
+        Ok(scep) => scep,
+        Err(response) => return response,
+    };
+    let (reader, body) = (scep.clone(), body.to_vec());
+    let opened = tokio::task::spawn_blocking(move || reader.read_request(&body)).await;
+    let request = match opened {
+        Ok(Ok(request)) => request,
+        Ok(Err(ScepError::Unreadable(reason))) => {
+            tracing::warn!(%reason, "an unreadable SCEP request was refused");
+            return scep_problem(&format!("the SCEP request cannot be read: {reason}"));
+        }
+        Ok(Err(ScepError::Refused { fail, reason, request })) => {
+            tracing::warn!(%reason, transaction = %request.transaction_id, "a SCEP request was refused");
+            return cert_rep(&scep, &request, Err(fail), now);
+        }
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let Some(challenge) = request.challenge.clone() else {
+        tracing::warn!(transaction = %request.transaction_id, "a SCEP request without a challenge was refused");
+        return cert_rep(&scep, &request, Err(FailInfo::BadRequest), now);
+    };
+    let domain = state.enrollment.clone();
+    let redeemed = tokio::task::spawn_blocking(move || domain.redeem_scep_challenge(&challenge)).await;
+    let invite = match redeemed {
+        Ok(Ok(Ok(invite))) => invite,
+        Ok(Ok(Err(problem))) => {
+            let why = match problem {
+                ChallengeProblem::Unknown => "unknown or already used",
+                ChallengeProblem::Expired => "its invite expired, was resent, removed or used",
+            };
+            tracing::warn!(transaction = %request.transaction_id, "a SCEP challenge was refused: {why}");
+            return cert_rep(&scep, &request, Err(FailInfo::BadRequest), now);
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "redeeming a SCEP challenge failed");
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let common_name = format!("enrolld device {}", invite.id);
+    let issued = match scep.issue(&request, &common_name, &state.mail.organisation, now) {
+        Ok(cert) => cert,
+        Err(error) => {
+            tracing::warn!(%error, transaction = %request.transaction_id, "no certificate issued");
+            return cert_rep(&scep, &request, Err(FailInfo::BadRequest), now);
+        }
+    };
+    let info = match crate::pki::parse_certificate(&issued) {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::error!(%error, "the issued certificate cannot be read back");
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    };
+    let domain = state.enrollment.clone();
+    let invite_id = invite.id;
+    let recorded =
+        tokio::task::spawn_blocking(move || domain.record_apple_identity(&Actor::device(None), &invite_id, &info))
+            .await;
+    if !matches!(recorded, Ok(Ok(_))) {
+        tracing::error!("recording an issued identity failed");
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    tracing::info!(invite = %invite.id, "issued a device identity over SCEP");
+    cert_rep(&scep, &request, Ok(&issued), now)
+}
+
+fn cert_rep(
+    scep: &ScepAuthority,
+    request: &crate::pki::scep::PkiRequest,
+    outcome: Result<&rustls_pki_types::CertificateDer<'_>, FailInfo>,
+    now: time::OffsetDateTime,
+) -> Response {
+    match scep.reply(request, outcome, now) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/x-pki-message")], body).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "building the CertRep failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Checks a check-in or command request's `Mdm-Signature` (CMS, detached, over the body) and returns the identity
+/// that made it: it must have been issued by this appliance's SCEP CA, be in date, and be on record.
+async fn signed_by(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<AppleIdentity, Response> {
+    let refuse = |reason: &str| {
+        tracing::warn!(%reason, "an MDM request was refused");
+        (StatusCode::UNAUTHORIZED, format!("refused: {reason}")).into_response()
+    };
+    let Some(signature) = headers.get("mdm-signature").and_then(|v| v.to_str().ok()) else {
+        return Err(refuse("no Mdm-Signature header (the profile sets SignMessage)"));
+    };
+    let Ok(signature) =
+        base64::engine::general_purpose::STANDARD.decode(signature.split_ascii_whitespace().collect::<String>())
+    else {
+        return Err(refuse("Mdm-Signature is not base64"));
+    };
+    let now = state.clock.now();
+    let scep = state.mdm.scep(now).await?;
+    let body = body.clone();
+    let checked = tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let verified = cms::verify(&signature, Some(&body)).map_err(|e| e.to_string())?;
+        let (_, signer) =
+            x509_parser::parse_x509_certificate(&verified.signer).map_err(|e| format!("signer certificate: {e}"))?;
+        let (_, issuer) = x509_parser::parse_x509_certificate(scep.cert_der()).map_err(|e| e.to_string())?;
+        signer
+            .verify_signature(Some(issuer.public_key()))
+            .map_err(|_| "the signing certificate was not issued by this appliance".to_owned())?;
+        if !signer.validity().is_valid_at(x509_parser::time::ASN1Time::from(now)) {
+            return Err("the signing certificate is not valid now".into());
+        }
+        Ok(crate::pki::sha256_hex(&verified.signer))
+    })
+    .await;
+    let sha256 = match checked {
+        Ok(Ok(sha256)) => sha256,
+        Ok(Err(reason)) => return Err(refuse(&reason)),
+        Err(_) => return Err(StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+    };
+    let domain = state.enrollment.clone();
+    let lookup = sha256.clone();
+    match tokio::task::spawn_blocking(move || domain.apple_identity(&lookup)).await {
+        Ok(Ok(Some(identity))) => Ok(identity),
+        Ok(Ok(None)) => Err(refuse(&format!("identity {sha256} is not on record"))),
+        _ => Err(StatusCode::SERVICE_UNAVAILABLE.into_response()),
+    }
+}
+
+fn plist_ok(value: Option<plist::Value>) -> Response {
+    let Some(value) = value else { return StatusCode::OK.into_response() };
+    let mut body = Vec::new();
+    if let Err(error) = value.to_writer_xml(&mut body) {
+        tracing::error!(%error, "writing a plist failed");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/xml; charset=utf-8")], body).into_response()
+}
+
+fn too_large(body: &Bytes) -> Option<Response> {
+    (body.len() > MAX_MESSAGE_BYTES).then(|| {
+        (StatusCode::PAYLOAD_TOO_LARGE, format!("a message is at most {MAX_MESSAGE_BYTES} bytes")).into_response()
+    })
+}
+
+async fn checkin(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(response) = too_large(&body) {
+        return response;
+    }
+    let identity = match signed_by(&state, &headers, &body).await {
+        Ok(identity) => identity,
+        Err(response) => return response,
+    };
+    let message = match CheckIn::parse(&body) {
+        Ok(message) => message,
+        Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
+    };
+    let domain = state.enrollment.clone();
+    let sha256 = identity.sha256.clone();
+    let actor = Actor::device(None);
+    match message {
+        CheckIn::Authenticate(facts) => {
+            let done = tokio::task::spawn_blocking(move || domain.apple_authenticate(&sha256, &facts)).await;
+            answer(done.map(|r| r.map(|_| None)))
+        }
+        CheckIn::TokenUpdate(push) => {
+            let done = tokio::task::spawn_blocking(move || domain.apple_token_update(&actor, &sha256, &push)).await;
+            if let Ok(Ok((device, true))) = &done {
+                tracing::info!(device = %device.id, "an Apple device enrolled");
+                // DeviceInformation waits for it: ask the device to come and fetch it.
+                state.mdm.wake(&state, device.id);
+            }
+            answer(done.map(|r| r.map(|_| None)))
+        }
+        CheckIn::CheckOut => {
+            let done = tokio::task::spawn_blocking(move || domain.apple_check_out(&actor, &sha256)).await;
+            answer(done.map(|r| r.map(|_| None)))
+        }
+        // The user channel (macOS) is declined, as Apple documents, with 410.
+        CheckIn::UserAuthenticate => StatusCode::GONE.into_response(),
+        CheckIn::Other(kind) => {
+            tracing::info!(%kind, "an unsupported check-in message was declined");
+            (StatusCode::BAD_REQUEST, format!("MessageType {kind} is not supported")).into_response()
+        }
+    }
+}
+
+/// The HTTP answer for a domain call made for a device.
+fn answer(done: Result<crate::domain::DomainResult<Option<plist::Value>>, tokio::task::JoinError>) -> Response {
+    match done {
+        Ok(Ok(value)) => plist_ok(value),
+        Ok(Err(crate::domain::DomainError::Conflict { message, .. })) => {
+            (StatusCode::CONFLICT, message).into_response()
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "handling an MDM message failed");
+            StatusCode::SERVICE_UNAVAILABLE.into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The command endpoint: the device reports on the last command (or says it is idle) and gets the next one, or an
+/// empty answer when nothing waits.
+async fn server(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(response) = too_large(&body) {
+        return response;
+    }
+    let identity = match signed_by(&state, &headers, &body).await {
+        Ok(identity) => identity,
+        Err(response) => return response,
+    };
+    let Some(device_id) = identity.device_id.filter(|_| !identity.checked_out) else {
+        return (StatusCode::UNAUTHORIZED, "this identity has no enrolled device").into_response();
+    };
+    let report = match CommandReport::parse(&body) {
+        Ok(report) => report,
+        Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
+    };
+    let profile_identifier =
+        profile::identifiers(state.mdm.inner.as_ref().map(|i| i.ca.cert_der().to_vec()).unwrap_or_default().as_slice())
+            .enrollment;
+    let domain = state.enrollment.clone();
+    let done =
+        tokio::task::spawn_blocking(move || messages::handle_report(&domain, &device_id, &report, &profile_identifier))
+            .await;
+    answer(done)
+}
