@@ -41,6 +41,8 @@ pub enum PushCertError {
         "the private key does not belong to this certificate; upload the key the certificate request was made with"
     )]
     KeyMismatch,
+    #[error("the PKCS#12 file: {0}")]
+    Pkcs12(String),
 }
 
 impl PushCertificate {
@@ -75,6 +77,32 @@ impl PushCertificate {
             not_after,
             sha256: super::sha256_hex(&der),
         })
+    }
+}
+
+/// Reads the push certificate and its key from a PKCS#12 file (what Keychain Access exports), as PEM for
+/// [`PushCertificate::from_pem`]: the certificate is the one whose key is in the file.
+pub fn pem_from_pkcs12(der: &[u8], password: &str) -> Result<(String, String), PushCertError> {
+    let archive = p12_keystore::Pkcs12Archive::from_pkcs12(der, password).map_err(|error| match error {
+        p12_keystore::error::Error::MacError(_) => PushCertError::Pkcs12(
+            "the password is wrong (or the file is damaged); use the password given when it was exported".into(),
+        ),
+        other => PushCertError::Pkcs12(format!("it cannot be read ({other}); export it again as a .p12 with its key")),
+    })?;
+    let Some(key) = archive.keys.first() else {
+        return Err(PushCertError::Pkcs12(
+            "it holds no private key; in Keychain Access, export the certificate together with its key".into(),
+        ));
+    };
+    let key_pem = super::pem("PRIVATE KEY", key.key.as_der());
+    let key_pair = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| PushCertError::KeyUnreadable(e.to_string()))?;
+    let own = archive.certs.iter().find(|bag| {
+        x509_parser::parse_x509_certificate(bag.cert.as_der())
+            .is_ok_and(|(_, cert)| key_pair.public_key_raw() == &*cert.public_key().subject_public_key.data)
+    });
+    match own {
+        Some(bag) => Ok((super::pem("CERTIFICATE", bag.cert.as_der()), key_pem)),
+        None => Err(PushCertError::KeyMismatch),
     }
 }
 

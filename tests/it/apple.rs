@@ -76,3 +76,56 @@ async fn the_push_certificate_is_uploaded_shown_renewed_and_never_swapped_for_an
     assert_eq!(still["topic"], TOPIC, "the certificate in use is unchanged");
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
+
+/// A `.p12` as Keychain Access exports it (3DES-encrypted bags, SHA-1 MAC), and one as current OpenSSL writes it
+/// (PBES2, AES-256), both made by OpenSSL from a certificate in Apple's shape.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pkcs12_export_is_read_and_a_wrong_password_is_refused() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = push_certificate(TOPIC, 365);
+    std::fs::write(dir.path().join("push.pem"), &cert).unwrap();
+    std::fs::write(dir.path().join("push.key"), &key).unwrap();
+    let export = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let status = std::process::Command::new("openssl")
+            .args(["pkcs12", "-export", "-passout", "pass:s3cret", "-in"])
+            .arg(dir.path().join("push.pem"))
+            .arg("-inkey")
+            .arg(dir.path().join("push.key"))
+            .arg("-out")
+            .arg(&out)
+            .args(extra)
+            .status()
+            .expect("openssl is installed by tests/run");
+        assert!(status.success());
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(out).unwrap())
+    };
+    let keychain =
+        export("keychain.p12", &["-certpbe", "PBE-SHA1-3DES", "-keypbe", "PBE-SHA1-3DES", "-macalg", "sha1"]);
+    let modern = export("modern.p12", &[]);
+
+    let daemon = Daemon::spawn(&dir.path().join("state"), &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
+    daemon.wait_healthy();
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    let token = signed_in["token"].as_str().unwrap().to_owned();
+    let path = "/api/v1/apple/push-certificate";
+    let put = |body: Value| api(daemon.https, &ca, Method::PUT, path, Some(&token), Some(body));
+
+    let (status, error) = put(json!({"pkcs12_base64": keychain, "pkcs12_password": "wrong"})).await;
+    assert_eq!((status, error["field"].as_str()), (422, Some("pkcs12_base64")), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("password is wrong"), "{error}");
+    let (status, error) = put(json!({"pkcs12_base64": "not base64!"})).await;
+    assert_eq!(status, 422, "{error}");
+    let (status, error) = put(json!({"certificate_pem": cert})).await;
+    assert_eq!((status, error["field"].as_str()), (422, Some("certificate_pem")), "a certificate without its key");
+
+    for p12 in [keychain, modern] {
+        let (status, shown) = put(json!({"pkcs12_base64": p12, "pkcs12_password": "s3cret"})).await;
+        assert_eq!(status, 200, "{shown}");
+        assert_eq!(shown["topic"], TOPIC);
+    }
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}

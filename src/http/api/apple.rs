@@ -1,4 +1,4 @@
-//! `/api/v1/apple/push-certificate`: the Apple MDM push certificate, uploaded as PEM, shown with its Topic and
+//! `/api/v1/apple/push-certificate`: the Apple MDM push certificate, uploaded as PEM or PKCS#12, shown with its Topic and
 //! expiry (and a warning in its last 30 days).
 
 use axum::Json;
@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::{ApiJson, SignedInAdmin, blocking};
 use crate::domain::StoredPushCertificate;
 use crate::http::{AppState, HttpError};
-use crate::pki::push::{PushCertError, PushCertificate};
+use crate::pki::push::{self, PushCertError, PushCertificate};
 
 /// Days before expiry from which the certificate is flagged.
 const WARN_DAYS: i64 = 30;
@@ -77,12 +77,26 @@ pub async fn push_certificate(State(state): State<AppState>) -> Result<Json<Push
     }
 }
 
+/// The push certificate with its key: either as two PEM texts, or as the PKCS#12 file (`.p12`) Keychain Access
+/// exports, base64-encoded, with its password.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PushCertificateUpload {
     /// The certificate from Apple's Push Certificates Portal, PEM.
-    pub certificate_pem: String,
+    pub certificate_pem: Option<String>,
     /// The private key the certificate request was made with, PEM (PKCS#8, or PKCS#1 RSA).
-    pub private_key_pem: String,
+    pub private_key_pem: Option<String>,
+    /// The certificate and its key as a PKCS#12 file, base64.
+    pub pkcs12_base64: Option<String>,
+    /// The PKCS#12 file's password.
+    pub pkcs12_password: Option<String>,
+}
+
+fn invalid(field: &'static str, message: String) -> HttpError {
+    HttpError {
+        field: Some(field),
+        ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_push_certificate", message)
+    }
 }
 
 /// Uploads (or renews) the push certificate. It must be an MDM push certificate (Topic `com.apple.mgmt.…`), not
@@ -95,20 +109,41 @@ pub async fn upload_push_certificate(
     ApiJson(upload): ApiJson<PushCertificateUpload>,
 ) -> Result<Json<PushCertificateView>, HttpError> {
     let now = state.clock.now();
-    let push = PushCertificate::from_pem(&upload.certificate_pem, &upload.private_key_pem, now).map_err(|error| {
+    let from_pkcs12 = upload.pkcs12_base64.is_some();
+    let (certificate_pem, private_key_pem) = match upload {
+        PushCertificateUpload {
+            certificate_pem: Some(cert), private_key_pem: Some(key), pkcs12_base64: None, ..
+        } => (cert, key),
+        PushCertificateUpload {
+            certificate_pem: None,
+            private_key_pem: None,
+            pkcs12_base64: Some(p12),
+            pkcs12_password,
+        } => {
+            use base64::Engine as _;
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(p12.split_ascii_whitespace().collect::<String>())
+                .map_err(|e| invalid("pkcs12_base64", format!("it is not base64 ({e})")))?;
+            push::pem_from_pkcs12(&der, pkcs12_password.as_deref().unwrap_or_default())
+                .map_err(|e| invalid("pkcs12_base64", e.to_string()))?
+        }
+        _ => {
+            return Err(invalid(
+                "certificate_pem",
+                "give either certificate_pem with private_key_pem, or pkcs12_base64 (with pkcs12_password)".into(),
+            ));
+        }
+    };
+    let push = PushCertificate::from_pem(&certificate_pem, &private_key_pem, now).map_err(|error| {
         let field = match error {
+            _ if from_pkcs12 => "pkcs12_base64",
             PushCertError::KeyUnreadable(_) | PushCertError::KeyMismatch => "private_key_pem",
             _ => "certificate_pem",
         };
-        HttpError {
-            field: Some(field),
-            ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_push_certificate", error.to_string())
-        }
+        invalid(field, error.to_string())
     })?;
     let domain = state.enrollment.clone();
-    let stored = blocking(move || {
-        domain.save_push_certificate(&admin.actor, &push, &upload.certificate_pem, &upload.private_key_pem)
-    })
-    .await?;
+    let stored =
+        blocking(move || domain.save_push_certificate(&admin.actor, &push, &certificate_pem, &private_key_pem)).await?;
     Ok(Json(PushCertificateView::new(stored, now)))
 }
