@@ -398,6 +398,9 @@ pub struct ApplePush {
 pub struct ScepChallenge {
     pub hash: String,
     pub invite_id: Id,
+    /// The invite's send it was made for: a resend (new link) kills it.
+    #[serde(default)]
+    pub generation: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

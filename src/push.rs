@@ -99,7 +99,8 @@ impl Pusher {
         let request = Request::builder()
             .method(Method::POST)
             .uri(format!("{}/3/device/{}", self.config.url, device.token))
-            .header("apns-topic", &device.topic)
+            // The certificate's Topic: the one APNs authorises this connection for (the device enrolled with it).
+            .header("apns-topic", &certificate.topic)
             .header("apns-push-type", "mdm")
             .header("apns-priority", "10")
             .header(header::CONTENT_TYPE, "application/json")

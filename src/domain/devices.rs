@@ -168,14 +168,35 @@ impl Enrollment {
                 enrolled_at: now,
                 last_contact: now,
                 status: DeviceStatus::Enrolled,
-                pending_commands: vec![PendingCommand {
+                pending_commands: Vec::new(),
+                ..base
+            };
+            let mut device = device;
+            // A device that enrolls again while its earlier enrollment is still managed keeps the commands queued
+            // for it (an erase the admin asked for is not cancelled by enrolling again), and the admin is told.
+            let still_managed = existing
+                .as_ref()
+                .filter(|old| matches!(old.status, DeviceStatus::Enrolled | DeviceStatus::Deprovisioning));
+            if let Some(old) = still_managed {
+                device.pending_commands = old.pending_commands.clone();
+                if !old.pending_commands.is_empty() {
+                    device.status = old.status;
+                }
+                device.problem = Some(
+                    "enrolled again while its earlier enrollment was still managed; if this is not the same device, revoke MDM on it"
+                        .into(),
+                );
+            }
+            device.pending_commands.retain(|c| c.kind != CommandKind::DeviceInformation);
+            device.pending_commands.insert(
+                0,
+                PendingCommand {
                     id: command_id,
                     kind: CommandKind::DeviceInformation,
                     queued_at: now,
                     queued_by: "system".into(),
-                }],
-                ..base
-            };
+                },
+            );
             claim_identifiers(tx, &device)?;
             tx.put(existing.as_ref(), &device)?;
             let mut invite = old_invite.clone();

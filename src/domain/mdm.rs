@@ -9,7 +9,10 @@ use super::devices::DeviceFacts;
 use super::invites::link_state;
 use super::{Actor, DomainError, DomainResult, Enrollment, optional_text, random_bytes, sha256_hex};
 use crate::model::{AppleIdentity, ApplePush, Device, Id, Invite, Platform, Remark, ScepChallenge};
-use crate::store::tree;
+use crate::store::{Tx, tree};
+
+/// How long a profile's SCEP challenge works: the profile is installed right after it is downloaded.
+const CHALLENGE_LIFETIME: time::Duration = time::Duration::hours(1);
 
 /// What an Apple device says about itself in `Authenticate` (and in `DeviceInformation` answers).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +69,8 @@ pub enum ChallengeProblem {
 }
 
 impl Enrollment {
-    /// A new one-time SCEP challenge for an invite that can still enroll a device; it dies with the invite.
+    /// A new one-time SCEP challenge for an invite that can still enroll a device. It works for an hour, and dies
+    /// sooner with the invite's link (resent, removed, used, expired).
     pub fn scep_challenge(&self, invite_id: &Id) -> DomainResult<String> {
         let now = self.now();
         let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<24>());
@@ -83,77 +87,74 @@ impl Enrollment {
             let record = ScepChallenge {
                 hash: hash.clone(),
                 invite_id: *invite_id,
+                generation: invite.generation,
                 created_at: now,
-                expires_at: invite.expires_at,
+                expires_at: invite.expires_at.min(now + CHALLENGE_LIFETIME),
             };
             tx.put(None, &record)
         })?;
         Ok(challenge)
     }
 
-    /// Uses up a SCEP challenge: it is deleted whatever the outcome, and names its invite only if that invite can
-    /// still enroll a device.
-    pub fn redeem_scep_challenge(&self, challenge: &str) -> DomainResult<Result<Invite, ChallengeProblem>> {
+    /// The invite a SCEP challenge would enroll, without using it up (the certificate is issued before the
+    /// challenge is spent, so a failure in between leaves it usable for the device's retry).
+    pub fn scep_challenge_invite(&self, challenge: &str) -> DomainResult<Result<Invite, ChallengeProblem>> {
+        let now = self.now();
+        let hash = sha256_hex(challenge.as_bytes());
+        self.transact(|tx| challenge_invite(tx, &hash, now))
+    }
+
+    /// Spends a SCEP challenge and records the identity issued for it, in one transaction: the challenge is
+    /// deleted, its invite checked again, the identity stored, and the invite's remarks say so.
+    pub fn redeem_scep_challenge(
+        &self,
+        actor: &Actor,
+        challenge: &str,
+        info: &crate::pki::CertInfo,
+    ) -> DomainResult<Result<AppleIdentity, ChallengeProblem>> {
         let now = self.now();
         let hash = sha256_hex(challenge.as_bytes());
         self.transact(|tx| {
-            let Some(record) = tx.get::<ScepChallenge, _>(hash.as_bytes())? else {
-                return Ok(Err(ChallengeProblem::Unknown));
+            let old_invite = match challenge_invite(tx, &hash, now)? {
+                Ok(invite) => invite,
+                Err(problem) => return Ok(Err(problem)),
             };
-            tx.delete(&record)?;
-            if record.expires_at <= now {
-                return Ok(Err(ChallengeProblem::Expired));
+            if let Some(record) = tx.get::<ScepChallenge, _>(hash.as_bytes())? {
+                tx.delete(&record)?;
             }
-            let Some(invite) = tx.get_id::<Invite, _>(&record.invite_id)? else {
-                return Ok(Err(ChallengeProblem::Unknown));
+            let identity = AppleIdentity {
+                sha256: info.sha256.clone(),
+                serial: info.serial.clone(),
+                invite_id: old_invite.id,
+                issued_at: now,
+                not_after: info.not_after,
+                device_id: None,
+                udid: None,
+                serial_number: None,
+                model: None,
+                model_name: None,
+                os_version: None,
+                build_version: None,
+                device_name: None,
+                imei: None,
+                push: None,
+                checked_out: false,
             };
-            Ok(link_state(&invite, now).map_err(|_| ChallengeProblem::Expired))
-        })
-    }
-
-    /// Records the identity issued to the device enrolling with `invite`; its remarks say so.
-    pub fn record_apple_identity(
-        &self,
-        actor: &Actor,
-        invite_id: &Id,
-        info: &crate::pki::CertInfo,
-    ) -> DomainResult<AppleIdentity> {
-        let now = self.now();
-        let identity = AppleIdentity {
-            sha256: info.sha256.clone(),
-            serial: info.serial.clone(),
-            invite_id: *invite_id,
-            issued_at: now,
-            not_after: info.not_after,
-            device_id: None,
-            udid: None,
-            serial_number: None,
-            model: None,
-            model_name: None,
-            os_version: None,
-            build_version: None,
-            device_name: None,
-            imei: None,
-            push: None,
-            checked_out: false,
-        };
-        self.transact(|tx| {
-            let old: Invite = tx.get_id(invite_id)?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
-            let mut invite = old.clone();
+            let mut invite = old_invite.clone();
             invite.remarks.push(Remark {
                 at: now,
                 text: "The device installed the enrollment profile and received its identity certificate".into(),
             });
-            tx.put(Some(&old), &invite)?;
+            tx.put(Some(&old_invite), &invite)?;
             tx.put(None, &identity)?;
             self.audit(
                 tx,
                 actor,
                 "apple.identity",
-                Some(invite_id.to_string()),
+                Some(invite.id.to_string()),
                 format!("device identity issued, serial {}, SHA-256 {}", info.serial, info.sha256),
             )?;
-            Ok(identity.clone())
+            Ok(Ok(identity))
         })
     }
 
@@ -168,6 +169,9 @@ impl Enrollment {
         let identity = self.transact(|tx| {
             let old: AppleIdentity =
                 tx.get(sha256.as_bytes())?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
+            if old.checked_out {
+                return Err(checked_out().into());
+            }
             let mut identity = old.clone();
             let keep = |new: &Option<String>, old: &Option<String>| optional_text(new.as_deref()).or(old.clone());
             identity.udid = keep(&facts.udid, &old.udid);
@@ -181,7 +185,7 @@ impl Enrollment {
             tx.put(Some(&old), &identity)?;
             Ok(identity)
         })?;
-        if let Some(device) = identity.device_id {
+        if let Some(device) = self.apple_managed_device(sha256)? {
             self.device_checked_in(&device, &facts.device_facts())?;
         }
         Ok(identity)
@@ -199,13 +203,12 @@ impl Enrollment {
             let old: AppleIdentity =
                 tx.get(sha256.as_bytes())?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
             if old.checked_out {
-                return Err(DomainError::conflict(
-                    "checked_out",
-                    "this device checked out; it must enroll again with a new invite",
-                )
-                .into());
+                return Err(checked_out().into());
             }
             let (before, enrolled, first) = match old.device_id.map(|id| tx.get_id::<Device, _>(&id)).transpose()? {
+                Some(Some(device)) if device.identity.as_deref() != Some(sha256) => {
+                    return Err(superseded().into());
+                }
                 Some(Some(device)) => (Some(device.clone()), device, false),
                 _ => {
                     let facts = AppleFacts {
@@ -250,6 +253,15 @@ impl Enrollment {
         device_id.map(|id| self.device_checked_out(actor, &id)).transpose()
     }
 
+    /// The device this identity manages: set once it enrolled, and only while the device has not enrolled again
+    /// under a newer identity and this one has not checked out.
+    pub fn apple_managed_device(&self, sha256: &str) -> DomainResult<Option<Id>> {
+        let Some(identity) = self.apple_identity(sha256)?.filter(|i| !i.checked_out) else { return Ok(None) };
+        let Some(device_id) = identity.device_id else { return Ok(None) };
+        let device = self.device(&device_id)?;
+        Ok((device.identity.as_deref() == Some(sha256)).then_some(device_id))
+    }
+
     /// Where to push to reach a device, if it is an Apple device that is managed and has sent its token.
     pub fn apple_push_target(&self, device_id: &Id) -> DomainResult<Option<ApplePush>> {
         let device = self.device(device_id)?;
@@ -268,4 +280,34 @@ impl Enrollment {
             Ok(device)
         })
     }
+}
+
+fn checked_out() -> DomainError {
+    DomainError::conflict("checked_out", "this device checked out; it must enroll again with a new invite")
+}
+
+fn superseded() -> DomainError {
+    DomainError::conflict("identity_superseded", "the device enrolled again since; this identity no longer manages it")
+}
+
+/// The invite a stored challenge names, if the challenge is live and the invite can still enroll with the same
+/// link it was made for.
+fn challenge_invite(
+    tx: &Tx<'_>,
+    hash: &str,
+    now: time::OffsetDateTime,
+) -> Result<Result<Invite, ChallengeProblem>, crate::store::TxError<DomainError>> {
+    let Some(record) = tx.get::<ScepChallenge, _>(hash.as_bytes())? else {
+        return Ok(Err(ChallengeProblem::Unknown));
+    };
+    if record.expires_at <= now {
+        return Ok(Err(ChallengeProblem::Expired));
+    }
+    let Some(invite) = tx.get_id::<Invite, _>(&record.invite_id)? else {
+        return Ok(Err(ChallengeProblem::Unknown));
+    };
+    if invite.generation != record.generation {
+        return Ok(Err(ChallengeProblem::Expired));
+    }
+    Ok(link_state(&invite, now).map_err(|_| ChallengeProblem::Expired))
 }

@@ -14,7 +14,7 @@ use cms::signed_data::{
     CertificateSet, EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
 };
 use der::asn1::{ObjectIdentifier as Oid, OctetString, SetOfVec, UtcTime};
-use der::{Any, Decode, Encode, Tag};
+use der::{Any, Decode, Encode, Tag, Tagged as _};
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
 use x509_cert::Certificate;
 use x509_cert::attr::{Attribute, AttributeValue};
@@ -228,7 +228,8 @@ impl Verified {
 /// content that was signed; otherwise the content must be inside. RSA (PKCS#1 v1.5 with SHA-1 or SHA-2) and ECDSA
 /// (P-256, P-384) signatures are accepted.
 pub fn verify(message: &[u8], detached: Option<&[u8]>) -> Result<Verified, CmsError> {
-    let info = ContentInfo::from_der(message)?;
+    let message = super::ber::to_der(message).map_err(CmsError::Malformed)?;
+    let info = ContentInfo::from_der(&message)?;
     if info.content_type != ID_SIGNED_DATA {
         return Err(CmsError::Malformed(format!("expected SignedData, found content type {}", info.content_type)));
     }
@@ -266,13 +267,21 @@ pub fn verify(message: &[u8], detached: Option<&[u8]>) -> Result<Verified, CmsEr
     let digest = digest_algorithm(&signer_info.digest_alg.oid)?;
     let (signed_bytes, attributes) = match &signer_info.signed_attrs {
         Some(attrs) => {
+            let content_type = attrs
+                .iter()
+                .find(|a| a.oid == ATTR_CONTENT_TYPE)
+                .and_then(|a| a.values.get(0))
+                .and_then(|v| v.decode_as::<Oid>().ok());
+            if content_type != Some(signed.encap_content_info.econtent_type) {
+                return Err(CmsError::BadSignature("the signed content type is missing or not the content's"));
+            }
             let wanted = ring::digest::digest(digest, &content);
             let found = attrs
                 .iter()
                 .find(|a| a.oid == ATTR_MESSAGE_DIGEST)
                 .and_then(|a| a.values.get(0))
                 .ok_or(CmsError::BadSignature("the signed attributes carry no message digest"))?;
-            if found.value() != wanted.as_ref() {
+            if found.tag() != Tag::OctetString || found.value() != wanted.as_ref() {
                 return Err(CmsError::BadSignature("the content does not match its signed digest"));
             }
             (attrs.to_der()?, attrs.iter().cloned().collect())
@@ -398,14 +407,23 @@ impl ContentCipher {
     }
 }
 
-/// Opens an EnvelopedData addressed (by key transport, RSA PKCS#1 v1.5) to `key`. Returns the content and the
-/// cipher it was sealed with.
-pub fn open_envelope(message: &[u8], key: &rsa::RsaPrivateKey) -> Result<(Vec<u8>, ContentCipher), CmsError> {
-    let info = ContentInfo::from_der(message)?;
+/// Opens an EnvelopedData addressed (by key transport, RSA PKCS#1 v1.5) to `key`, whose certificate is
+/// `recipient` (DER). Returns the content and the cipher it was sealed with.
+///
+/// Only the recipient entry naming `recipient` is tried, once. RSA decryption is blinded, and a key that does not
+/// decrypt is replaced by a random one (implicit rejection), so a malformed key and a wrong one fail the same way,
+/// at the content's padding: the answer gives no padding oracle on the RSA key.
+pub fn open_envelope(
+    message: &[u8],
+    key: &rsa::RsaPrivateKey,
+    recipient: &[u8],
+) -> Result<(Vec<u8>, ContentCipher), CmsError> {
+    let message = super::ber::to_der(message).map_err(CmsError::Malformed)?;
+    let info = ContentInfo::from_der(&message)?;
     if info.content_type != ID_ENVELOPED_DATA {
         return Err(CmsError::Malformed(format!("expected EnvelopedData, found content type {}", info.content_type)));
     }
-    let enveloped: EnvelopedData = info.content.decode_as()?;
+    let enveloped: EnvelopedData = join_encrypted_content(&info.content)?.decode_as()?;
     let encrypted = &enveloped.encrypted_content;
     let cipher = ContentCipher::from_oid(&encrypted.content_enc_alg.oid)?;
     let iv = encrypted
@@ -415,21 +433,57 @@ pub fn open_envelope(message: &[u8], key: &rsa::RsaPrivateKey) -> Result<(Vec<u8
         .and_then(|p| p.decode_as::<OctetString>().ok())
         .ok_or(CmsError::Envelope("the cipher has no IV"))?;
     let data = encrypted.encrypted_content.as_ref().ok_or(CmsError::Envelope("the envelope is empty"))?;
-    // Every key-transport recipient is tried: the message names our certificate, but which one it names is no
-    // secret worth checking against, and a wrong key fails the padding check below.
-    for recipient in enveloped.recip_infos.0.iter() {
-        let RecipientInfo::Ktri(ktri) = recipient else { continue };
-        if ktri.key_enc_alg.oid != RSA_ENCRYPTION {
-            continue;
+    let ours = Certificate::from_der(recipient)?;
+    let ski = subject_key_id(&ours);
+    let ktri = enveloped
+        .recip_infos
+        .0
+        .iter()
+        .find_map(|recipient| match recipient {
+            RecipientInfo::Ktri(ktri) if ktri.key_enc_alg.oid == RSA_ENCRYPTION => match &ktri.rid {
+                RecipientIdentifier::IssuerAndSerialNumber(id)
+                    if id.issuer == ours.tbs_certificate.issuer
+                        && id.serial_number == ours.tbs_certificate.serial_number =>
+                {
+                    Some(ktri)
+                }
+                RecipientIdentifier::SubjectKeyIdentifier(id) if Some(id.0.as_bytes()) == ski.as_deref() => Some(ktri),
+                _ => None,
+            },
+            _ => None,
+        })
+        .ok_or(CmsError::Envelope("it is not addressed to this server's SCEP certificate"))?;
+    let content_key = match key.decrypt_blinded(&mut rand_core::OsRng, rsa::Pkcs1v15Encrypt, ktri.enc_key.as_bytes()) {
+        Ok(content_key) if content_key.len() == cipher.key_len() => content_key,
+        _ => {
+            let mut random = vec![0; cipher.key_len()];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+                .map_err(|_| CmsError::Envelope("no randomness"))?;
+            random
         }
-        let Ok(content_key) = key.decrypt(rsa::Pkcs1v15Encrypt, ktri.enc_key.as_bytes()) else { continue };
-        if content_key.len() != cipher.key_len() {
-            continue;
+    };
+    let content = cipher.decrypt(&content_key, iv.as_bytes(), data.as_bytes())?;
+    Ok((content, cipher))
+}
+
+/// BER lets `encryptedContent` (`[0] IMPLICIT OCTET STRING`) come in constructed, chunked form, which only the
+/// schema tells apart from a constructed `[0]`; in EncryptedContentInfo (a SEQUENCE of OID, algorithm, `[0]`) the
+/// chunks are joined into the primitive form DER wants.
+fn join_encrypted_content(enveloped: &Any) -> Result<Any, CmsError> {
+    let mut fields: Vec<Any> = enveloped.decode_as()?;
+    let constructed_zero = Tag::ContextSpecific { constructed: true, number: der::TagNumber::N0 };
+    for field in fields.iter_mut().filter(|f| f.tag() == Tag::Sequence) {
+        let mut parts: Vec<Any> = field.decode_as()?;
+        if let [first, _, content] = parts.as_mut_slice()
+            && first.tag() == Tag::ObjectIdentifier
+            && content.tag() == constructed_zero
+        {
+            let joined = super::ber::octet_chunks(content.value()).map_err(CmsError::Malformed)?;
+            *content = Any::new(Tag::ContextSpecific { constructed: false, number: der::TagNumber::N0 }, joined)?;
+            *field = Any::encode_from(&parts)?;
         }
-        let content = cipher.decrypt(&content_key, iv.as_bytes(), data.as_bytes())?;
-        return Ok((content, cipher));
     }
-    Err(CmsError::Envelope("it is not addressed to this server's SCEP key"))
+    Ok(Any::encode_from(&fields)?)
 }
 
 /// Seals `content` in an EnvelopedData for the holder of `recipient` (an RSA certificate, DER), with `cipher`.
@@ -481,6 +535,12 @@ pub fn seal_envelope(content: &[u8], recipient: &[u8], cipher: ContentCipher) ->
 pub fn public_key_of(certificate: &[u8]) -> Result<Vec<u8>, CmsError> {
     let cert = Certificate::from_der(certificate)?;
     Ok(cert.tbs_certificate.subject_public_key_info.subject_public_key.raw_bytes().to_vec())
+}
+
+/// The OID of a certificate's public-key algorithm, as text.
+pub fn public_key_algorithm(certificate: &[u8]) -> Result<String, CmsError> {
+    let cert = Certificate::from_der(certificate)?;
+    Ok(cert.tbs_certificate.subject_public_key_info.algorithm.oid.to_string())
 }
 
 /// The public key of a signing key as ring reads it.

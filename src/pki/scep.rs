@@ -121,6 +121,9 @@ impl ScepAuthority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
+        // It issues device identities and nothing else: the EKU keeps a certificate it signed from serving as a
+        // TLS server to the devices that trust the appliance CA.
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - BACKDATE;
         params.not_after = ca.info().not_after;
@@ -189,7 +192,17 @@ impl ScepAuthority {
             reason,
             request: Box::new(request.clone()),
         };
-        let (csr, cipher) = match cms::open_envelope(&verified.content, &self.decrypt) {
+        // The reply is encrypted to the signer's key: refuse one it cannot be (before the challenge is spent).
+        if !matches!(cms::public_key_algorithm(&request.signer).as_deref(), Ok("1.2.840.113549.1.1.1")) {
+            return Err(refuse(
+                FailInfo::BadAlg,
+                "the request is signed with a non-RSA key; SCEP replies are encrypted to it with RSA".into(),
+                &request,
+            ));
+        }
+        // Every failure from here to a readable CSR gets the same answer, so it says nothing about the RSA key.
+        let opened = cms::open_envelope(&verified.content, &self.decrypt, &self.cert);
+        let (csr, cipher) = match opened {
             Ok(opened) => opened,
             Err(CmsError::Unsupported(what)) => {
                 return Err(refuse(FailInfo::BadAlg, format!("the envelope uses {what}"), &request));
@@ -207,7 +220,7 @@ impl ScepAuthority {
         use x509_parser::prelude::FromDer as _;
         let parsed = match x509_parser::certification_request::X509CertificationRequest::from_der(&csr) {
             Ok((_, parsed)) => parsed,
-            Err(e) => return Err(refuse(FailInfo::BadRequest, format!("the CSR cannot be read ({e})"), &request)),
+            Err(e) => return Err(refuse(FailInfo::BadMessageCheck, format!("the CSR cannot be read ({e})"), &request)),
         };
         if parsed.verify_signature().is_err() {
             return Err(refuse(FailInfo::BadMessageCheck, "the CSR's signature does not verify".into(), &request));

@@ -5,7 +5,8 @@
 //! RSA key with AES-128-CBC, signed by a throw-away self-signed certificate with the SCEP attributes), and its MDM
 //! client signs every check-in and command report with the issued identity, as `Mdm-Signature` (a detached CMS
 //! signature, base64), the way Apple's "Implementing device management" documentation describes `SignMessage`.
-//! It uses the `cms` crate's builders and the `rsa` crate, not enrolld's CMS code.
+//! It uses the `cms` crate's builders and the `rsa` crate, not enrolld's CMS code, and re-encodes what it sends in
+//! BER with indefinite lengths and chunked strings, as Apple's encoder does.
 //!
 //! The schema checker reads Apple's device-management YAML (tests/fixtures/apple, unmodified copies from
 //! github.com/apple/device-management) and checks a plist dictionary against it: every required key present, every
@@ -133,7 +134,7 @@ impl Device {
             attribute(TRANSACTION_ID, Tag::PrintableString, transaction.as_bytes()),
             attribute(SENDER_NONCE, Tag::OctetString, nonce),
         ];
-        self.signed(&self.self_signed, Some(&envelope), None, attributes)
+        to_ber(&self.signed(&self.self_signed, Some(&to_ber(&envelope)), None, attributes))
     }
 
     /// SignedData by this device's key, with `cert` as the signer: the content inside, or detached (given by
@@ -224,16 +225,61 @@ impl Device {
             .unwrap()
     }
 
-    /// The `Mdm-Signature` header for `body`, signed with the issued identity.
+    /// The `Mdm-Signature` header for `body`, signed with the issued identity, in BER as Apple devices send it.
     pub fn mdm_signature(&self, body: &[u8]) -> String {
         let identity = self.identity.clone().expect("the device has no identity yet");
-        base64::engine::general_purpose::STANDARD.encode(self.signed(&identity, None, Some(body), Vec::new()))
+        let signed = to_ber(&self.signed(&identity, None, Some(body), Vec::new()));
+        base64::engine::general_purpose::STANDARD.encode(signed)
     }
 
     /// The same, signed with the throw-away certificate enrolld never issued.
     pub fn forged_signature(&self, body: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(self.signed(&self.self_signed, None, Some(body), Vec::new()))
     }
+}
+
+/// Re-encodes DER as BER the way Apple's CMS encoder writes it: every constructed value with an indefinite length
+/// and end-of-contents octets, and OCTET STRINGs (and the primitive `[0]` of `encryptedContent`) longer than 64
+/// bytes split into constructed chunks.
+pub fn to_ber(der: &[u8]) -> Vec<u8> {
+    fn header(input: &[u8]) -> (usize, usize) {
+        let len_byte = input[1];
+        if len_byte < 0x80 {
+            (2, len_byte as usize)
+        } else {
+            let count = (len_byte & 0x7f) as usize;
+            (2 + count, input[2..2 + count].iter().fold(0, |acc, b| (acc << 8) | *b as usize))
+        }
+    }
+    fn chunks(out: &mut Vec<u8>, content: &[u8]) {
+        for chunk in content.chunks(64) {
+            out.push(0x04);
+            if chunk.len() < 0x80 {
+                out.push(chunk.len() as u8);
+            }
+            out.extend_from_slice(chunk);
+        }
+    }
+    let mut out = Vec::new();
+    let mut rest = der;
+    while !rest.is_empty() {
+        let tag = rest[0];
+        let (head, len) = header(rest);
+        let content = &rest[head..head + len];
+        if tag & 0x20 != 0 {
+            out.extend([tag, 0x80]);
+            out.extend(to_ber(content));
+            out.extend([0, 0]);
+        } else if (tag == 0x04 || tag == 0x80) && len > 64 {
+            out.extend([tag | 0x20, 0x80]);
+            chunks(&mut out, content);
+            out.extend([0, 0]);
+        } else {
+            out.extend_from_slice(&rest[..head + len]);
+        }
+        rest = &rest[head + len..];
+    }
+    out
 }
 
 /// A plist message as XML.

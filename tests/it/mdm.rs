@@ -492,86 +492,111 @@ async fn an_apple_device_enrolls_over_scep_and_check_in_is_managed_and_checks_ou
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }
 
+impl Appliance {
+    /// The real binary, with the APNs stand-in as its push gateway, signed in, with the push certificate uploaded.
+    async fn start(dir: &std::path::Path, apns: &Apns) -> Appliance {
+        let apns_url = format!("https://127.0.0.1:{}", apns.addr.port());
+        let daemon = Daemon::spawn(
+            &dir.join("state"),
+            &[],
+            &[
+                ("ENROLLD_ADMIN_PASSWORD", PASSWORD),
+                ("ENROLLD_APNS_URL", &apns_url),
+                ("ENROLLD_APNS_CA_FILE", apns.ca_file.to_str().unwrap()),
+            ],
+        );
+        daemon.wait_healthy();
+        let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+        let login = json!({"username": "admin", "password": PASSWORD});
+        let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+        let b = Appliance { token: signed_in["token"].as_str().unwrap().to_owned(), daemon, ca };
+        let (cert, key) = apns.push_cert.clone();
+        let upload = json!({"certificate_pem": cert, "private_key_pem": key});
+        assert_eq!(b.api(Method::PUT, "/api/v1/apple/push-certificate", Some(upload)).await.0, 200);
+        b
+    }
+
+    /// An admin's own invite for `body` (user, platform, …): its id, and the SCEP challenge of the profile the
+    /// user downloads after entering the passcode on a device of `platform`.
+    async fn invite_and_profile(&self, body: Value, platform: &str) -> (String, String, plist::Dictionary) {
+        let (status, created) = self.api(Method::POST, "/api/v1/invites/by-myself", Some(body)).await;
+        assert_eq!(status, 201, "{created}");
+        let link = format!("/e/{}", created["link_token"].as_str().unwrap());
+        let form = format!("passcode={}&platform={platform}", created["passcode"].as_str().unwrap());
+        let page = browse(self.daemon.https, &self.ca, Method::POST, &link, &[], Some(&form)).await;
+        let cookie = page.headers["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+        let path = format!("{link}/profile?platform={platform}");
+        let (status, _, signed) =
+            fetch_bytes(self.daemon.https, &self.ca, Method::GET, &path, &[("cookie", &cookie)], Vec::new()).await;
+        assert_eq!(status, 200);
+        let profile = dict(&enrolld::pki::cms::verify(&signed, None).unwrap().content);
+        let scep = profile["PayloadContent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_dictionary().unwrap())
+            .find(|p| p["PayloadType"].as_string() == Some("com.apple.security.scep"))
+            .unwrap();
+        let challenge = scep["PayloadContent"].as_dictionary().unwrap()["Challenge"].as_string().unwrap().to_owned();
+        (created["invite"]["id"].as_str().unwrap().to_owned(), challenge, profile)
+    }
+
+    /// The device's SCEP request with `challenge`; the answer read by the device.
+    async fn scep(&self, device: &mut Device, challenge: &str) -> crate::apple_device::CertRep {
+        let scep_ca = scep_ca_certificate(&get_bytes(self, "/scep?operation=GetCACert").await);
+        let request = device.pkcs_req(&scep_ca, challenge, "TX", &[1; 16]);
+        let path = "/scep?operation=PKIOperation";
+        let (status, _, reply) = fetch_bytes(self.daemon.https, &self.ca, Method::POST, path, &[], request).await;
+        assert_eq!(status, 200);
+        device.read_cert_rep(&reply)
+    }
+
+    /// `Authenticate` then `TokenUpdate` for a device with this UDID; the HTTP status of each.
+    async fn check_in(&self, device: &Device, udid: &str, token: u8) -> (u16, u16) {
+        let authenticate = plist_xml(vec![
+            ("MessageType", P::from("Authenticate")),
+            ("Topic", P::from(TOPIC)),
+            ("UDID", P::from(udid)),
+            ("ModelName", P::from("iPad")),
+            ("SerialNumber", P::from(format!("SER-{udid}"))),
+        ]);
+        let first = self.send("/mdm/apple/checkin", &authenticate, Some(&device.mdm_signature(&authenticate))).await.0;
+        let token_update = plist_xml(vec![
+            ("MessageType", P::from("TokenUpdate")),
+            ("Topic", P::from(TOPIC)),
+            ("UDID", P::from(udid)),
+            ("Token", P::Data(vec![token; 32])),
+            ("PushMagic", P::from(format!("MAGIC-{token}"))),
+        ]);
+        let second = self.send("/mdm/apple/checkin", &token_update, Some(&device.mdm_signature(&token_update))).await.0;
+        (first, second)
+    }
+
+    async fn invite(&self, id: &str) -> Value {
+        self.api(Method::GET, &format!("/api/v1/invites/{id}"), None).await.1
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_push_is_recorded_on_the_device() {
     let dir = tempfile::tempdir().unwrap();
     let apns = Apns::start(dir.path()).await;
     apns.gone.store(true, Ordering::SeqCst);
-    let apns_url = format!("https://127.0.0.1:{}", apns.addr.port());
-    let daemon = Daemon::spawn(
-        &dir.path().join("state"),
-        &[],
-        &[
-            ("ENROLLD_ADMIN_PASSWORD", PASSWORD),
-            ("ENROLLD_APNS_URL", &apns_url),
-            ("ENROLLD_APNS_CA_FILE", apns.ca_file.to_str().unwrap()),
-        ],
-    );
-    daemon.wait_healthy();
-    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
-    let login = json!({"username": "admin", "password": PASSWORD});
-    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
-    let b = Appliance { token: signed_in["token"].as_str().unwrap().to_owned(), daemon, ca };
-    let (cert, key) = apns.push_cert.clone();
-    b.api(
-        Method::PUT,
-        "/api/v1/apple/push-certificate",
-        Some(json!({"certificate_pem": cert, "private_key_pem": key})),
-    )
-    .await;
+    let b = Appliance::start(dir.path(), &apns).await;
     let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": "Bo", "email": "bo@example.com"}))).await;
-    let (_, created) =
-        b.api(Method::POST, "/api/v1/invites/by-myself", Some(json!({"user_id": user["id"], "platform": "any"}))).await;
-    let link = format!("/e/{}", created["link_token"].as_str().unwrap());
-    let form = format!("passcode={}&platform=ipados", created["passcode"].as_str().unwrap());
-    let page = browse(b.daemon.https, &b.ca, Method::POST, &link, &[], Some(&form)).await;
-    let cookie = page.headers["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
-    let path = format!("{link}/profile?platform=ipados");
-    let (status, _, signed) =
-        fetch_bytes(b.daemon.https, &b.ca, Method::GET, &path, &[("cookie", &cookie)], Vec::new()).await;
-    assert_eq!(status, 200);
-    let profile = dict(&enrolld::pki::cms::verify(&signed, None).unwrap().content);
+    let body = json!({"user_id": user["id"], "platform": "any", "ownership": "personal"});
+    let (invite_id, challenge, profile) = b.invite_and_profile(body, "ipados").await;
     let payloads = profile["PayloadContent"].as_array().unwrap();
-    let find = |kind: &str| {
-        payloads
-            .iter()
-            .map(|p| p.as_dictionary().unwrap())
-            .find(|p| p["PayloadType"].as_string() == Some(kind))
-            .unwrap()
-    };
-    let mdm = find("com.apple.mdm");
-    assert_eq!(mdm["AccessRights"].as_signed_integer(), Some(8191), "corporate by default");
-    let challenge = find("com.apple.security.scep")["PayloadContent"].as_dictionary().unwrap()["Challenge"]
-        .as_string()
-        .unwrap()
-        .to_owned();
-    let scep_ca = scep_ca_certificate(&get_bytes(&b, "/scep?operation=GetCACert").await);
+    let mdm = payloads
+        .iter()
+        .map(|p| p.as_dictionary().unwrap())
+        .find(|p| p["PayloadType"].as_string() == Some("com.apple.mdm"))
+        .unwrap();
+    assert_eq!(mdm["AccessRights"].as_signed_integer(), Some(8191 - 8), "a personal device's profile cannot erase");
     let mut device = Device::new();
-    let request = device.pkcs_req(&scep_ca, &challenge, "TX-9", &[1; 16]);
-    let (_, _, reply) =
-        fetch_bytes(b.daemon.https, &b.ca, Method::POST, "/scep?operation=PKIOperation", &[], request).await;
-    assert_eq!(device.read_cert_rep(&reply).status, "0");
-    for message in [
-        vec![
-            ("MessageType", P::from("Authenticate")),
-            ("Topic", P::from(TOPIC)),
-            ("UDID", P::from("UDID-BO")),
-            ("ModelName", P::from("iPad")),
-        ],
-        vec![
-            ("MessageType", P::from("TokenUpdate")),
-            ("Topic", P::from(TOPIC)),
-            ("UDID", P::from("UDID-BO")),
-            ("Token", P::Data(vec![0xcd; 32])),
-            ("PushMagic", P::from("MAGIC-BO")),
-        ],
-    ] {
-        let body = plist_xml(message);
-        assert_eq!(b.send("/mdm/apple/checkin", &body, Some(&device.mdm_signature(&body))).await.0, 200);
-    }
-    let (_, invite) =
-        b.api(Method::GET, &format!("/api/v1/invites/{}", created["invite"]["id"].as_str().unwrap()), None).await;
-    let device_id = invite["device_id"].as_str().unwrap().to_owned();
+    assert_eq!(b.scep(&mut device, &challenge).await.status, "0");
+    assert_eq!(b.check_in(&device, "UDID-BO", 0xcd).await, (200, 200));
+    let device_id = b.invite(&invite_id).await["device_id"].as_str().unwrap().to_owned();
     assert_eq!(b.device(&device_id).await["platform"], "ipados", "from the model name, for an OS-independent invite");
     apns.nth(1).await;
     let mut problem = Value::Null;
@@ -584,6 +609,60 @@ async fn a_refused_push_is_recorded_on_the_device() {
     }
     let problem = problem.as_str().unwrap_or_default().to_owned();
     assert!(problem.contains("410: Unregistered") && problem.contains("enroll it again"), "{problem}");
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}
+
+/// A challenge belongs to the link it was downloaded with: a resent invite (new link) or a removed one makes it
+/// worthless, and a certificate request with it gets a SCEP failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_challenge_dies_with_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let apns = Apns::start(dir.path()).await;
+    let b = Appliance::start(dir.path(), &apns).await;
+    let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": "Cy", "email": "cy@example.com"}))).await;
+    for action in ["resend", "remove"] {
+        let body = json!({"user_id": user["id"], "platform": "ios"});
+        let (invite_id, challenge, _) = b.invite_and_profile(body, "ios").await;
+        let (status, answer) = b.api(Method::POST, &format!("/api/v1/invites/{invite_id}/{action}"), None).await;
+        assert!(status == 200 || status == 201, "{action}: {status} {answer}");
+        let mut device = Device::new();
+        let rep = b.scep(&mut device, &challenge).await;
+        assert_eq!((rep.status.as_str(), rep.fail_info.as_deref()), ("2", Some("2")), "{action}: {rep:?}");
+        assert!(device.identity.is_none());
+    }
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}
+
+/// A device that enrolls again (a new invite, the same UDID) keeps its one record, now under the new identity; the
+/// old identity can no longer fetch commands or move the push address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_that_enrolls_again_keeps_one_record_and_its_old_identity_is_shut_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let apns = Apns::start(dir.path()).await;
+    let b = Appliance::start(dir.path(), &apns).await;
+    let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": "Di", "email": "di@example.com"}))).await;
+    let body = json!({"user_id": user["id"], "platform": "ipados"});
+    let (first_invite, challenge, _) = b.invite_and_profile(body.clone(), "ipados").await;
+    let mut old = Device::new();
+    assert_eq!(b.scep(&mut old, &challenge).await.status, "0");
+    assert_eq!(b.check_in(&old, "UDID-DI", 1).await, (200, 200));
+    let device_id = b.invite(&first_invite).await["device_id"].as_str().unwrap().to_owned();
+
+    let (second_invite, challenge, _) = b.invite_and_profile(body, "ipados").await;
+    let mut new = Device::new();
+    assert_eq!(b.scep(&mut new, &challenge).await.status, "0");
+    assert_eq!(b.check_in(&new, "UDID-DI", 2).await, (200, 200));
+    assert_eq!(b.invite(&second_invite).await["device_id"].as_str(), Some(device_id.as_str()), "the same record");
+    let (_, listed) = b.api(Method::GET, "/api/v1/devices", None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    let record = b.device(&device_id).await;
+    assert_eq!(record["identity"].as_str(), Some(enrolld::pki::sha256_hex(new.identity.as_ref().unwrap()).as_str()));
+
+    let idle = plist_xml(vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-DI"))]);
+    assert_eq!(b.send("/mdm/apple/server", &idle, Some(&old.mdm_signature(&idle))).await.0, 401);
+    assert_eq!(b.check_in(&old, "UDID-DI", 3).await.1, 409, "the old identity cannot take the push address back");
+    let next = report(&b, &new, vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-DI"))]).await;
+    assert_eq!(command_of(&next.unwrap()).1["RequestType"].as_string(), Some("DeviceInformation"));
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }
 

@@ -19,6 +19,8 @@ pub enum CheckIn {
     TokenUpdate(ApplePush),
     CheckOut,
     UserAuthenticate,
+    /// A message on the user channel (it carries `UserID`), which enrolld does not manage.
+    UserChannel(String),
     Other(String),
 }
 
@@ -51,6 +53,9 @@ impl CheckIn {
     pub fn parse(body: &[u8]) -> Result<CheckIn, String> {
         let dict = read(body)?;
         let kind = text(&dict, "MessageType").ok_or("the message has no MessageType")?;
+        if dict.contains_key("UserID") && kind != "UserAuthenticate" {
+            return Ok(CheckIn::UserChannel(kind));
+        }
         Ok(match kind.as_str() {
             "Authenticate" => CheckIn::Authenticate(facts_from(&dict)),
             "TokenUpdate" => {
@@ -80,6 +85,8 @@ pub struct CommandReport {
     pub facts: Option<AppleFacts>,
     /// `ErrorChain`, as one line.
     pub error: Option<String>,
+    /// Sent on the user channel (it carries `UserID`).
+    pub user_channel: bool,
 }
 
 impl CommandReport {
@@ -100,7 +107,8 @@ impl CommandReport {
                 .collect::<Vec<_>>()
                 .join("; ")
         });
-        Ok(CommandReport { status, command_uuid: text(&dict, "CommandUUID"), facts, error })
+        let user_channel = dict.contains_key("UserID");
+        Ok(CommandReport { status, command_uuid: text(&dict, "CommandUUID"), facts, error, user_channel })
     }
 }
 

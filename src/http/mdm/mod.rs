@@ -178,6 +178,10 @@ async fn scep_get(State(state): State<AppState>, Query(query): Query<ScepQuery>)
                 .as_deref()
                 .and_then(|m| base64::engine::general_purpose::STANDARD.decode(m.replace(' ', "+").trim()).ok());
             match decoded {
+                Some(body) if body.len() > MAX_SCEP_BYTES => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, format!("a SCEP request is at most {MAX_SCEP_BYTES} bytes"))
+                        .into_response()
+                }
                 Some(body) => pki_operation(&state, &body).await,
                 None => scep_problem("PKIOperation needs the request in `message`, base64-encoded"),
             }
@@ -230,20 +234,21 @@ async fn pki_operation(state: &AppState, body: &[u8]) -> Response {
         tracing::warn!(transaction = %request.transaction_id, "a SCEP request without a challenge was refused");
         return cert_rep(&scep, &request, Err(FailInfo::BadRequest), now);
     };
+    let refused = |problem: ChallengeProblem| {
+        let why = match problem {
+            ChallengeProblem::Unknown => "unknown or already used",
+            ChallengeProblem::Expired => "expired, or its invite was resent, removed or used",
+        };
+        tracing::warn!(transaction = %request.transaction_id, "a SCEP challenge was refused: {why}");
+        cert_rep(&scep, &request, Err(FailInfo::BadRequest), now)
+    };
     let domain = state.enrollment.clone();
-    let redeemed = tokio::task::spawn_blocking(move || domain.redeem_scep_challenge(&challenge)).await;
-    let invite = match redeemed {
+    let peek = challenge.clone();
+    let invite = match tokio::task::spawn_blocking(move || domain.scep_challenge_invite(&peek)).await {
         Ok(Ok(Ok(invite))) => invite,
-        Ok(Ok(Err(problem))) => {
-            let why = match problem {
-                ChallengeProblem::Unknown => "unknown or already used",
-                ChallengeProblem::Expired => "its invite expired, was resent, removed or used",
-            };
-            tracing::warn!(transaction = %request.transaction_id, "a SCEP challenge was refused: {why}");
-            return cert_rep(&scep, &request, Err(FailInfo::BadRequest), now);
-        }
+        Ok(Ok(Err(problem))) => return refused(problem),
         Ok(Err(error)) => {
-            tracing::error!(%error, "redeeming a SCEP challenge failed");
+            tracing::error!(%error, "looking up a SCEP challenge failed");
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -263,14 +268,19 @@ async fn pki_operation(state: &AppState, body: &[u8]) -> Response {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
     };
+    // The challenge is spent and the identity recorded together; only then does the certificate go out.
     let domain = state.enrollment.clone();
-    let invite_id = invite.id;
-    let recorded =
-        tokio::task::spawn_blocking(move || domain.record_apple_identity(&Actor::device(None), &invite_id, &info))
+    let redeemed =
+        tokio::task::spawn_blocking(move || domain.redeem_scep_challenge(&Actor::device(None), &challenge, &info))
             .await;
-    if !matches!(recorded, Ok(Ok(_))) {
-        tracing::error!("recording an issued identity failed");
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    match redeemed {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(problem))) => return refused(problem),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "recording an issued identity failed");
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
     tracing::info!(invite = %invite.id, "issued a device identity over SCEP");
     cert_rep(&scep, &request, Ok(&issued), now)
@@ -388,6 +398,11 @@ async fn checkin(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         }
         // The user channel (macOS) is declined, as Apple documents, with 410.
         CheckIn::UserAuthenticate => StatusCode::GONE.into_response(),
+        // A user-channel token (macOS, a user's session) is not the device's: it is acknowledged and not used.
+        CheckIn::UserChannel(kind) => {
+            tracing::debug!(%kind, "a user-channel check-in was acknowledged and ignored");
+            StatusCode::OK.into_response()
+        }
         CheckIn::Other(kind) => {
             tracing::info!(%kind, "an unsupported check-in message was declined");
             (StatusCode::BAD_REQUEST, format!("MessageType {kind} is not supported")).into_response()
@@ -420,13 +435,24 @@ async fn server(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Ok(identity) => identity,
         Err(response) => return response,
     };
-    let Some(device_id) = identity.device_id.filter(|_| !identity.checked_out) else {
-        return (StatusCode::UNAUTHORIZED, "this identity has no enrolled device").into_response();
+    let domain = state.enrollment.clone();
+    let sha256 = identity.sha256.clone();
+    let device_id = match tokio::task::spawn_blocking(move || domain.apple_managed_device(&sha256)).await {
+        Ok(Ok(Some(device_id))) => device_id,
+        Ok(Ok(None)) => {
+            tracing::warn!(identity = %identity.sha256, "a command request from an identity that manages no device");
+            return (StatusCode::UNAUTHORIZED, "this identity manages no enrolled device").into_response();
+        }
+        _ => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
     };
     let report = match CommandReport::parse(&body) {
         Ok(report) => report,
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
+    if report.user_channel {
+        // The user channel (macOS) is not managed: nothing waits for it.
+        return StatusCode::OK.into_response();
+    }
     let profile_identifier =
         profile::identifiers(state.mdm.inner.as_ref().map(|i| i.ca.cert_der().to_vec()).unwrap_or_default().as_slice())
             .enrollment;

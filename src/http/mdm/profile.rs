@@ -136,7 +136,8 @@ impl EnrollmentProfile<'_> {
             ("SignMessage", Value::from(true)),
             ("CheckOutWhenRemoved", Value::from(true)),
             ("AccessRights", Value::from(rights)),
-            ("ServerCapabilities", Value::Array(vec![Value::from("com.apple.mdm.per-user-connections")])),
+            // No ServerCapabilities: without com.apple.mdm.per-user-connections, macOS opens no user channel,
+            // which enrolld does not manage.
         ]);
         let name = display_name(self.organisation);
         let mut profile = Dictionary::from_iter([
