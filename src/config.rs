@@ -50,6 +50,8 @@ pub struct Config {
     pub invite_validity: Duration,
     /// How long an admin session or token lasts.
     pub session_ttl: Duration,
+    /// How users authenticate on the enrollment page, until an admin saves another choice.
+    pub enroll_auth: crate::model::EnrollAuth,
     /// How invites and other messages are sent.
     pub mail: MailConfig,
     /// Apple's push service: where MDM pushes go.
@@ -341,6 +343,7 @@ const KEYS: &[Key] = &[
     Key { name: "admin_password_file", kind: Kind::Text, flag: "--admin-password-file" },
     Key { name: "invite_validity_days", kind: Kind::Integer, flag: "" },
     Key { name: "session_ttl_hours", kind: Kind::Integer, flag: "" },
+    Key { name: "enroll_auth", kind: Kind::Text, flag: "" },
     Key { name: "organisation", kind: Kind::Text, flag: "" },
     Key { name: "public_url", kind: Kind::Text, flag: "" },
     Key { name: "smtp_host", kind: Kind::Text, flag: "" },
@@ -556,6 +559,7 @@ impl Layers {
                 "invite_validity_days" => (config.invite_validity.as_secs() / 86_400).to_string(),
                 "session_ttl_hours" => (config.session_ttl.as_secs() / 3_600).to_string(),
                 "organisation" => config.mail.organisation.clone(),
+                "enroll_auth" => config.enroll_auth.to_string(),
                 "apns_url" => config.apns.url.clone(),
                 "apns_ca_file" => {
                     config.apns.ca_file.as_ref().map_or("(public roots only)".into(), |p| p.display().to_string())
@@ -743,6 +747,15 @@ impl Layers {
             admin_password,
             invite_validity: Duration::from_secs(self.integer("invite_validity_days", 7, 1..=90)? * 86_400),
             session_ttl: Duration::from_secs(self.integer("session_ttl_hours", 12, 1..=720)? * 3_600),
+            enroll_auth: match self.text("enroll_auth") {
+                None => crate::model::EnrollAuth::Passcode,
+                Some(text) => text.parse().map_err(|reason: String| {
+                    self.invalid(
+                        "enroll_auth",
+                        &format!("{reason}: passcode (the invite's), password (the user's own) or both"),
+                    )
+                })?,
+            },
             mail,
             apns: self.apns()?,
         })

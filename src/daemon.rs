@@ -179,6 +179,7 @@ pub async fn run(
             .then(|| time::Duration::days(i64::from(config.mail.reminder_days))),
         confirmation_to: config.mail.confirmation_to.clone(),
         confirmation_to_user: config.mail.confirmation_to_user,
+        enroll_auth: config.enroll_auth,
         ..Policy::default()
     };
     let passcode_key = crate::state_dir::secret_file(&state_dir.pki().join("passcode.key"))
@@ -339,6 +340,15 @@ async fn sweep_invites(enrollment: Enrollment, shutdown: CancellationToken) {
             Ok(Ok(expired)) => tracing::info!(expired, "invites expired"),
             Ok(Err(error)) => tracing::error!(%error, "expiring invites failed; trying again in a minute"),
             Err(error) => tracing::error!(%error, "the invite sweeper panicked; trying again in a minute"),
+        }
+        // One-time secrets that expired unused (password links, SCEP challenges) are removed.
+        let domain = enrollment.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::domain::DomainError>(domain.sweep_account_links()? + domain.sweep_scep_challenges()?)
+        })
+        .await;
+        if let Ok(Err(error)) = swept {
+            tracing::error!(%error, "removing expired one-time links failed; trying again in a minute");
         }
     }
 }

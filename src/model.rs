@@ -173,7 +173,11 @@ wire_enum!(
 wire_enum!(
     /// What a delivery job sends: the invite itself, a reminder before it expires, or the notice that a device
     /// enrolled.
-    JobKind { Invite = "invite", Reminder = "reminder", Confirmation = "confirmation" }
+    JobKind { Invite = "invite", Reminder = "reminder", Confirmation = "confirmation", Account = "account" }
+);
+wire_enum!(
+    /// How the user proves who they are on the enrollment page: the invite's passcode, their own password, or both.
+    EnrollAuth { Passcode = "passcode", Password = "password", Both = "both" }
 );
 wire_enum!(
     /// A delivery job's state; the mail worker moves it along.
@@ -390,6 +394,28 @@ pub struct ApplePush {
     pub topic: String,
     /// Base64 of the unlock token (clears a forgotten passcode); kept, never shown.
     pub unlock_token: Option<String>,
+}
+
+/// A user's own password for the enrollment page (a local account; a directory could answer instead). Kept apart
+/// from [`User`], which the API shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserAccount {
+    pub user_id: Id,
+    /// argon2id, PHC string.
+    pub password_hash: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub set_at: OffsetDateTime,
+}
+
+/// A one-time link for a user to set their password. Keyed by the SHA-256 of its token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountLink {
+    pub token_hash: String,
+    pub user_id: Id,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
 }
 
 /// A one-time SCEP challenge, handed out inside an invite's enrollment profile. Keyed by the SHA-256 of the

@@ -194,8 +194,12 @@ pub enum LinkProblem {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PasscodeCheck {
     Correct,
-    Wrong { attempts_left: u32 },
+    Wrong {
+        attempts_left: u32,
+    },
     Locked,
+    /// A password is asked for and the user has none yet: they set one through a password link first.
+    NoPassword,
 }
 
 /// Where a new invite comes from: an admin's own test invite, the words its first remark starts with, and the CSV
@@ -227,7 +231,7 @@ pub fn token_hash(token: &str) -> String {
 }
 
 impl Enrollment {
-    fn passcode_hash(&self, invite_id: &Id, passcode: &str) -> String {
+    pub(super) fn passcode_hash(&self, invite_id: &Id, passcode: &str) -> String {
         let tag = ring::hmac::sign(&self.passcode_key, &[invite_id.as_bytes(), passcode.as_bytes()].concat());
         crate::pki::sha256_hex(tag.as_ref())
     }
@@ -708,15 +712,32 @@ impl Enrollment {
 
     /// Checks a passcode for an invite in constant time; wrong ones count toward the lock.
     pub fn check_passcode(&self, actor: &Actor, invite_id: &Id, passcode: &str) -> DomainResult<PasscodeCheck> {
-        let attempted = self.passcode_hash(invite_id, passcode.trim());
+        let credentials = super::accounts::Credentials { passcode: Some(passcode), password: None };
+        self.check_credentials_with(actor, invite_id, credentials, crate::model::EnrollAuth::Passcode)
+    }
+
+    /// Counts an answer on the enrollment page: a right one opens it, a wrong one counts toward the invite's limit,
+    /// and the last allowed wrong one locks the invite (with a remark saying why).
+    pub(super) fn record_attempt(
+        &self,
+        actor: &Actor,
+        invite_id: &Id,
+        right: bool,
+        auth: crate::model::EnrollAuth,
+    ) -> DomainResult<PasscodeCheck> {
         let limit = self.policy.passcode_attempts;
         let now = self.now();
+        let wrong = match auth {
+            crate::model::EnrollAuth::Passcode => "wrong passcodes",
+            crate::model::EnrollAuth::Password => "wrong passwords",
+            crate::model::EnrollAuth::Both => "wrong passcodes or passwords",
+        };
         self.transact(|tx| {
             let old: Invite = tx.get_id(invite_id)?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
             if old.locked {
                 return Ok(PasscodeCheck::Locked);
             }
-            if subtle::ConstantTimeEq::ct_eq(attempted.as_bytes(), old.passcode_hash.as_bytes()).into() {
+            if right {
                 return Ok(PasscodeCheck::Correct);
             }
             let mut invite = old.clone();
@@ -725,17 +746,9 @@ impl Enrollment {
                 invite.locked = true;
                 invite.remarks.push(Remark {
                     at: now,
-                    text: format!(
-                        "Locked after {limit} wrong passcodes; resend the invite to unlock it with a new passcode"
-                    ),
+                    text: format!("Locked after {limit} {wrong}; resend the invite to unlock it with a new passcode"),
                 });
-                self.audit(
-                    tx,
-                    actor,
-                    "invite.locked",
-                    Some(invite_id.to_string()),
-                    format!("{limit} wrong passcodes"),
-                )?;
+                self.audit(tx, actor, "invite.locked", Some(invite_id.to_string()), format!("{limit} {wrong}"))?;
                 PasscodeCheck::Locked
             } else {
                 PasscodeCheck::Wrong { attempts_left: limit - invite.failed_attempts }

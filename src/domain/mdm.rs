@@ -269,6 +269,21 @@ impl Enrollment {
         Ok(self.apple_identity(&sha256)?.filter(|i| !i.checked_out).and_then(|i| i.push))
     }
 
+    /// SCEP challenges that expired unused are removed (called by the sweeper).
+    pub fn sweep_scep_challenges(&self) -> DomainResult<usize> {
+        let now = self.now();
+        let expired = self.store.all::<ScepChallenge>(|c| c.expires_at <= now)?;
+        for challenge in &expired {
+            self.transact(|tx| {
+                if tx.get::<ScepChallenge, _>(challenge.hash.as_bytes())?.is_some() {
+                    tx.delete(challenge)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(expired.len())
+    }
+
     /// Notes (or, with `None`, clears) what went wrong reaching a device.
     pub fn record_device_problem(&self, device_id: &Id, problem: Option<String>) -> DomainResult<Device> {
         self.transact(|tx| {

@@ -3,6 +3,7 @@
 //! transactions, so every multi-record change (an invite and its delivery jobs and audit entry) lands whole or not
 //! at all.
 
+mod accounts;
 mod apple;
 pub mod auth;
 mod devices;
@@ -20,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use utoipa::ToSchema;
 
+pub use accounts::{
+    AccountLinkProblem, CreatedAccountLink, Credentials, Directory, ENROLL_AUTH_SETTING, LocalAccounts,
+};
 pub use apple::StoredPushCertificate;
 pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment};
 pub use import::{ExportList, ImportRequest};
@@ -107,6 +111,8 @@ pub struct Policy {
     pub confirmation_to: Vec<String>,
     /// Whether the user is told too.
     pub confirmation_to_user: bool,
+    /// How users authenticate on the enrollment page, unless an admin saved another choice.
+    pub enroll_auth: crate::model::EnrollAuth,
 }
 
 impl Default for Policy {
@@ -117,6 +123,7 @@ impl Default for Policy {
             reminder_before: None,
             confirmation_to: Vec::new(),
             confirmation_to_user: false,
+            enroll_auth: crate::model::EnrollAuth::Passcode,
         }
     }
 }
@@ -135,6 +142,8 @@ pub struct Enrollment {
     spool_dir: Option<Arc<std::path::PathBuf>>,
     /// Imports run one at a time, so a file submitted twice at once is checked against the first's invites.
     import_lock: Arc<std::sync::Mutex<()>>,
+    /// Where users' own passwords are checked (local accounts).
+    directory: Arc<dyn Directory>,
 }
 
 /// One page of results for the API: the items and an opaque cursor for the next page.
@@ -166,6 +175,7 @@ impl Enrollment {
     ) -> DomainResult<Enrollment> {
         let passcode_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, passcode_key));
         Ok(Enrollment {
+            directory: LocalAccounts::shared(store.clone()),
             store,
             clock,
             policy,

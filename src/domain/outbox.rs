@@ -416,6 +416,7 @@ fn what(job: &DeliveryJob) -> String {
         JobKind::Invite => format!("{} to {}", job.channel.label(), job.to),
         JobKind::Reminder => format!("Reminder to {}", job.to),
         JobKind::Confirmation => format!("Enrollment notice to {}", job.to),
+        JobKind::Account => format!("Password setup link to {}", job.to),
     }
 }
 

@@ -10,15 +10,15 @@ use axum::extract::FromRequest as _;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use minijinja::{Environment, Value};
 use serde::Deserialize;
 use time::{Duration, OffsetDateTime};
 
 use super::AppState;
 use super::mdm::profile;
-use crate::domain::{Actor, LinkProblem, PasscodeCheck, random_bytes};
-use crate::model::{Id, Invite, Platform};
+use crate::domain::{Actor, Credentials, LinkProblem, PasscodeCheck, random_bytes};
+use crate::model::{EnrollAuth, Id, Invite, Platform};
 
 /// How long a passcode, once accepted, keeps the enrollment page open.
 const SESSION_MINUTES: i64 = 15;
@@ -67,6 +67,8 @@ pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/e/{token}", get(page).post(passcode))
         .route("/e/{token}/profile", get(enrollment_profile))
+        .route("/e/{token}/account-link", post(request_account_link))
+        .route("/account/{token}", get(account_page).post(set_password))
         .route("/enroll.css", get(stylesheet))
 }
 
@@ -82,8 +84,15 @@ pub struct PlatformChoice {
 
 #[derive(Debug, Deserialize)]
 pub struct PasscodeForm {
-    passcode: String,
+    passcode: Option<String>,
+    password: Option<String>,
     platform: Option<Platform>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PasswordForm {
+    password: String,
+    confirm: String,
 }
 
 async fn page(
@@ -124,10 +133,16 @@ async fn passcode(
     };
     let platform = chosen_platform(&invite, form.platform, &headers);
     let domain = state.enrollment.clone();
-    let (id, entered) = (invite.id, form.passcode.clone());
-    let checked =
-        in_store(&state, "checking a passcode", move || domain.check_passcode(&Actor::device(client), &id, &entered))
-            .await;
+    let id = invite.id;
+    // A password check is argon2 (19 MiB, slow on purpose): at most a few at a time, whatever floods in.
+    let Ok(_permit) = state.password_checks.clone().acquire_owned().await else {
+        return problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.");
+    };
+    let checked = in_store(&state, "checking a passcode", move || {
+        let credentials = Credentials { passcode: form.passcode.as_deref(), password: form.password.as_deref() };
+        domain.check_credentials(&Actor::device(client), &id, credentials)
+    })
+    .await;
     match checked {
         Err(page) => page,
         Ok(PasscodeCheck::Correct) => {
@@ -143,11 +158,20 @@ async fn passcode(
             response
         }
         Ok(PasscodeCheck::Wrong { attempts_left }) => {
+            let what = match state.enrollment.enroll_auth() {
+                Ok(EnrollAuth::Password) => "That password is not right.",
+                Ok(EnrollAuth::Both) => "The passcode or the password is not right.",
+                _ => "That passcode is not right.",
+            };
             let wrong = format!(
-                "That passcode is not right. {attempts_left} {} left before this invite locks.",
+                "{what} {attempts_left} {} left before this invite locks.",
                 if attempts_left == 1 { "try" } else { "tries" }
             );
             render(&state, &token, StatusCode::UNAUTHORIZED, &invite, platform, false, Some(wrong))
+        }
+        Ok(PasscodeCheck::NoPassword) => {
+            let wrong = "You have not set your password yet. Ask for a link to set it below, then come back here.";
+            render(&state, &token, StatusCode::FORBIDDEN, &invite, platform, false, Some(wrong.into()))
         }
         Ok(PasscodeCheck::Locked) => link_problem(&state, LinkProblem::Locked),
     }
@@ -235,6 +259,9 @@ fn render(
     let apple = matches!(platform, Platform::Ios | Platform::Ipados | Platform::Macos);
     // Without the push certificate an Apple enrollment cannot work; say so rather than lead the user on.
     let push_missing = apple && matches!(state.enrollment.push_certificate(), Ok(None));
+    let auth = state.enrollment.enroll_auth().unwrap_or(EnrollAuth::Passcode);
+    let ask_password = matches!(auth, EnrollAuth::Password | EnrollAuth::Both);
+    let needs_password = ask_password && !state.enrollment.has_password(&invite.user_id).unwrap_or(true);
     let values = Value::from_pairs([
         ("title", Value::from(format!("Enroll your {}", device_words(platform)))),
         ("organisation", Value::from(state.mail.organisation.to_string())),
@@ -251,6 +278,10 @@ fn render(
         ("steps", Value::from(enroll_steps(platform))),
         ("session_minutes", Value::from(SESSION_MINUTES)),
         ("push_missing", Value::from(push_missing)),
+        ("ask_passcode", Value::from(matches!(auth, EnrollAuth::Passcode | EnrollAuth::Both))),
+        ("ask_password", Value::from(ask_password)),
+        ("needs_password", Value::from(needs_password)),
+        ("account_link_url", Value::from(format!("/e/{token}/account-link"))),
         ("profile_url", Value::from(format!("/e/{token}/profile?platform={platform}"))),
     ]);
     html(status, render_page(values))
@@ -411,6 +442,122 @@ async fn enrollment_profile(
     };
     tracing::info!(invite = %invite.id, "enrollment profile downloaded");
     mobileconfig(body, "enroll.mobileconfig")
+}
+
+/// The user asks for a password link from the enrollment page; it goes by mail to the invite's user.
+async fn request_account_link(State(state): State<AppState>, Path(token): Path<String>, request: Request) -> Response {
+    let client = super::api::client_of(request.extensions());
+    let invite = match open(&state, &token).await {
+        Ok(invite) => invite,
+        Err(response) => return response,
+    };
+    let domain = state.enrollment.clone();
+    let id = invite.id;
+    let mailed =
+        in_store(&state, "mailing a password link", move || domain.mail_account_link(&Actor::device(client), &id))
+            .await;
+    let email = state.enrollment.user(&invite.user_id).map(|u| masked(&u.email)).unwrap_or_default();
+    match mailed {
+        Err(page) => page,
+        Ok(Ok(())) => problem_page(
+            &state,
+            StatusCode::OK,
+            "Check your mail",
+            &format!(
+                "A link to set your password is on its way to {email}. It works once, for 24 hours. After that, open your invite link again."
+            ),
+        ),
+        Ok(Err(again)) => problem_page(
+            &state,
+            StatusCode::TOO_MANY_REQUESTS,
+            "A link was sent a moment ago",
+            &format!(
+                "Check your mail at {email}. Another link can be asked for after {} UTC.",
+                crate::domain::minute(again)
+            ),
+        ),
+    }
+}
+
+/// `a***@example.com`: enough for the user to recognise the address, not enough to learn it.
+fn masked(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => format!("{}***@{domain}", local.chars().next().unwrap_or('*')),
+        None => "your address".into(),
+    }
+}
+
+async fn account_page(State(state): State<AppState>, Path(token): Path<String>) -> Response {
+    let domain = state.enrollment.clone();
+    match in_store(&state, "opening a password link", move || domain.open_account_link(&token)).await {
+        Err(page) => page,
+        Ok(Ok(user)) => account_form(&state, StatusCode::OK, &user.name, None),
+        Ok(Err(_)) => unusable_account_link(&state),
+    }
+}
+
+async fn set_password(State(state): State<AppState>, Path(token): Path<String>, request: Request) -> Response {
+    let Ok(Form(form)) = Form::<PasswordForm>::from_request(request, &state).await else {
+        return problem_page(&state, StatusCode::BAD_REQUEST, "This form could not be read", "Go back and try again.");
+    };
+    let domain = state.enrollment.clone();
+    let lookup = token.clone();
+    let user = match in_store(&state, "opening a password link", move || domain.open_account_link(&lookup)).await {
+        Err(page) => return page,
+        Ok(Ok(user)) => user,
+        Ok(Err(_)) => return unusable_account_link(&state),
+    };
+    if form.password != form.confirm {
+        let error = "The two passwords are not the same; type them again.";
+        return account_form(&state, StatusCode::UNPROCESSABLE_ENTITY, &user.name, Some(error.into()));
+    }
+    let Ok(_permit) = state.password_checks.clone().acquire_owned().await else {
+        return problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.");
+    };
+    let domain = state.enrollment.clone();
+    match tokio::task::spawn_blocking(move || domain.set_account_password(&token, &form.password)).await {
+        Ok(Ok(Ok(_))) => problem_page(
+            &state,
+            StatusCode::OK,
+            "Your password is set",
+            "Open the link in your invite mail again and enter this password when the page asks for it.",
+        ),
+        Ok(Ok(Err(_))) => unusable_account_link(&state),
+        Ok(Err(crate::domain::DomainError::Invalid { message, .. })) => account_form(
+            &state,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &user.name,
+            Some(format!("That password is too short: {message}.")),
+        ),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "setting a password failed");
+            problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.")
+        }
+        Err(_) => {
+            problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.")
+        }
+    }
+}
+
+fn unusable_account_link(state: &AppState) -> Response {
+    problem_page(
+        state,
+        StatusCode::GONE,
+        "This link cannot be used",
+        "It was already used, or it expired (a link works once, for 24 hours). Open your invite link and ask for a new one.",
+    )
+}
+
+fn account_form(state: &AppState, status: StatusCode, user_name: &str, error: Option<String>) -> Response {
+    let values = Value::from_pairs([
+        ("title", Value::from("Set your password")),
+        ("organisation", Value::from(state.mail.organisation.to_string())),
+        ("account_form", Value::from(true)),
+        ("user_name", Value::from(user_name)),
+        ("min_chars", Value::from(crate::domain::auth::MIN_PASSWORD_CHARS)),
+        ("wrong", Value::from(error)),
+    ]);
+    html(status, render_page(values))
 }
 
 fn chosen_platform(invite: &Invite, picked: Option<Platform>, headers: &HeaderMap) -> Platform {

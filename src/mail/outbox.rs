@@ -270,6 +270,15 @@ impl Worker {
                 let (subject, text) = confirmation_text(claimed);
                 relay.text_message(&job.to, &message_id, &subject, &text)
             }
+            JobKind::Account => {
+                let token = job
+                    .link_token
+                    .as_deref()
+                    .ok_or_else(|| super::MailError::Message("the job has no link left to send".into()))?;
+                let link = format!("{}/account/{token}", self.settings.mail.public_url);
+                let (subject, text) = account_text(&self.settings.mail.organisation, claimed, &link);
+                relay.text_message(&job.to, &message_id, &subject, &text)
+            }
         }
     }
 }
@@ -299,6 +308,17 @@ fn reminder_text(organisation: &str, claimed: &Claimed) -> (String, String) {
         "Hello {},\n\nYour invite to enroll {device} in device management expires on {expires} UTC.\n\nOpen the link in the invite mail you received on {} and enter its passcode. If you cannot find that mail, ask {who} to send the invite again.\n",
         claimed.user.name,
         invite.requested_at.date(),
+    );
+    (subject, text)
+}
+
+/// The one-time link for a user to set the password the enrollment page asks for.
+fn account_text(organisation: &str, claimed: &Claimed, link: &str) -> (String, String) {
+    let who = if organisation.is_empty() { "Device enrollment".to_owned() } else { organisation.to_owned() };
+    let subject = format!("{who}: set your enrollment password");
+    let text = format!(
+        "Hello {},\n\nTo enroll your device, the enrollment page asks for a password of your own. Set it here (the link works once, for 24 hours):\n\n{link}\n\nThen open the link in your invite mail again. If you did not ask for this, ignore this mail.\n",
+        claimed.user.name,
     );
     (subject, text)
 }
@@ -370,6 +390,21 @@ mod tests {
         assert!(text.contains(&format!("received on {}", claimed.invite.requested_at.date())), "{text}");
         assert!(text.contains("ask Example Ltd to send the invite again"), "{text}");
         assert!(!text.contains("/e/"), "no link in a reminder: {text}");
+    }
+
+    #[test]
+    fn a_password_link_mail_carries_the_link_and_says_it_works_once() {
+        let (d, _clock, id) = invited();
+        claim_due(&d);
+        assert_eq!(d.mail_account_link(&Actor::device(None), &id).unwrap(), Ok(()));
+        let claimed = claim_due(&d).remove(0);
+        assert_eq!((claimed.job.kind, claimed.job.to.as_str()), (JobKind::Account, "ann@example.com"));
+        let token = claimed.job.link_token.clone().unwrap();
+        let link = format!("https://enroll.local/account/{token}");
+        let (subject, text) = account_text("Example Ltd", &claimed, &link);
+        assert_eq!(subject, "Example Ltd: set your enrollment password");
+        assert!(text.starts_with("Hello Ann Lee,") && text.contains(&link) && text.contains("works once"), "{text}");
+        assert!(d.open_account_link(&token).unwrap().is_ok());
     }
 
     #[test]

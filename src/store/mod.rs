@@ -66,8 +66,10 @@ pub mod tree {
     pub const SETTINGS: usize = 29;
     pub const SCEP_CHALLENGES: usize = 30;
     pub const APPLE_IDENTITIES: usize = 31;
+    pub const USER_ACCOUNTS: usize = 32;
+    pub const ACCOUNT_LINKS: usize = 33;
 
-    pub(super) const NAMES: [&str; 32] = [
+    pub(super) const NAMES: [&str; 34] = [
         "meta",
         "certificates",
         "users",
@@ -100,6 +102,8 @@ pub mod tree {
         "settings",
         "scep_challenges",
         "apple_identities",
+        "user_accounts",
+        "account_links",
     ];
 }
 

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::tree;
 use crate::model::{
-    Admin, AppleIdentity, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobKind,
-    JobState, ScepChallenge, Session, Setting, StagedDevice, User,
+    AccountLink, Admin, AppleIdentity, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus,
+    JobKind, JobState, ScepChallenge, Session, Setting, StagedDevice, User, UserAccount,
 };
 
 /// A certificate the appliance's CA issued.
@@ -239,6 +239,20 @@ impl Record for AppleIdentity {
     const TREE: usize = tree::APPLE_IDENTITIES;
     fn key(&self) -> Vec<u8> {
         self.sha256.as_bytes().to_vec()
+    }
+}
+
+impl Record for UserAccount {
+    const TREE: usize = tree::USER_ACCOUNTS;
+    fn key(&self) -> Vec<u8> {
+        self.user_id.as_bytes().to_vec()
+    }
+}
+
+impl Record for AccountLink {
+    const TREE: usize = tree::ACCOUNT_LINKS;
+    fn key(&self) -> Vec<u8> {
+        self.token_hash.as_bytes().to_vec()
     }
 }
 

@@ -135,7 +135,7 @@ async fn links_that_cannot_be_used_say_why_with_a_4xx() {
     assert_eq!(removed.status, 410);
     assert!(removed.body.contains("This invite was withdrawn"));
 
-    let bad_form = b.post(&format!("/e/{token}"), "nothing=here").await;
+    let bad_form = b.post(&format!("/e/{token}"), "passcode=1&platform=toaster").await;
     assert_eq!(bad_form.status, 400);
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }
@@ -182,5 +182,68 @@ async fn the_ca_comes_as_an_apple_profile_over_http_and_https() {
     let second = second.as_dictionary().unwrap();
     assert_eq!(second["PayloadIdentifier"], profile["PayloadIdentifier"]);
     assert_ne!(second["PayloadUUID"], profile["PayloadUUID"]);
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}
+
+/// With `enroll_auth = both`, the page asks for the passcode and the user's own password; a user without one asks
+/// for a password link (mailed, at most every five minutes) or gets one from the admin, sets the password on a
+/// one-time page, and is let in only with both right.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_sets_a_password_through_a_one_time_link_and_the_page_asks_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Box::start(dir.path()).await;
+    let call = |method: Method, path: String, body: Option<serde_json::Value>| {
+        let (addr, ca, token) = (b.daemon.https, b.ca.clone(), b.token.clone());
+        async move { api(addr, &ca, method, &path, Some(&token), body).await }
+    };
+    let (status, saved) =
+        call(Method::PUT, "/api/v1/settings/enroll-auth".into(), Some(json!({"method": "both"}))).await;
+    assert_eq!((status, saved["method"].as_str(), saved["source"].as_str()), (200, Some("both"), Some("saved")));
+    let (status, _) = call(Method::PUT, "/api/v1/settings/enroll-auth".into(), Some(json!({"method": "pin"}))).await;
+    assert_eq!(status, 422);
+
+    let (invite_id, token, passcode) = b.invite("Eve", "android").await;
+    let path = format!("/e/{token}");
+    let page = b.get(&path, &[]).await;
+    assert!(page.body.contains("Passcode from your invite") && page.body.contains("Your password"), "{}", page.body);
+    assert!(page.body.contains("Email me a link to set my password"));
+
+    let no_password = b.post(&path, &format!("passcode={passcode}&password=anything")).await;
+    assert_eq!(no_password.status, 403);
+    assert!(no_password.body.contains("You have not set your password yet"), "{}", no_password.body);
+    let asked = b.post(&format!("{path}/account-link"), "").await;
+    assert_eq!(asked.status, 200);
+    assert!(asked.body.contains("Check your mail") && asked.body.contains("e***@example.com"), "{}", asked.body);
+    assert_eq!(b.post(&format!("{path}/account-link"), "").await.status, 429, "one link every five minutes");
+    let (_, invite) = call(Method::GET, format!("/api/v1/invites/{invite_id}"), None).await;
+    assert!(invite["remarks"].to_string().contains("asked for a password link"), "{invite}");
+
+    let (_, invite) = call(Method::GET, format!("/api/v1/invites/{invite_id}"), None).await;
+    let (status, link) =
+        call(Method::POST, format!("/api/v1/users/{}/account-link", invite["user_id"].as_str().unwrap()), None).await;
+    assert_eq!(status, 201, "{link}");
+    let account = link["url"].as_str().unwrap().split_once("/account/").map(|(_, t)| format!("/account/{t}")).unwrap();
+    let form = b.get(&account, &[]).await;
+    assert_eq!(form.status, 200);
+    assert!(form.body.contains("Set your password") && form.body.contains("type=\"password\""));
+    let mismatch = b.post(&account, "password=correct+horse+battery&confirm=correct+horse+batteyr").await;
+    assert_eq!(mismatch.status, 422);
+    assert!(mismatch.body.contains("not the same"));
+    assert_eq!(b.post(&account, "password=short&confirm=short").await.status, 422);
+    let set = b.post(&account, "password=correct+horse+battery&confirm=correct+horse+battery").await;
+    assert_eq!(set.status, 200);
+    assert!(set.body.contains("Your password is set"));
+    assert_eq!(b.post(&account, "password=another+long+one&confirm=another+long+one").await.status, 410, "once");
+
+    let wrong = b.post(&path, &format!("passcode={passcode}&password=wrong+password")).await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("The passcode or the password is not right. 4 tries left"), "{}", wrong.body);
+    let right = b.post(&path, &format!("passcode={passcode}&password=correct+horse+battery")).await;
+    assert_eq!(right.status, 200);
+    assert!(right.body.contains("Passcode accepted"), "{}", right.body);
+
+    let (_, reset) = call(Method::DELETE, "/api/v1/settings/enroll-auth".into(), None).await;
+    assert_eq!((reset["method"].as_str(), reset["source"].as_str()), (Some("passcode"), Some("configuration")));
+    assert!(!b.get(&path, &[]).await.body.contains("Your password"));
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }

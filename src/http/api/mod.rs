@@ -6,6 +6,7 @@
 //! protected router rather than per handler.
 
 mod access;
+mod accounts;
 mod apple;
 mod devices;
 mod imports;
@@ -73,6 +74,9 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(imports::export_staged))
         .routes(routes!(imports::export_devices))
         .routes(routes!(apple::push_certificate, apple::upload_push_certificate))
+        .routes(routes!(accounts::enroll_auth, accounts::save_enroll_auth, accounts::reset_enroll_auth))
+        .routes(routes!(accounts::account_link))
+        .routes(routes!(accounts::reset_account))
         .routes(routes!(mail::status))
         .routes(routes!(mail::save_relay, mail::reset_relay))
         .routes(routes!(mail::send_test))
