@@ -321,6 +321,9 @@ pub struct PendingCommand {
     #[serde(with = "time::serde::rfc3339")]
     pub queued_at: OffsetDateTime,
     pub queued_by: String,
+    /// For erasing a Mac: the six-digit PIN that unlocks it afterwards (Intel Macs without a T2 chip ask for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
 }
 
 /// An enrolled device.

@@ -195,6 +195,7 @@ impl Enrollment {
                     kind: CommandKind::DeviceInformation,
                     queued_at: now,
                     queued_by: "system".into(),
+                    pin: None,
                 },
             );
             claim_identifiers(tx, &device)?;
@@ -370,7 +371,18 @@ impl Enrollment {
             let mut device = old.clone();
             device.status = DeviceStatus::Deprovisioning;
             device.pending_commands.retain(|c| c.kind != command);
-            device.pending_commands.push(PendingCommand { id: command_id, kind: command, queued_at: now, queued_by: actor.name.clone() });
+            // A Mac's erase carries a PIN, shown to the admin with the command, that unlocks it afterwards.
+            let pin = (command == CommandKind::FactoryReset && old.platform == Platform::Macos).then(|| {
+                let digits = super::random_bytes::<6>();
+                digits.iter().map(|d| char::from(b'0' + d % 10)).collect::<String>()
+            });
+            device.pending_commands.push(PendingCommand {
+                id: command_id,
+                kind: command,
+                queued_at: now,
+                queued_by: actor.name.clone(),
+                pin,
+            });
             tx.put(Some(&old), &device)?;
             self.audit(tx, actor, "device.deprovision", Some(id.to_string()), command.to_string())?;
             Ok(device)

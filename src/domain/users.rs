@@ -214,6 +214,7 @@ impl Enrollment {
                     kind: CommandKind::RevokeMdm,
                     queued_at: now,
                     queued_by: actor.name.clone(),
+                    pin: None,
                 });
             }
             tx.put(Some(&old), &device)?;

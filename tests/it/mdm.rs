@@ -553,11 +553,15 @@ impl Appliance {
 
     /// `Authenticate` then `TokenUpdate` for a device with this UDID; the HTTP status of each.
     async fn check_in(&self, device: &Device, udid: &str, token: u8) -> (u16, u16) {
+        self.check_in_as(device, udid, token, "iPad").await
+    }
+
+    async fn check_in_as(&self, device: &Device, udid: &str, token: u8, model_name: &str) -> (u16, u16) {
         let authenticate = plist_xml(vec![
             ("MessageType", P::from("Authenticate")),
             ("Topic", P::from(TOPIC)),
             ("UDID", P::from(udid)),
-            ("ModelName", P::from("iPad")),
+            ("ModelName", P::from(model_name)),
             ("SerialNumber", P::from(format!("SER-{udid}"))),
         ]);
         let first = self.send("/mdm/apple/checkin", &authenticate, Some(&device.mdm_signature(&authenticate))).await.0;
@@ -663,6 +667,39 @@ async fn a_device_that_enrolls_again_keeps_one_record_and_its_old_identity_is_sh
     assert_eq!(b.check_in(&old, "UDID-DI", 3).await.1, 409, "the old identity cannot take the push address back");
     let next = report(&b, &new, vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-DI"))]).await;
     assert_eq!(command_of(&next.unwrap()).1["RequestType"].as_string(), Some("DeviceInformation"));
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}
+
+/// Erasing a Mac sends a six-digit PIN (older Macs ask for it to unlock afterwards), which the admin sees on the
+/// queued command.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mac_is_erased_with_a_pin_the_admin_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let apns = Apns::start(dir.path()).await;
+    let b = Appliance::start(dir.path(), &apns).await;
+    let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": "Mo", "email": "mo@example.com"}))).await;
+    let body = json!({"user_id": user["id"], "platform": "macos", "ownership": "corporate"});
+    let (invite_id, challenge, profile) = b.invite_and_profile(body, "macos").await;
+    assert_eq!(profile["PayloadScope"].as_string(), Some("System"), "a Mac's device profile is system-wide");
+    let mut device = Device::new();
+    assert_eq!(b.scep(&mut device, &challenge).await.status, "0");
+    assert_eq!(b.check_in_as(&device, "UDID-MO", 7, "MacBook Pro").await, (200, 200));
+    let device_id = b.invite(&invite_id).await["device_id"].as_str().unwrap().to_owned();
+    assert_eq!(b.device(&device_id).await["platform"], "macos");
+    let idle = || vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-MO"))];
+    let (uuid, _) = command_of(&report(&b, &device, idle()).await.unwrap());
+    report(&b, &device, vec![("Status", P::from("Acknowledged")), ("CommandUUID", P::from(uuid))]).await;
+
+    let path = format!("/api/v1/devices/{device_id}/deprovision");
+    let (status, queued) = b.api(Method::POST, &path, Some(json!({"kind": "factory_reset"}))).await;
+    assert_eq!(status, 200, "{queued}");
+    let pin = queued["pending_commands"][0]["pin"].as_str().unwrap().to_owned();
+    assert!(pin.len() == 6 && pin.chars().all(|c| c.is_ascii_digit()), "{pin}");
+    let (_, command) = command_of(&report(&b, &device, idle()).await.unwrap());
+    assert_eq!(command["RequestType"].as_string(), Some("EraseDevice"));
+    assert_eq!(command["PIN"].as_string(), Some(pin.as_str()));
+    let problems = check(&payload_keys(&schema("mdm/commands/device.erase.yaml")), &command, "macOS", &["RequestType"]);
+    assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }
 

@@ -162,7 +162,13 @@ pub fn command_plist(command: &PendingCommand, profile_identifier: &str) -> Valu
             ("RequestType", Value::from("RemoveProfile")),
             ("Identifier", Value::from(profile_identifier)),
         ]),
-        CommandKind::FactoryReset => Dictionary::from_iter([("RequestType", Value::from("EraseDevice"))]),
+        CommandKind::FactoryReset => {
+            let mut erase = Dictionary::from_iter([("RequestType", Value::from("EraseDevice"))]);
+            if let Some(pin) = &command.pin {
+                erase.insert("PIN".into(), Value::from(pin.as_str()));
+            }
+            erase
+        }
     };
     Value::Dictionary(Dictionary::from_iter([
         ("CommandUUID", Value::from(command.id.to_string())),
