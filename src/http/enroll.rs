@@ -583,7 +583,7 @@ fn chosen_platform(invite: &Invite, picked: Option<Platform>, headers: &HeaderMa
     }
 }
 
-fn platform_name(platform: Platform) -> &'static str {
+pub(crate) fn platform_name(platform: Platform) -> &'static str {
     match platform {
         Platform::Any => "any device",
         other => crate::csvfile::platform_text(other),
@@ -601,7 +601,7 @@ fn device_words(platform: Platform) -> String {
     }
 }
 
-fn trust_steps(platform: Platform) -> Vec<&'static str> {
+pub(crate) fn trust_steps(platform: Platform) -> Vec<&'static str> {
     match platform {
         Platform::Ios | Platform::Ipados => vec![
             "Tap the button above and allow the download.",
@@ -624,7 +624,7 @@ fn trust_steps(platform: Platform) -> Vec<&'static str> {
     }
 }
 
-fn enroll_steps(platform: Platform) -> Vec<&'static str> {
+pub(crate) fn enroll_steps(platform: Platform) -> Vec<&'static str> {
     match platform {
         Platform::Ios | Platform::Ipados => vec![
             "Open this page in Safari (not in another browser or a mail app's preview).",

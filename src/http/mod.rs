@@ -1,6 +1,7 @@
 //! HTTP: the HTTPS application router, the plain-HTTP router that redirects to it, the middleware every route gets
 //! (request timeout, body-size limit, tracing, `nosniff`), and the shared [`AppState`].
 
+mod admin;
 pub mod api;
 mod enroll;
 mod error;
@@ -108,7 +109,7 @@ pub(crate) fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<Stri
 
 /// What devices open over HTTPS: the invite pages and the CA profile.
 fn device_routes() -> Router<AppState> {
-    enroll::routes().merge(mdm::routes())
+    enroll::routes().merge(mdm::routes()).merge(admin::routes())
 }
 
 /// The application served over HTTPS.

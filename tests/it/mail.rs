@@ -17,13 +17,13 @@ use crate::common::{Daemon, api, free_port, get_plain, parse_pem_certs};
 const PASSWORD: &str = "staple battery horse";
 
 /// aiosmtpd in a child process, killed when dropped.
-struct Sink {
+pub struct Sink {
     child: Child,
     dir: PathBuf,
 }
 
 impl Sink {
-    fn start(port: u16, dir: &Path, tls: Option<(&Path, &Path)>) -> Sink {
+    pub fn start(port: u16, dir: &Path, tls: Option<(&Path, &Path)>) -> Sink {
         std::fs::create_dir_all(dir).unwrap();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/smtp_sink.py");
         let mut command = Command::new("python3");
@@ -39,7 +39,7 @@ impl Sink {
     }
 
     /// The messages received so far, oldest first.
-    fn messages(&self) -> Vec<Vec<u8>> {
+    pub fn messages(&self) -> Vec<Vec<u8>> {
         let mut names: Vec<_> = std::fs::read_dir(&self.dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -49,7 +49,7 @@ impl Sink {
         names.iter().map(|p| std::fs::read(p).unwrap()).collect()
     }
 
-    fn wait_for(&self, count: usize) -> Vec<Vec<u8>> {
+    pub fn wait_for(&self, count: usize) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let messages = self.messages();

@@ -3,9 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admin_ui;
 mod api;
 mod apple;
 mod apple_device;
+mod browser;
 mod common;
 mod config_errors;
 mod daemon;

@@ -36,17 +36,17 @@ struct Push {
 }
 
 /// The stand-in for Apple's push gateway.
-struct Apns {
-    addr: SocketAddr,
-    ca_file: std::path::PathBuf,
+pub struct Apns {
+    pub addr: SocketAddr,
+    pub ca_file: std::path::PathBuf,
     pushes: Arc<Mutex<Vec<Push>>>,
     gone: Arc<AtomicBool>,
     /// The push certificate (issued by the stand-in's "Apple" CA) and its key, PEM.
-    push_cert: (String, String),
+    pub push_cert: (String, String),
 }
 
 impl Apns {
-    async fn start(dir: &std::path::Path) -> Apns {
+    pub async fn start(dir: &std::path::Path) -> Apns {
         let apple_key = rcgen::KeyPair::generate().unwrap();
         let mut apple = rcgen::CertificateParams::default();
         apple.distinguished_name.push(rcgen::DnType::CommonName, "Test Apple Worldwide CA");
@@ -138,14 +138,14 @@ impl Apns {
     }
 }
 
-struct Appliance {
-    daemon: Daemon,
-    ca: rustls_pki_types::CertificateDer<'static>,
-    token: String,
+pub struct Appliance {
+    pub daemon: Daemon,
+    pub ca: rustls_pki_types::CertificateDer<'static>,
+    pub token: String,
 }
 
 impl Appliance {
-    async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn api(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
         api(self.daemon.https, &self.ca, method, path, Some(&self.token), body).await
     }
 
@@ -518,7 +518,7 @@ impl Appliance {
 
     /// An admin's own invite for `body` (user, platform, …): its id, and the SCEP challenge of the profile the
     /// user downloads after entering the passcode on a device of `platform`.
-    async fn invite_and_profile(&self, body: Value, platform: &str) -> (String, String, plist::Dictionary) {
+    pub async fn invite_and_profile(&self, body: Value, platform: &str) -> (String, String, plist::Dictionary) {
         let (status, created) = self.api(Method::POST, "/api/v1/invites/by-myself", Some(body)).await;
         assert_eq!(status, 201, "{created}");
         let link = format!("/e/{}", created["link_token"].as_str().unwrap());
@@ -542,7 +542,7 @@ impl Appliance {
     }
 
     /// The device's SCEP request with `challenge`; the answer read by the device.
-    async fn scep(&self, device: &mut Device, challenge: &str) -> crate::apple_device::CertRep {
+    pub async fn scep(&self, device: &mut Device, challenge: &str) -> crate::apple_device::CertRep {
         let scep_ca = scep_ca_certificate(&get_bytes(self, "/scep?operation=GetCACert").await);
         let request = device.pkcs_req(&scep_ca, challenge, "TX", &[1; 16]);
         let path = "/scep?operation=PKIOperation";
@@ -552,7 +552,7 @@ impl Appliance {
     }
 
     /// `Authenticate` then `TokenUpdate` for a device with this UDID; the HTTP status of each.
-    async fn check_in(&self, device: &Device, udid: &str, token: u8) -> (u16, u16) {
+    pub async fn check_in(&self, device: &Device, udid: &str, token: u8) -> (u16, u16) {
         self.check_in_as(device, udid, token, "iPad").await
     }
 

@@ -65,6 +65,32 @@ pub async fn upload(
     ApiQuery(query): ApiQuery<UploadQuery>,
     body: Body,
 ) -> Result<(StatusCode, Json<Import>), HttpError> {
+    let request =
+        ImportRequest { kind: query.kind, mode: query.mode.unwrap_or(ImportMode::All), filename: query.filename };
+    let (import, job) = start_import(&state, &admin.actor, request, body).await?;
+    let id = import.id;
+    if query.wait {
+        // Held at most this long, inside the request timeout; a longer import answers 202 and goes on.
+        if let Ok(joined) = tokio::time::timeout(WAIT_AT_MOST, job).await {
+            let finished = joined.map_err(|_| {
+                HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the import stopped unexpectedly")
+            })??;
+            return Ok((StatusCode::OK, Json(finished)));
+        }
+        let domain = state.enrollment.clone();
+        return Ok((StatusCode::ACCEPTED, Json(blocking(move || domain.import(&id)).await?)));
+    }
+    Ok((StatusCode::ACCEPTED, Json(import)))
+}
+
+/// Stores an uploaded CSV file (counting it against `import_max_bytes`) and starts its import as a background job.
+/// Returns the job's record and a handle that ends with the finished import. The admin pages use it too.
+pub(crate) async fn start_import(
+    state: &AppState,
+    actor: &crate::domain::Actor,
+    request: ImportRequest,
+    body: Body,
+) -> Result<(Import, tokio::task::JoinHandle<crate::domain::DomainResult<Import>>), HttpError> {
     let limit = state.import_max_bytes as u64;
     let too_large = |size: String| {
         HttpError::new(
@@ -80,11 +106,9 @@ pub async fn upload(
     if let Some(declared) = declared.filter(|d| *d > limit) {
         return Err(too_large(format!("{declared} bytes")));
     }
-    let request =
-        ImportRequest { kind: query.kind, mode: query.mode.unwrap_or(ImportMode::All), filename: query.filename };
     let domain = state.enrollment.clone();
-    let actor = admin.actor.clone();
-    let import = blocking(move || domain.create_import(&actor, &request)).await?;
+    let creator = actor.clone();
+    let import = blocking(move || domain.create_import(&creator, &request)).await?;
     let id = import.id;
     let domain = state.enrollment.clone();
     let path = blocking(move || domain.import_file(&id)).await?;
@@ -130,7 +154,7 @@ pub async fn upload(
 
     let domain = state.enrollment.clone();
     let stop = state.shutdown.clone();
-    let actor = admin.actor.clone();
+    let actor = actor.clone();
     let job = state.jobs.spawn_blocking(move || {
         let run = std::panic::AssertUnwindSafe(|| domain.run_import(&actor, &id, written, &|| stop.is_cancelled()));
         let result = std::panic::catch_unwind(run).unwrap_or_else(|_| {
@@ -142,18 +166,7 @@ pub async fn upload(
         }
         result
     });
-    if query.wait {
-        // Held at most this long, inside the request timeout; a longer import answers 202 and goes on.
-        if let Ok(joined) = tokio::time::timeout(WAIT_AT_MOST, job).await {
-            let finished = joined.map_err(|_| {
-                HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the import stopped unexpectedly")
-            })??;
-            return Ok((StatusCode::OK, Json(finished)));
-        }
-        let domain = state.enrollment.clone();
-        return Ok((StatusCode::ACCEPTED, Json(blocking(move || domain.import(&id)).await?)));
-    }
-    Ok((StatusCode::ACCEPTED, Json(import)))
+    Ok((import, job))
 }
 
 /// Imports, newest first.

@@ -5,11 +5,11 @@
 //! All routes but sign-in and first-run setup sit behind [`require_admin`], applied as a layer to the whole
 //! protected router rather than per handler.
 
-mod access;
+pub(crate) mod access;
 mod accounts;
 mod apple;
 mod devices;
-mod imports;
+pub(crate) mod imports;
 mod invites;
 mod mail;
 mod system;

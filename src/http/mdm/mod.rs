@@ -93,6 +93,11 @@ impl Mdm {
         Some((key, serving.chain.iter().map(|c| c.to_vec()).collect()))
     }
 
+    /// The HTTPS certificate being served, for the dashboard.
+    pub fn serving_info(&self) -> Option<crate::pki::CertInfo> {
+        Some(self.inner.as_ref()?.serving.as_ref()?.certificate().info.clone())
+    }
+
     /// Signs an enrollment profile (CMS SignedData carrying it, with the HTTPS certificate chain). `None` when
     /// there is no key to sign with: the profile then goes out unsigned.
     pub fn sign_profile(&self, xml: &[u8], now: time::OffsetDateTime) -> Option<Result<Vec<u8>, cms::CmsError>> {

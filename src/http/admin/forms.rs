@@ -1,0 +1,523 @@
+//! The admin pages built around a form: inviting (one user, *by myself* with the link and QR code on screen, or a
+//! whole group with the count first), bulk CSV imports (upload, progress, the row-by-row report), users and
+//! groups, the audit log, and settings (how users authenticate, the push certificate, the mail relay's test).
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use base64::Engine as _;
+use minijinja::Value;
+use serde::Deserialize;
+
+use super::{Admin, Fields, admin_of, blocking, change, failure, message, render};
+use crate::domain::{GroupInviteMode, GroupInvitePlan, ImportRequest, NewGroup, NewInvite, NewUser};
+use crate::http::AppState;
+use crate::http::api::access::ClientAddr;
+use crate::model::{Channels, EnrollAuth, Id, ImportKind, ImportMode, ImportState, Ownership, Platform};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/invite", get(invite_page).post(invite))
+        .route("/admin/invite/group", axum::routing::post(invite_group))
+        .route("/admin/import", get(import_page).post(upload))
+        .route("/admin/imports/{id}", get(import_status))
+        .route("/admin/users", get(users).post(create_user))
+        .route("/admin/groups", axum::routing::post(create_group))
+        .route("/admin/audit", get(audit))
+        .route("/admin/settings", get(settings).post(save_settings))
+        .route("/admin/settings/test-mail", axum::routing::post(test_mail))
+}
+
+fn options<T: Copy + std::fmt::Display>(all: &[T]) -> Value {
+    Value::from(all.iter().map(|v| v.to_string()).collect::<Vec<_>>())
+}
+
+async fn group_options(state: &AppState) -> Result<Vec<Value>, crate::domain::DomainError> {
+    let domain = state.enrollment.clone();
+    let groups = blocking(move || domain.groups(None, 500)).await?;
+    Ok(groups.items.iter().map(|g| Value::from_pairs([("id", g.id.to_string()), ("name", g.name.clone())])).collect())
+}
+
+async fn invite_form(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
+    let groups = match group_options(state).await {
+        Ok(groups) => groups,
+        Err(error) => return failure(state, admin, error),
+    };
+    let values = minijinja::context! {
+        title => "Invite",
+        platforms => options(Platform::ALL),
+        ownerships => options(&[Ownership::Corporate, Ownership::Personal, Ownership::NotSet]),
+        channels => options(Channels::ALL),
+        groups => groups,
+        ..extra
+    };
+    render(state, Some(admin), status, "invite.html", values)
+}
+
+async fn invite_page(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
+    match admin_of(&state, &headers, client).await {
+        Ok(admin) => invite_form(&state, &admin, StatusCode::OK, Value::from(())).await,
+        Err(response) => response,
+    }
+}
+
+/// One user, found by email or created: an invite by mail/SMS, or *by myself* (the link and QR on screen).
+async fn invite(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let email = fields.get("email").unwrap_or_default().trim().to_owned();
+    let name = fields.get("name").unwrap_or_default().trim().to_owned();
+    let phone = fields.get("phone").map(|p| p.trim().to_owned());
+    let platform: Platform = fields.get("platform").and_then(|p| p.parse().ok()).unwrap_or(Platform::Any);
+    let ownership: Ownership = fields.get("ownership").and_then(|p| p.parse().ok()).unwrap_or(Ownership::Corporate);
+    let channels: Channels = fields.get("channels").and_then(|p| p.parse().ok()).unwrap_or(Channels::Email);
+    let group_id: Option<Id> = fields.get("group").and_then(|g| g.parse().ok());
+    let by_myself = fields.get("by_myself").is_some();
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    let created = blocking(move || {
+        let user = match domain.user_by_email(&email)? {
+            Some(user) => user,
+            None => {
+                let name = if name.is_empty() { email.split('@').next().unwrap_or_default().to_owned() } else { name };
+                domain.create_user(&actor, &NewUser { name, email, phone, ..NewUser::default() })?
+            }
+        };
+        let new = NewInvite { user_id: user.id, platform, ownership, group_id, channels };
+        if by_myself { domain.create_invite_by_myself(&actor, &new) } else { domain.create_invite(&actor, &new) }
+    })
+    .await;
+    let created = match created {
+        Ok(created) => created,
+        Err(crate::domain::DomainError::Invalid { field, message }) => {
+            let extra = minijinja::context! { field_error => message, field => field, values => super::ser(&fields_map(&fields)) };
+            return invite_form(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+        }
+        Err(error) => return failure(&state, &admin, error),
+    };
+    match (created.link_token, created.passcode) {
+        (Some(token), Some(passcode)) => {
+            let link = format!("{}/e/{token}", state.mail.public_url);
+            let qr = crate::mail::qr::png(&link)
+                .map(|png| format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
+                .ok();
+            let extra = minijinja::context! {
+                created => minijinja::context! { link => link, passcode => passcode, qr => qr, user => created.invite.user_name },
+            };
+            invite_form(&state, &admin, StatusCode::OK, extra).await
+        }
+        _ => Redirect::to("/admin/enrollment?notice=invited").into_response(),
+    }
+}
+
+fn fields_map(fields: &Fields) -> std::collections::BTreeMap<String, String> {
+    fields.0.iter().filter(|(k, _)| k != "csrf").cloned().collect()
+}
+
+/// Invite a group: first the count (a dry run), then, confirmed, the invites.
+async fn invite_group(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let Some(group) = fields.get("group").and_then(|g| g.parse::<Id>().ok()) else {
+        return message(
+            &state,
+            Some(&admin),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Choose a group",
+            "Pick the group to invite.",
+        );
+    };
+    let mode = match fields.get("mode") {
+        Some("invited_not_enrolled") => GroupInviteMode::InvitedNotEnrolled,
+        _ => GroupInviteMode::NeverInvited,
+    };
+    let confirmed = fields.get("confirmed") == Some("yes");
+    let plan = GroupInvitePlan {
+        mode,
+        platform: fields.get("platform").and_then(|p| p.parse().ok()).unwrap_or(Platform::Any),
+        ownership: fields.get("ownership").and_then(|p| p.parse().ok()).unwrap_or(Ownership::Corporate),
+        channels: fields.get("channels").and_then(|p| p.parse().ok()).unwrap_or(Channels::Email),
+        dry_run: !confirmed,
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    let result = match blocking(move || domain.invite_group(&actor, &group, &plan)).await {
+        Ok(result) => result,
+        Err(error) => return failure(&state, &admin, error),
+    };
+    if confirmed {
+        let text =
+            format!("{} invites were sent; {} users were skipped.", result.invites_created, result.skipped.len());
+        return message(&state, Some(&admin), StatusCode::OK, "Group invited", &text);
+    }
+    let keep: Vec<Value> = fields_map(&fields)
+        .into_iter()
+        .map(|(name, value)| Value::from_pairs([("name", name), ("value", value)]))
+        .collect();
+    let values = Value::from_pairs([
+        ("title", Value::from(format!("Invite {} user{}?", result.users, if result.users == 1 { "" } else { "s" }))),
+        ("text", Value::from("Each gets an invite by the chosen channels.")),
+        ("action", Value::from("/admin/invite/group")),
+        ("fields", Value::from(keep)),
+        ("ids", Value::from(Vec::<String>::new())),
+        ("button", Value::from(format!("Send {} invites", result.users))),
+        ("cancel", Value::from("/admin/invite")),
+    ]);
+    render(&state, Some(&admin), StatusCode::OK, "confirm.html", values)
+}
+
+async fn import_page(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
+    let admin = match admin_of(&state, &headers, client).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let domain = state.enrollment.clone();
+    let recent = match blocking(move || domain.imports(None, 10)).await {
+        Ok(page) => page.items,
+        Err(error) => return failure(&state, &admin, error),
+    };
+    let values = Value::from_pairs([
+        ("title", Value::from("Bulk invite")),
+        ("recent", super::ser(&recent)),
+        ("max_mib", Value::from(state.import_max_bytes >> 20)),
+    ]);
+    render(&state, Some(&admin), StatusCode::OK, "import.html", values)
+}
+
+/// A CSV upload (multipart): stored and imported as a job; the page then follows its progress.
+async fn upload(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    mut multipart: Multipart,
+) -> Response {
+    let mut fields = Fields::default();
+    let mut file: Option<(Option<String>, Vec<u8>)> = None;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(error) => {
+                return message(
+                    &state,
+                    None,
+                    StatusCode::BAD_REQUEST,
+                    "The upload could not be read",
+                    &error.body_text(),
+                );
+            }
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "file" {
+            let filename = field.file_name().map(str::to_owned);
+            match field.bytes().await {
+                Ok(bytes) => file = Some((filename, bytes.to_vec())),
+                Err(error) => {
+                    return message(
+                        &state,
+                        None,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "The file is too large",
+                        &error.body_text(),
+                    );
+                }
+            }
+        } else if let Ok(text) = field.text().await {
+            fields.0.push((name, text));
+        }
+    }
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let Some((filename, bytes)) = file.filter(|(_, b)| !b.is_empty()) else {
+        return message(
+            &state,
+            Some(&admin),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Choose a file",
+            "Pick the CSV file to import.",
+        );
+    };
+    let request = ImportRequest {
+        kind: if fields.get("kind") == Some("staged") { ImportKind::Staged } else { ImportKind::Invites },
+        mode: if fields.get("mode") == Some("valid_only") { ImportMode::ValidOnly } else { ImportMode::All },
+        filename,
+    };
+    match crate::http::api::imports::start_import(&state, &admin.actor, request, Body::from(bytes)).await {
+        Ok((import, _job)) => Redirect::to(&format!("/admin/imports/{}", import.id)).into_response(),
+        Err(error) => message(&state, Some(&admin), error.status, "The file cannot be imported", &error.message),
+    }
+}
+
+async fn import_status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+) -> Response {
+    let admin = match admin_of(&state, &headers, client).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let Ok(id) = id.parse::<Id>() else {
+        return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such import.");
+    };
+    let domain = state.enrollment.clone();
+    let import = match blocking(move || domain.import(&id)).await {
+        Ok(import) => import,
+        Err(error) => return failure(&state, &admin, error),
+    };
+    let running = matches!(import.state, ImportState::Queued | ImportState::Validating | ImportState::Importing);
+    let values = Value::from_pairs([
+        ("title", Value::from("Import")),
+        ("import", super::ser(&import)),
+        ("running", Value::from(running)),
+        ("show", Value::from(true)),
+    ]);
+    render(&state, Some(&admin), StatusCode::OK, "import.html", values)
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Paging {
+    q: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn users_page(state: &AppState, admin: &Admin, paging: &Paging, status: StatusCode, extra: Value) -> Response {
+    let domain = state.enrollment.clone();
+    let (q, cursor) = (paging.q.clone(), paging.cursor.clone());
+    let page = match blocking(move || {
+        Ok((domain.users(q.as_deref().filter(|q| !q.is_empty()), cursor.as_deref(), 50)?, domain.groups(None, 500)?))
+    })
+    .await
+    {
+        Ok(page) => page,
+        Err(error) => return failure(state, admin, error),
+    };
+    let (users, groups) = page;
+    let next_url = users.next_cursor.as_ref().map(|c| {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        if let Some(q) = paging.q.as_deref().filter(|q| !q.is_empty()) {
+            query.append_pair("q", q);
+        }
+        query.append_pair("cursor", c);
+        format!("/admin/users?{}", query.finish())
+    });
+    let values = minijinja::context! {
+        title => "Users and groups",
+        users => super::ser(&users.items),
+        groups => super::ser(&groups.items),
+        q => paging.q.clone().unwrap_or_default(),
+        next_url => next_url,
+        ..extra
+    };
+    render(state, Some(admin), status, "users.html", values)
+}
+
+async fn users(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    Query(paging): Query<Paging>,
+) -> Response {
+    match admin_of(&state, &headers, client).await {
+        Ok(admin) => users_page(&state, &admin, &paging, StatusCode::OK, Value::from(())).await,
+        Err(response) => response,
+    }
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let new = NewUser {
+        name: fields.get("name").unwrap_or_default().to_owned(),
+        email: fields.get("email").unwrap_or_default().to_owned(),
+        phone: fields.get("phone").map(str::to_owned),
+        groups: fields.all("groups").iter().filter_map(|g| g.parse().ok()).collect(),
+        ..NewUser::default()
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.create_user(&actor, &new)).await {
+        Ok(user) => {
+            let extra = minijinja::context! { notice => format!("{} <{}> was added.", user.name, user.email) };
+            users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(crate::domain::DomainError::Invalid { field, message }) => {
+            let extra = minijinja::context! { field => field, field_error => message, values => super::ser(&fields_map(&fields)) };
+            users_page(&state, &admin, &Paging::default(), StatusCode::UNPROCESSABLE_ENTITY, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
+}
+
+async fn create_group(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let new = NewGroup {
+        name: fields.get("name").unwrap_or_default().to_owned(),
+        description: fields.get("description").unwrap_or_default().to_owned(),
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.create_group(&actor, &new)).await {
+        Ok(group) => {
+            let extra = minijinja::context! { notice => format!("The group {} was added.", group.name) };
+            users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    Query(paging): Query<Paging>,
+) -> Response {
+    let admin = match admin_of(&state, &headers, client).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let domain = state.enrollment.clone();
+    let cursor = paging.cursor.clone();
+    let page = match blocking(move || domain.audit_log(cursor.as_deref(), 50)).await {
+        Ok(page) => page,
+        Err(error) => return failure(&state, &admin, error),
+    };
+    let next_url = page
+        .next_cursor
+        .map(|c| format!("/admin/audit?cursor={}", form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>()));
+    let values = minijinja::context! { title => "Audit log", events => super::ser(&page.items), next_url => next_url };
+    render(&state, Some(&admin), StatusCode::OK, "audit.html", values)
+}
+
+async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
+    let domain = state.enrollment.clone();
+    let gathered = blocking(move || Ok((domain.enroll_auth()?, domain.push_certificate()?))).await;
+    let (auth, push) = match gathered {
+        Ok(gathered) => gathered,
+        Err(error) => return failure(state, admin, error),
+    };
+    let relay = state.mail.relay().map(|relay| {
+        let settings = relay.settings();
+        format!(
+            "{}:{} ({}), sending as {}",
+            settings.host,
+            settings.port,
+            settings.security.as_str(),
+            settings.from_address
+        )
+    });
+    let values = minijinja::context! {
+        title => "Settings",
+        auth => auth.as_str(),
+        auths => options(EnrollAuth::ALL),
+        push => push.map(|p| minijinja::context! { topic => p.topic, not_after => p.not_after.date().to_string(), uploaded_by => p.uploaded_by }),
+        relay => relay,
+        public_url => state.mail.public_url.to_string(),
+        ..extra
+    };
+    render(state, Some(admin), status, "settings.html", values)
+}
+
+async fn settings(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
+    match admin_of(&state, &headers, client).await {
+        Ok(admin) => settings_page(&state, &admin, StatusCode::OK, Value::from(())).await,
+        Err(response) => response,
+    }
+}
+
+/// Saves the settings form: how users authenticate, and (when given) the push certificate as two PEM texts.
+async fn save_settings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let actor = admin.actor.clone();
+    if let Some(auth) = fields.get("auth").and_then(|a| a.parse::<EnrollAuth>().ok()) {
+        let domain = state.enrollment.clone();
+        let saver = actor.clone();
+        if let Err(error) = blocking(move || domain.set_enroll_auth(&saver, Some(auth))).await {
+            return failure(&state, &admin, error);
+        }
+    }
+    if let (Some(cert), Some(key)) = (fields.get("push_certificate"), fields.get("push_key")) {
+        let (cert, key) = (cert.to_owned(), key.to_owned());
+        let push = match crate::pki::push::PushCertificate::from_pem(&cert, &key, state.clock.now()) {
+            Ok(push) => push,
+            Err(error) => {
+                let extra = minijinja::context! { push_error => error.to_string() };
+                return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+            }
+        };
+        let domain = state.enrollment.clone();
+        if let Err(error) = blocking(move || domain.save_push_certificate(&actor, &push, &cert, &key)).await {
+            let extra = minijinja::context! { push_error => error.to_string() };
+            return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
+        }
+    }
+    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => "Saved." }).await
+}
+
+async fn test_mail(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let to = fields.get("to").unwrap_or_default().to_owned();
+    let outcome = match state.mail.send_test(&to).await {
+        Ok(crate::domain::Attempt::Sent(reply)) => format!("Sent. The relay answered: {reply}"),
+        Ok(other) => format!("Not sent: {}", other.reply()),
+        Err(error) => format!("Not sent: {error}"),
+    };
+    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { test_result => outcome }).await
+}

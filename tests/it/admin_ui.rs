@@ -1,0 +1,210 @@
+//! The admin web pages in a real headless Chromium against the real binary: first-run setup with the code from the
+//! log, sign-in, a user created, an invite whose mail arrives at the test SMTP server, the Pending list, resend and
+//! remove, a CSV file with one bad row (its error shown, nothing imported), a bulk resend after a confirmation that
+//! names how many, the Managed tab showing a device enrolled through the device-side protocol, and sign-out. Along
+//! the way: a form post without the CSRF token is refused, and no page loads anything from outside the box.
+//! Screenshots of each page are saved under `target/browser-screenshots/admin_ui/`.
+
+use hyper::Method;
+use serde_json::json;
+
+use crate::apple_device::Device;
+use crate::browser::Browser;
+use crate::common::{Daemon, fetch_bytes, free_port, get_plain, parse_pem_certs};
+use crate::mail::Sink;
+use crate::mdm::{Apns, Appliance};
+
+const PASSWORD: &str = "staple battery horse";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_runs_the_appliance_from_the_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let apns = Apns::start(dir.path()).await;
+    let apns_url = format!("https://127.0.0.1:{}", apns.addr.port());
+    let smtp_port = smtp_port.to_string();
+    let daemon = Daemon::spawn(
+        &dir.path().join("state"),
+        &[],
+        &[
+            ("ENROLLD_SMTP_HOST", "127.0.0.1"),
+            ("ENROLLD_SMTP_PORT", &smtp_port),
+            ("ENROLLD_SMTP_SECURITY", "none"),
+            ("ENROLLD_MAIL_FROM", "it@example.com"),
+            ("ENROLLD_ORGANISATION", "Example Ltd"),
+            ("ENROLLD_APNS_URL", &apns_url),
+            ("ENROLLD_APNS_CA_FILE", apns.ca_file.to_str().unwrap()),
+        ],
+    );
+    daemon.wait_healthy();
+    let log = daemon.wait_for_log("setup code");
+    let code = log.split("setup code ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let ca_pem = get_plain(daemon.http, "enroll.local", "/ca.crt").await.body;
+    let ca = parse_pem_certs(&ca_pem).remove(0);
+    let origin = format!("https://enroll.local:{}", daemon.https.port());
+    let b = Browser::start(&ca_pem, "admin_ui").await;
+    let mut loaded = Vec::new();
+
+    // First run: the box sends the browser to setup; the code from the log creates the admin.
+    b.goto(&format!("{origin}/admin")).await;
+    assert_eq!(b.url().await, format!("{origin}/admin/setup"));
+    b.screenshot("setup").await;
+    b.fill("#code", "WRONG-CODE-0000").await;
+    b.fill("#password", PASSWORD).await;
+    b.fill("#confirm", PASSWORD).await;
+    b.click("button[type=submit]").await;
+    b.wait_for_text("That setup code is not right").await;
+    b.fill("#code", &code).await;
+    b.fill("#password", PASSWORD).await;
+    b.fill("#confirm", PASSWORD).await;
+    b.click("button[type=submit]").await;
+    b.wait_for_text("How users prove who they are").await;
+    assert_eq!(b.url().await, format!("{origin}/admin/settings"));
+    b.screenshot("settings").await;
+    loaded.extend(b.loaded().await);
+
+    // Sign out, and in again.
+    b.click(".logout button").await;
+    b.wait_for_text("Sign in").await;
+    b.goto(&format!("{origin}/admin")).await;
+    assert_eq!(b.url().await, format!("{origin}/admin/login"), "signed out, the pages need a sign-in");
+    b.fill("#password", "not the password").await;
+    b.click("button[type=submit]").await;
+    b.wait_for_text("The username or password is not right").await;
+    b.screenshot("login").await;
+    b.fill("#password", PASSWORD).await;
+    b.click("button[type=submit]").await;
+    let dashboard = b.wait_for_text("Outbox").await;
+    assert!(dashboard.contains("not uploaded") && dashboard.contains("Download the CA certificate"), "{dashboard}");
+    b.screenshot("dashboard").await;
+    loaded.extend(b.loaded().await);
+
+    // A user, then an invite for them by mail.
+    b.goto(&format!("{origin}/admin/users")).await;
+    b.fill("#u-name", "Ann Lee").await;
+    // The browser checks the form first; this address passes its check and fails enrolld's.
+    b.fill("#u-email", "ann.lee@example").await;
+    b.click("form[method=post][action='/admin/users'] button[type=submit]").await;
+    let refused = b.wait_for_text("role=\"alert\"").await;
+    assert!(refused.contains("value=\"ann.lee@example\""), "the form keeps what was typed");
+    b.fill("#u-email", "ann.lee@example.com").await;
+    b.click("form[method=post][action='/admin/users'] button[type=submit]").await;
+    b.wait_for_text("Ann Lee &lt;ann.lee@example.com&gt; was added").await;
+    b.screenshot("users").await;
+
+    b.goto(&format!("{origin}/admin/invite")).await;
+    b.fill("#email", "ann.lee@example.com").await;
+    b.select("#platform", "ios").await;
+    b.screenshot("invite").await;
+    b.click("form[action='/admin/invite'] button[type=submit]").await;
+    let pending = b.wait_for_text("The invite is on its way").await;
+    assert!(pending.contains("<td>ann.lee@example.com</td>"), "{pending}");
+    let first = sink.wait_for(1);
+    let first = String::from_utf8_lossy(&first[0]).to_string();
+    assert!(first.contains("ann.lee@example.com") && first.contains("/e/"), "{first}");
+    b.screenshot("pending").await;
+    loaded.extend(b.loaded().await);
+
+    // Resend (a second mail, a new link), then remove.
+    b.click("td.actions form[action$='/resend'] button").await;
+    b.wait_for_text("The invite was sent again").await;
+    let both = sink.wait_for(2);
+    assert_ne!(first, String::from_utf8_lossy(&both[1]), "the resend carries a new link");
+    b.click("td.actions form[action$='/remove'] button").await;
+    let after = b.wait_for_text("The invite was removed").await;
+    assert!(!after.contains("<td>ann.lee@example.com</td>"), "no longer pending");
+
+    // A CSV file with one bad row: its line and reason shown, nothing imported.
+    let csv = dir.path().join("people.csv");
+    std::fs::write(
+        &csv,
+        "USER NAME,EMAIL ADDRESS,OWNED BY,GROUP NAME,PLATFORM TYPE,PHONE NUMBER\r\nBo Chen,bo.chen@example.com,Corporate,,iOS,\r\nCy Diaz,cy.diaz@example,Corporate,,Android,\r\nDee Ng,dee.ng@example.com,Personal,,Windows,\r\n",
+    )
+    .unwrap();
+    b.goto(&format!("{origin}/admin/import")).await;
+    b.attach("#file", &csv).await;
+    b.screenshot("import-form").await;
+    b.click("form[action='/admin/import'] button[type=submit]").await;
+    let report = b.wait_for_text("rows with problems").await;
+    assert!(
+        report.contains("rejected") && report.contains("<td>3</td>") && report.contains("cy.diaz@example"),
+        "{report}"
+    );
+    b.screenshot("import-report").await;
+    b.goto(&format!("{origin}/admin/enrollment")).await;
+    let pending = b.source().await;
+    assert!(!pending.contains("bo.chen@example.com") && !pending.contains("dee.ng@example.com"), "nothing imported");
+
+    // Bulk resend: three invites ticked, a confirmation naming three, then three mails.
+    for name in ["eve", "fay", "gus"] {
+        b.goto(&format!("{origin}/admin/invite")).await;
+        b.fill("#email", &format!("{name}@example.com")).await;
+        b.click("form[action='/admin/invite'] button[type=submit]").await;
+        b.wait_for_text("The invite is on its way").await;
+    }
+    sink.wait_for(5);
+    for name in ["eve", "fay", "gus"] {
+        let tick = format!(
+            "const row = [...document.querySelectorAll('tr')].find(r => r.textContent.includes('{name}@example.com')); row.querySelector('input[type=checkbox]').click();"
+        );
+        b.script(&tick, Vec::new()).await;
+    }
+    b.select("#action", "resend").await;
+    b.click("#bulk button[type=submit]").await;
+    b.wait_for_text("Resend 3 invites?").await;
+    b.screenshot("bulk-confirm").await;
+    b.click("button.primary").await;
+    b.wait_for_text("Done; the results are in each row").await;
+    sink.wait_for(8);
+
+    // A device enrolled through the device-side protocol appears under Managed.
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (_, signed_in) = crate::common::api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    let appliance = Appliance { token: signed_in["token"].as_str().unwrap().to_owned(), daemon, ca: ca.clone() };
+    let (cert, key) = apns.push_cert.clone();
+    let upload = json!({"certificate_pem": cert, "private_key_pem": key});
+    assert_eq!(appliance.api(Method::PUT, "/api/v1/apple/push-certificate", Some(upload)).await.0, 200);
+    let (_, user) = appliance.api(Method::GET, "/api/v1/users?q=ann.lee", None).await;
+    let body = json!({"user_id": user["items"][0]["id"], "platform": "ipados"});
+    let (_, challenge, _) = appliance.invite_and_profile(body, "ipados").await;
+    let mut device = Device::new();
+    assert_eq!(appliance.scep(&mut device, &challenge).await.status, "0");
+    assert_eq!(appliance.check_in(&device, "UDID-ANN", 9).await, (200, 200));
+    b.goto(&format!("{origin}/admin/enrollment?tab=managed")).await;
+    let managed = b.source().await;
+    assert!(managed.contains("SER-UDID-ANN") && managed.contains("ann.lee@example.com"), "{managed}");
+    assert!(managed.contains("Factory reset") && managed.contains("Revoke MDM"), "a corporate device can be erased");
+    b.screenshot("managed").await;
+    b.click("form[action$='/revoke'] button").await;
+    let confirm = b.wait_for_text("Revoke device management?").await;
+    assert!(confirm.contains("user's own data stay"), "the confirmation says what it does");
+    b.screenshot("revoke-confirm").await;
+    loaded.extend(b.loaded().await);
+
+    // A form post without the page's CSRF token is refused, even with the session cookie.
+    let session = b.cookies().await.into_iter().find(|c| c["name"] == "enrolld_session").unwrap();
+    let cookie = format!("enrolld_session={}", session["value"].as_str().unwrap());
+    assert_eq!(session["httpOnly"], true);
+    let headers = [("cookie", cookie.as_str()), ("content-type", "application/x-www-form-urlencoded")];
+    let form = b"email=mallory@example.com&platform=ios".to_vec();
+    let (status, _, _) = fetch_bytes(appliance.daemon.https, &ca, Method::POST, "/admin/invite", &headers, form).await;
+    assert_eq!(status, 403);
+    let (_, found) = appliance.api(Method::GET, "/api/v1/users?q=mallory", None).await;
+    assert_eq!(found["items"].as_array().unwrap().len(), 0, "the refused post changed nothing");
+    let (_, page_headers, _) =
+        fetch_bytes(appliance.daemon.https, &ca, Method::GET, "/admin", &[("cookie", cookie.as_str())], Vec::new())
+            .await;
+    assert!(page_headers["content-security-policy"].to_str().unwrap().starts_with("default-src 'none'"));
+    assert_eq!(page_headers["x-frame-options"], "DENY");
+
+    // Every page loaded only what the box serves.
+    assert!(!loaded.is_empty(), "the stylesheet at least");
+    assert!(loaded.iter().all(|url| url.starts_with(&origin) || url.starts_with("data:")), "{loaded:?}");
+
+    b.click(".logout button").await;
+    b.wait_for_text("Sign in").await;
+    b.goto(&format!("{origin}/admin/enrollment")).await;
+    assert_eq!(b.url().await, format!("{origin}/admin/login"));
+    assert_eq!(appliance.daemon.terminate().0.code(), Some(0));
+}
