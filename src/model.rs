@@ -290,6 +290,10 @@ pub struct Invite {
     /// Where the messages of the current send stand, one per channel; the mail worker keeps it up to date.
     #[serde(default)]
     pub delivery: Vec<DeliveryStatus>,
+    /// When the user last asked the enrollment page for a password link (they are limited to one every few
+    /// minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub account_link_at: Option<OffsetDateTime>,
 }
 
 /// Where one message of an invite stands, as the admin sees it next to the invite.

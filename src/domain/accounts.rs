@@ -73,6 +73,15 @@ pub struct CreatedAccountLink {
     pub expires_at: OffsetDateTime,
 }
 
+/// Why the enrollment page mails no password link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRefusal {
+    /// One was sent a moment ago; another may be asked for at this time.
+    TooSoon(OffsetDateTime),
+    /// No password is asked for, or the user has one already.
+    NotNeeded,
+}
+
 /// Why a password link cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountLinkProblem {
@@ -133,57 +142,58 @@ impl Enrollment {
         }
         let wants_passcode = matches!(auth, EnrollAuth::Passcode | EnrollAuth::Both);
         let wants_password = matches!(auth, EnrollAuth::Password | EnrollAuth::Both);
-        if wants_passcode {
+        let passcode_right = !wants_passcode || {
             let attempted = self.passcode_hash(invite_id, credentials.passcode.unwrap_or_default().trim());
-            let right: bool =
-                subtle::ConstantTimeEq::ct_eq(attempted.as_bytes(), invite.passcode_hash.as_bytes()).into();
-            if !right {
-                return self.record_attempt(actor, invite_id, false, auth);
-            }
-        }
+            bool::from(subtle::ConstantTimeEq::ct_eq(attempted.as_bytes(), invite.passcode_hash.as_bytes()))
+        };
         if wants_password {
             let user = self.user(&invite.user_id)?;
             if !self.directory.has_password(&user)? {
-                return Ok(PasscodeCheck::NoPassword);
+                if passcode_right {
+                    return Ok(PasscodeCheck::NoPassword);
+                }
+                return self.record_attempt(actor, invite_id, false, auth);
             }
-            let right = self.directory.check_password(&user, credentials.password.unwrap_or_default())?;
-            return self.record_attempt(actor, invite_id, right, auth);
+            // The password is checked whatever the passcode was, so the time taken does not tell which was wrong.
+            let password_right = self.directory.check_password(&user, credentials.password.unwrap_or_default())?;
+            return self.record_attempt(actor, invite_id, passcode_right && password_right, auth);
         }
-        self.record_attempt(actor, invite_id, true, auth)
+        self.record_attempt(actor, invite_id, passcode_right, auth)
     }
 
     /// A new one-time link for a user to set their password; the admin hands it over.
     pub fn account_link(&self, actor: &Actor, user_id: &Id) -> DomainResult<CreatedAccountLink> {
-        let (created, _) = self.make_account_link(actor, user_id, None)?;
-        Ok(created)
+        self.made_account_link(actor, user_id, None)?
+            .map_err(|_| DomainError::conflict("too_soon", "a link was made a moment ago; try again shortly"))
     }
 
-    /// The user asked on the enrollment page: a password link goes by mail to the invite's user (at most one
-    /// every five minutes per invite). Returns when it may be asked for again if it was too soon.
-    pub fn mail_account_link(&self, actor: &Actor, invite_id: &Id) -> DomainResult<Result<(), OffsetDateTime>> {
-        let now = self.now();
+    /// The user asked on the enrollment page: a password link goes by mail to the invite's user, only while a
+    /// password is asked for and the user has none, and at most one every five minutes per invite (checked in the
+    /// transaction that queues it, so parallel requests cannot all pass).
+    pub fn mail_account_link(&self, actor: &Actor, invite_id: &Id) -> DomainResult<Result<(), LinkRefusal>> {
         let invite: Invite =
             self.store.get(invite_id.as_bytes())?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
-        let recent = self
-            .deliveries(invite_id)?
-            .into_iter()
-            .filter(|job| job.kind == JobKind::Account)
-            .map(|job| job.created_at)
-            .max()
-            .filter(|at| *at + LINK_INTERVAL > now);
-        if let Some(at) = recent {
-            return Ok(Err(at + LINK_INTERVAL));
+        if matches!(self.enroll_auth()?, EnrollAuth::Passcode) || self.has_password(&invite.user_id)? {
+            return Ok(Err(LinkRefusal::NotNeeded));
         }
-        self.make_account_link(actor, &invite.user_id, Some(&invite))?;
-        Ok(Ok(()))
+        self.make_account_link(actor, &invite.user_id, Some(invite_id))
     }
 
     fn make_account_link(
         &self,
         actor: &Actor,
         user_id: &Id,
-        invite: Option<&Invite>,
-    ) -> DomainResult<(CreatedAccountLink, String)> {
+        invite_id: Option<&Id>,
+    ) -> DomainResult<Result<(), LinkRefusal>> {
+        self.made_account_link(actor, user_id, invite_id).map(|made| made.map(|_| ()))
+    }
+
+    fn made_account_link(
+        &self,
+        actor: &Actor,
+        user_id: &Id,
+        invite_id: Option<&Id>,
+    ) -> DomainResult<Result<CreatedAccountLink, LinkRefusal>> {
         let now = self.now();
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<24>());
         let link = AccountLink {
@@ -194,27 +204,38 @@ impl Enrollment {
         };
         self.transact(|tx| {
             let user: User = tx.get_id(user_id)?.ok_or_else(|| DomainError::not_found("user", user_id))?;
-            tx.put(None, &link)?;
-            if let Some(invite) = invite {
+            if let Some(invite_id) = invite_id {
+                let invite: Invite =
+                    tx.get_id(invite_id)?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
+                if let Some(last) = invite.account_link_at.filter(|at| *at + LINK_INTERVAL > now) {
+                    return Ok(Err(LinkRefusal::TooSoon(last + LINK_INTERVAL)));
+                }
                 let job = crate::model::DeliveryJob {
                     link_token: Some(token.clone()),
-                    ..self.queued_job(invite, JobKind::Account, JobChannel::Email, user.email.clone())
+                    ..self.queued_job(&invite, JobKind::Account, JobChannel::Email, user.email.clone())
                 };
                 tx.put(None, &job)?;
                 let mut noted = invite.clone();
+                noted.account_link_at = Some(now);
                 noted.remarks.push(Remark { at: now, text: format!("{} asked for a password link", user.name) });
-                tx.put(Some(invite), &noted)?;
+                tx.put(Some(&invite), &noted)?;
             }
-            let how = if invite.is_some() { "mailed to the user" } else { "handed to an admin" };
+            tx.put(None, &link)?;
+            let how = if invite_id.is_some() { "mailed to the user" } else { "handed to an admin" };
             self.audit(
                 tx,
                 actor,
                 "account.link",
                 Some(user_id.to_string()),
                 format!("password link for {}, {how}", user.email),
-            )
-        })?;
-        Ok((CreatedAccountLink { path: format!("/account/{token}"), expires_at: link.expires_at }, token))
+            )?;
+            Ok(Ok(CreatedAccountLink { path: format!("/account/{token}"), expires_at: link.expires_at }))
+        })
+    }
+
+    /// Every password link of a user, used or not (setting or resetting a password ends them all).
+    fn links_of(&self, user_id: &Id) -> DomainResult<Vec<AccountLink>> {
+        Ok(self.store.all::<AccountLink>(|link| link.user_id == *user_id)?)
     }
 
     /// The user a password link is for, if it can still be used.
@@ -245,11 +266,21 @@ impl Enrollment {
         let password_hash = hash_password(password)?;
         let now = self.now();
         let hash = sha256_hex(token.as_bytes());
+        let siblings = match self.store.get::<AccountLink>(hash.as_bytes())? {
+            Some(link) => self.links_of(&link.user_id)?,
+            None => Vec::new(),
+        };
         self.transact(|tx| {
             let Some(link) = tx.get::<AccountLink, _>(hash.as_bytes())? else {
                 return Ok(Err(AccountLinkProblem::Unusable));
             };
+            // This link is used up, and so is every other one the user was sent: one password, one way to set it.
             tx.delete(&link)?;
+            for other in siblings.iter().filter(|other| other.token_hash != link.token_hash) {
+                if tx.get::<AccountLink, _>(other.token_hash.as_bytes())?.is_some() {
+                    tx.delete(other)?;
+                }
+            }
             if link.expires_at <= now {
                 return Ok(Err(AccountLinkProblem::Unusable));
             }
@@ -273,8 +304,14 @@ impl Enrollment {
 
     /// Removes a user's password (an admin's reset): the user sets a new one through a new link.
     pub fn reset_account(&self, actor: &Actor, user_id: &Id) -> DomainResult<()> {
+        let links = self.links_of(user_id)?;
         self.transact(|tx| {
             let user: User = tx.get_id(user_id)?.ok_or_else(|| DomainError::not_found("user", user_id))?;
+            for link in &links {
+                if tx.get::<AccountLink, _>(link.token_hash.as_bytes())?.is_some() {
+                    tx.delete(link)?;
+                }
+            }
             if let Some(old) = tx.get::<UserAccount, _>(user_id.as_bytes())? {
                 tx.delete(&old)?;
                 self.audit(
@@ -396,15 +433,31 @@ mod tests {
     #[test]
     fn a_user_asks_for_a_link_by_mail_at_most_every_five_minutes() {
         let (d, clock) = domain();
-        let (_, invite, _) = invited(&d);
-        assert_eq!(d.mail_account_link(&Actor::device(None), &invite).unwrap(), Ok(()));
+        let (user, invite, _) = invited(&d);
+        let ask = || d.mail_account_link(&Actor::device(None), &invite).unwrap();
+        assert_eq!(ask(), Err(LinkRefusal::NotNeeded), "the passcode alone is asked for");
+        d.set_enroll_auth(&admin(), Some(EnrollAuth::Password)).unwrap();
+        assert_eq!(ask(), Ok(()));
         let job = d.deliveries(&invite).unwrap().into_iter().find(|j| j.kind == JobKind::Account).unwrap();
         assert_eq!(job.to, "ann@example.com");
         let token = job.link_token.unwrap();
         assert!(d.open_account_link(&token).unwrap().is_ok(), "the mailed link opens");
         let again = d.mail_account_link(&Actor::device(None), &invite).unwrap();
-        assert_eq!(again, Err(clock.now() + Duration::minutes(5)));
+        assert_eq!(again, Err(LinkRefusal::TooSoon(clock.now() + Duration::minutes(5))));
         clock.advance(Duration::minutes(6));
-        assert_eq!(d.mail_account_link(&Actor::device(None), &invite).unwrap(), Ok(()));
+        assert_eq!(ask(), Ok(()));
+        let mailed: Vec<String> = d
+            .deliveries(&invite)
+            .unwrap()
+            .into_iter()
+            .filter(|j| j.kind == JobKind::Account)
+            .filter_map(|j| j.link_token)
+            .collect();
+        assert_eq!(mailed.len(), 2);
+        // Setting the password with one link ends the other too.
+        d.set_account_password(&mailed[1], PASSWORD).unwrap().unwrap();
+        assert_eq!(d.open_account_link(&mailed[0]).unwrap(), Err(AccountLinkProblem::Unusable));
+        assert_eq!(ask(), Err(LinkRefusal::NotNeeded), "the user has a password now");
+        assert!(d.has_password(&user).unwrap());
     }
 }

@@ -355,6 +355,7 @@ impl Enrollment {
             generation: 0,
             import,
             delivery: Vec::new(),
+            account_link_at: None,
         };
         let jobs = self.jobs_for(&invite, &old_user, secrets, import);
         invite.delivery = jobs.iter().filter(|job| job.kind == JobKind::Invite).map(|job| job.status(now)).collect();

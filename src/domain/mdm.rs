@@ -228,7 +228,11 @@ impl Enrollment {
             let mut device = enrolled;
             device.identity = Some(sha256.to_owned());
             device.last_contact = now;
-            device.problem = None;
+            // A token update from the managing identity clears an old problem, but not the warning the enrollment
+            // itself just left (a device that enrolled again while still managed).
+            if !first {
+                device.problem = None;
+            }
             tx.put(before.as_ref(), &device)?;
             let mut identity = old.clone();
             identity.device_id = Some(device.id);

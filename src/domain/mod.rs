@@ -22,7 +22,7 @@ use time::{Duration, OffsetDateTime};
 use utoipa::ToSchema;
 
 pub use accounts::{
-    AccountLinkProblem, CreatedAccountLink, Credentials, Directory, ENROLL_AUTH_SETTING, LocalAccounts,
+    AccountLinkProblem, CreatedAccountLink, Credentials, Directory, ENROLL_AUTH_SETTING, LinkRefusal, LocalAccounts,
 };
 pub use apple::StoredPushCertificate;
 pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment};

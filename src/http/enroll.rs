@@ -17,7 +17,7 @@ use time::{Duration, OffsetDateTime};
 
 use super::AppState;
 use super::mdm::profile;
-use crate::domain::{Actor, Credentials, LinkProblem, PasscodeCheck, random_bytes};
+use crate::domain::{Actor, Credentials, LinkProblem, LinkRefusal, PasscodeCheck, random_bytes};
 use crate::model::{EnrollAuth, Id, Invite, Platform};
 
 /// How long a passcode, once accepted, keeps the enrollment page open.
@@ -134,9 +134,22 @@ async fn passcode(
     let platform = chosen_platform(&invite, form.platform, &headers);
     let domain = state.enrollment.clone();
     let id = invite.id;
-    // A password check is argon2 (19 MiB, slow on purpose): at most a few at a time, whatever floods in.
-    let Ok(_permit) = state.password_checks.clone().acquire_owned().await else {
-        return problem_page(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.");
+    // A password check is argon2 (19 MiB, slow on purpose): at most a few at a time, whatever floods in. A
+    // passcode alone needs no slot.
+    let asks_password = !matches!(state.enrollment.enroll_auth(), Ok(EnrollAuth::Passcode));
+    let _permit = match asks_password {
+        true => match state.password_checks.clone().acquire_owned().await {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                return problem_page(
+                    &state,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Something went wrong",
+                    "Try again in a minute.",
+                );
+            }
+        },
+        false => None,
     };
     let checked = in_store(&state, "checking a passcode", move || {
         let credentials = Credentials { passcode: form.passcode.as_deref(), password: form.password.as_deref() };
@@ -467,7 +480,7 @@ async fn request_account_link(State(state): State<AppState>, Path(token): Path<S
                 "A link to set your password is on its way to {email}. It works once, for 24 hours. After that, open your invite link again."
             ),
         ),
-        Ok(Err(again)) => problem_page(
+        Ok(Err(LinkRefusal::TooSoon(again))) => problem_page(
             &state,
             StatusCode::TOO_MANY_REQUESTS,
             "A link was sent a moment ago",
@@ -475,6 +488,12 @@ async fn request_account_link(State(state): State<AppState>, Path(token): Path<S
                 "Check your mail at {email}. Another link can be asked for after {} UTC.",
                 crate::domain::minute(again)
             ),
+        ),
+        Ok(Err(LinkRefusal::NotNeeded)) => problem_page(
+            &state,
+            StatusCode::CONFLICT,
+            "No password is needed",
+            "This page does not ask for a password of your own, or you have set one already. Open your invite link again.",
         ),
     }
 }

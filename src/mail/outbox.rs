@@ -396,6 +396,7 @@ mod tests {
     fn a_password_link_mail_carries_the_link_and_says_it_works_once() {
         let (d, _clock, id) = invited();
         claim_due(&d);
+        d.set_enroll_auth(&admin(), Some(crate::model::EnrollAuth::Password)).unwrap();
         assert_eq!(d.mail_account_link(&Actor::device(None), &id).unwrap(), Ok(()));
         let claimed = claim_due(&d).remove(0);
         assert_eq!((claimed.job.kind, claimed.job.to.as_str()), (JobKind::Account, "ann@example.com"));

@@ -411,8 +411,8 @@ impl ContentCipher {
 /// `recipient` (DER). Returns the content and the cipher it was sealed with.
 ///
 /// Only the recipient entry naming `recipient` is tried, once. RSA decryption is blinded, and a key that does not
-/// decrypt is replaced by a random one (implicit rejection), so a malformed key and a wrong one fail the same way,
-/// at the content's padding: the answer gives no padding oracle on the RSA key.
+/// decrypt is replaced by one derived from the ciphertext (implicit rejection), so a malformed key and a wrong one
+/// fail the same way, at the content's padding, every time: the answer gives no padding oracle on the RSA key.
 pub fn open_envelope(
     message: &[u8],
     key: &rsa::RsaPrivateKey,
@@ -453,15 +453,28 @@ pub fn open_envelope(
             _ => None,
         })
         .ok_or(CmsError::Envelope("it is not addressed to this server's SCEP certificate"))?;
-    let content_key = match key.decrypt_blinded(&mut rand_core::OsRng, rsa::Pkcs1v15Encrypt, ktri.enc_key.as_bytes()) {
-        Ok(content_key) if content_key.len() == cipher.key_len() => content_key,
-        _ => {
-            let mut random = vec![0; cipher.key_len()];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
-                .map_err(|_| CmsError::Envelope("no randomness"))?;
-            random
-        }
+    // Implicit rejection: the key a malformed encryption yields is derived from the ciphertext and a secret of the
+    // private key, so the same request always fails the same way, and the two are chosen between without a branch.
+    let synthetic = {
+        use rsa::traits::PrivateKeyParts as _;
+        let secret = ring::digest::digest(&ring::digest::SHA256, &key.d().to_bytes_be());
+        let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+        let tag = ring::hmac::sign(&mac, ktri.enc_key.as_bytes());
+        let mut bytes = tag.as_ref().to_vec();
+        bytes.extend_from_slice(ring::hmac::sign(&mac, tag.as_ref()).as_ref());
+        bytes.truncate(cipher.key_len());
+        bytes
     };
+    let decrypted = key.decrypt_blinded(&mut rand_core::OsRng, rsa::Pkcs1v15Encrypt, ktri.enc_key.as_bytes());
+    let (valid, real) = match decrypted {
+        Ok(real) if real.len() == cipher.key_len() => (subtle::Choice::from(1), real),
+        _ => (subtle::Choice::from(0), vec![0; cipher.key_len()]),
+    };
+    let content_key: Vec<u8> = synthetic
+        .iter()
+        .zip(&real)
+        .map(|(s, r)| subtle::ConditionallySelectable::conditional_select(s, r, valid))
+        .collect();
     let content = cipher.decrypt(&content_key, iv.as_bytes(), data.as_bytes())?;
     Ok((content, cipher))
 }

@@ -192,6 +192,15 @@ impl ScepAuthority {
             reason,
             request: Box::new(request.clone()),
         };
+        // Only PKCSReq is answered; anything else is refused before the envelope is opened, so no answer depends
+        // on what the RSA key made of it.
+        if message_type != 19 {
+            return Err(refuse(
+                FailInfo::BadRequest,
+                format!("messageType {message_type} is not supported; enrolld answers PKCSReq (19)"),
+                &request,
+            ));
+        }
         // The reply is encrypted to the signer's key: refuse one it cannot be (before the challenge is spent).
         if !matches!(cms::public_key_algorithm(&request.signer).as_deref(), Ok("1.2.840.113549.1.1.1")) {
             return Err(refuse(
@@ -210,13 +219,6 @@ impl ScepAuthority {
             Err(error) => return Err(refuse(FailInfo::BadMessageCheck, error.to_string(), &request)),
         };
         request.cipher = cipher;
-        if message_type != 19 {
-            return Err(refuse(
-                FailInfo::BadRequest,
-                format!("messageType {message_type} is not supported; enrolld answers PKCSReq (19)"),
-                &request,
-            ));
-        }
         use x509_parser::prelude::FromDer as _;
         let parsed = match x509_parser::certification_request::X509CertificationRequest::from_der(&csr) {
             Ok((_, parsed)) => parsed,

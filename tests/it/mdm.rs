@@ -661,6 +661,7 @@ async fn a_device_that_enrolls_again_keeps_one_record_and_its_old_identity_is_sh
     assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
     let record = b.device(&device_id).await;
     assert_eq!(record["identity"].as_str(), Some(enrolld::pki::sha256_hex(new.identity.as_ref().unwrap()).as_str()));
+    assert!(record["problem"].as_str().unwrap_or_default().contains("enrolled again"), "the admin is told: {record}");
 
     let idle = plist_xml(vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-DI"))]);
     assert_eq!(b.send("/mdm/apple/server", &idle, Some(&old.mdm_signature(&idle))).await.0, 401);
