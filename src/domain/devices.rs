@@ -537,8 +537,12 @@ impl Enrollment {
             (None, Some(email)) => self.user_by_email(email)?.map(|u| u.id),
             (None, None) => None,
         };
-        let user_id = user.ok_or_else(|| {
-            DomainError::invalid("user_id", "the staged device has no user; assign it to a user first")
+        let user_id = user.ok_or_else(|| match staged.email.as_deref() {
+            Some(email) => DomainError::invalid(
+                "user_id",
+                format!("no user has the staged device's address {email}; add the user first (Users page), then invite again"),
+            ),
+            None => DomainError::invalid("user_id", "the staged device has no user; assign it to a user first"),
         })?;
         let defaults = NewInvite {
             user_id,

@@ -208,3 +208,96 @@ async fn an_admin_runs_the_appliance_from_the_browser() {
     assert_eq!(b.url().await, format!("{origin}/admin/login"));
     assert_eq!(appliance.daemon.terminate().0.code(), Some(0));
 }
+
+/// The pages behind daily work besides invites: the mail templates (a broken one refused with its line, a draft
+/// previewed), the relay saved from the settings page and checked with a test mail that reaches the SMTP sink,
+/// staged devices imported from CSV and invited to enroll, and the Pending page on a phone-sized screen.
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_settings_and_staged_devices_from_the_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let daemon = Daemon::spawn(&dir.path().join("state"), &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
+    daemon.wait_healthy();
+    let ca_pem = get_plain(daemon.http, "enroll.local", "/ca.crt").await.body;
+    let origin = format!("https://enroll.local:{}", daemon.https.port());
+    let b = Browser::start(&ca_pem, "admin_ui_settings").await;
+    b.goto(&format!("{origin}/admin/login")).await;
+    b.fill("#password", PASSWORD).await;
+    b.click("button[type=submit]").await;
+    b.wait_for_text("Outbox").await;
+
+    // Templates: a broken one is refused with its line and nothing is saved; a draft is previewed.
+    b.goto(&format!("{origin}/admin/templates")).await;
+    b.fill("#t-invite-subject-txt", "Enroll now, {{ user_name").await;
+    b.click("#t-invite-subject-txt ~ button[value=save]").await;
+    let refused = b.wait_for_text("role=\"alert\"").await;
+    assert!(refused.contains("invite.subject.txt, line 1"), "{refused}");
+    b.screenshot("template-refused").await;
+    b.fill("#t-invite-subject-txt", "Enroll your device, {{ user_name }}").await;
+    b.click("#t-invite-subject-txt ~ button[value=preview]").await;
+    let preview = b.wait_for_text("<strong>Subject:</strong> Enroll your device, ").await;
+    assert!(preview.contains("(built-in)"), "a preview saves nothing");
+    b.click("#t-invite-subject-txt ~ button[value=save]").await;
+    b.wait_for_text("Saved; new invites use it.").await;
+    b.screenshot("templates").await;
+
+    // The relay from the settings page: a bad host is refused next to the form (what was typed kept); then it is
+    // saved and tested.
+    b.goto(&format!("{origin}/admin/settings")).await;
+    b.fill("#host", "mail example com").await;
+    b.select("#security", "none").await;
+    b.fill("#port", &smtp_port.to_string()).await;
+    b.fill("#from_address", "it@example.com").await;
+    b.click("form[action='/admin/settings/relay'] button[type=submit]").await;
+    let refused = b.wait_for_text("id=\"relay-error\"").await;
+    assert!(refused.contains("host: give the relay's name or address"), "{refused}");
+    assert!(refused.contains("value=\"it@example.com\""), "the form keeps what was typed");
+    b.fill("#host", "127.0.0.1").await;
+    b.select("#security", "none").await;
+    b.click("form[action='/admin/settings/relay'] button[type=submit]").await;
+    b.wait_for_text("The relay is saved").await;
+    b.fill("#to", "helpdesk@example.com").await;
+    b.click("form[action='/admin/settings/test-mail'] button[type=submit]").await;
+    b.wait_for_text("Sent. The relay answered: 250").await;
+    let test = String::from_utf8_lossy(&sink.wait_for(1)[0]).to_string();
+    assert!(test.contains("helpdesk@example.com"), "{test}");
+    b.screenshot("settings-relay").await;
+
+    // Staged devices from CSV, then one invited to enroll (its user gets the invite by mail).
+    let csv = dir.path().join("staged.csv");
+    std::fs::write(
+        &csv,
+        "SERIAL NUMBER,IMEI,PLATFORM TYPE,DEVICE NAME,USER NAME,EMAIL ADDRESS,GROUP NAME\r\nC02XK1JHJG5J,,macOS,Design MacBook,Andrew,andrew@example.com,Design\r\n",
+    )
+    .unwrap();
+    b.goto(&format!("{origin}/admin/import")).await;
+    b.attach("#file", &csv).await;
+    b.select("#kind", "staged").await;
+    b.click("form[action='/admin/import'] button[type=submit]").await;
+    b.wait_for_text("1 staged devices created").await;
+    b.goto(&format!("{origin}/admin/enrollment?tab=staged")).await;
+    let staged = b.source().await;
+    assert!(staged.contains("C02XK1JHJG5J") && staged.contains("Design MacBook"), "{staged}");
+    b.screenshot("staged").await;
+    b.click("form[action$='/reenroll'] button").await;
+    let refused = b.wait_for_text("add the user first").await;
+    assert!(refused.contains("andrew@example.com"), "{refused}");
+    b.goto(&format!("{origin}/admin/users")).await;
+    b.fill("#u-name", "Andrew").await;
+    b.fill("#u-email", "andrew@example.com").await;
+    b.click("form[method=post][action='/admin/users'] button[type=submit]").await;
+    b.wait_for_text("was added").await;
+    b.goto(&format!("{origin}/admin/enrollment?tab=staged")).await;
+    b.click("form[action$='/reenroll'] button").await;
+    b.wait_for_text("The invite is on its way").await;
+    let invite = String::from_utf8_lossy(&sink.wait_for(2)[1]).to_string();
+    assert!(invite.contains("andrew@example.com") && invite.contains("Enroll your device, "), "the saved subject");
+
+    // The Pending page on a phone-sized screen.
+    b.resize(390, 844).await;
+    b.goto(&format!("{origin}/admin/enrollment")).await;
+    b.wait_for_text("andrew@example.com").await;
+    b.screenshot("pending-phone").await;
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}

@@ -161,6 +161,11 @@ impl Browser {
         self.call("POST", "/execute/sync", Some(json!({"script": script, "args": args}))).await
     }
 
+    /// Resizes the window (a phone-sized screen, say).
+    pub async fn resize(&self, width: u32, height: u32) {
+        self.call("POST", "/window/rect", Some(json!({"width": width, "height": height}))).await;
+    }
+
     /// The browser's cookies, HttpOnly ones included.
     pub async fn cookies(&self) -> Vec<Value> {
         self.call("GET", "/cookie", None).await.as_array().cloned().unwrap_or_default()

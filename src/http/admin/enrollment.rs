@@ -25,7 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/invites/{id}/{action}", post(invite_action))
         .route("/admin/invites/{id}/steps", get(steps))
         .route("/admin/devices/{id}/{action}", post(device_action))
-        .route("/admin/staged/{id}/remove", post(remove_staged))
+        .route("/admin/staged/{id}/{action}", post(staged_action))
         .route("/admin/staged/assign", post(assign_staged))
 }
 
@@ -442,9 +442,10 @@ fn confirm_deprovision(state: &AppState, admin: &Admin, id: Id, kind: Deprovisio
     render(state, Some(admin), StatusCode::OK, "confirm.html", values)
 }
 
-async fn remove_staged(
+/// Removes a staged device, or invites its user to enroll it ("re-enroll").
+async fn staged_action(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     ClientAddr(client): ClientAddr,
     body: Bytes,
@@ -459,8 +460,15 @@ async fn remove_staged(
     };
     let domain = state.enrollment.clone();
     let actor = admin.actor.clone();
-    match blocking(move || domain.remove_staged(&actor, &id)).await {
-        Ok(()) => back("staged", "staged_removed"),
+    let done = match action.as_str() {
+        "remove" => blocking(move || domain.remove_staged(&actor, &id).map(|()| "staged_removed")).await,
+        "reenroll" => {
+            blocking(move || domain.reenroll_staged(&actor, &id, &AdditionalInvite::default()).map(|_| "invited")).await
+        }
+        _ => return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such action."),
+    };
+    match done {
+        Ok(notice) => back("staged", notice),
         Err(error) => failure(&state, &admin, error),
     }
 }

@@ -13,6 +13,7 @@ use minijinja::Value;
 use serde::Deserialize;
 
 use super::{Admin, Fields, admin_of, blocking, change, failure, message, render};
+use crate::config::SmtpSecurity;
 use crate::domain::{GroupInviteMode, GroupInvitePlan, ImportRequest, NewGroup, NewInvite, NewUser};
 use crate::http::AppState;
 use crate::http::api::access::ClientAddr;
@@ -29,6 +30,9 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/audit", get(audit))
         .route("/admin/settings", get(settings).post(save_settings))
         .route("/admin/settings/test-mail", axum::routing::post(test_mail))
+        .route("/admin/settings/relay", axum::routing::post(save_relay))
+        .route("/admin/settings/push-p12", axum::routing::post(upload_p12))
+        .route("/admin/templates", get(templates).post(save_template))
 }
 
 fn options<T: Copy + std::fmt::Display>(all: &[T]) -> Value {
@@ -520,4 +524,259 @@ async fn test_mail(
         Err(error) => format!("Not sent: {error}"),
     };
     settings_page(&state, &admin, StatusCode::OK, minijinja::context! { test_result => outcome }).await
+}
+
+/// Saves the SMTP relay the admin entered (checked as the API checks it); it is used at once, and mail that waited
+/// for a relay goes out.
+async fn save_relay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let text = |name: &str| fields.get(name).map(str::to_owned);
+    let request = crate::http::api::mail::RelaySettings {
+        host: text("host").unwrap_or_default(),
+        port: fields.get("port").and_then(|p| p.trim().parse().ok()),
+        security: fields.get("security").and_then(|wanted| {
+            [SmtpSecurity::StartTls, SmtpSecurity::Tls, SmtpSecurity::None].into_iter().find(|s| s.as_str() == wanted)
+        }),
+        username: text("username"),
+        password: text("password"),
+        from_address: text("from_address").unwrap_or_default(),
+        from_name: text("from_name"),
+        reply_to: text("reply_to"),
+        helo_name: None,
+        ca_pem: text("ca_pem"),
+    };
+    let settings = match crate::http::api::mail::checked_relay(&state, request) {
+        Ok(settings) => settings,
+        Err(error) => {
+            let extra = minijinja::context! { relay_field => error.field, relay_error => error.message, values => super::ser(&fields_map(&fields)) };
+            return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+        }
+    };
+    let (mail, domain, actor) = (state.mail.clone(), state.enrollment.clone(), admin.actor.clone());
+    match tokio::task::spawn_blocking(move || mail.save_relay(&domain, &actor, &settings)).await {
+        Ok(Ok(())) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::OK,
+                minijinja::context! { notice => "The relay is saved; send a test mail to check it." },
+            )
+            .await
+        }
+        Ok(Err(error)) => {
+            let extra =
+                minijinja::context! { relay_error => error.to_string(), values => super::ser(&fields_map(&fields)) };
+            settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await
+        }
+        Err(_) => message(
+            &state,
+            Some(&admin),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Something went wrong",
+            "Try again in a minute.",
+        ),
+    }
+}
+
+/// The push certificate as the `.p12` file Keychain Access exports, with its password.
+async fn upload_p12(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    mut multipart: Multipart,
+) -> Response {
+    let mut fields = Fields::default();
+    let mut file = Vec::new();
+    while let Ok(Some(field)) = multipart.next_field().await {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "file" {
+            file = field.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        } else if let Ok(text) = field.text().await {
+            fields.0.push((name, text));
+        }
+    }
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let password = fields.get("password").unwrap_or_default().to_owned();
+    let read = crate::pki::push::pem_from_pkcs12(&file, &password).and_then(|(cert, key)| {
+        crate::pki::push::PushCertificate::from_pem(&cert, &key, state.clock.now()).map(|push| (push, cert, key))
+    });
+    let (push, cert, key) = match read {
+        Ok(read) => read,
+        Err(error) => {
+            return settings_page(
+                &state,
+                &admin,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                minijinja::context! { p12_error => error.to_string() },
+            )
+            .await;
+        }
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.save_push_certificate(&actor, &push, &cert, &key)).await {
+        Ok(_) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::OK,
+                minijinja::context! { notice => "The push certificate is saved." },
+            )
+            .await
+        }
+        Err(error) => {
+            settings_page(&state, &admin, StatusCode::CONFLICT, minijinja::context! { p12_error => error.to_string() })
+                .await
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct TemplateQuery {
+    platform: Option<String>,
+}
+
+async fn templates_page(
+    state: &AppState,
+    admin: &Admin,
+    status: StatusCode,
+    platform: Platform,
+    drafts: std::collections::BTreeMap<String, String>,
+    extra: Value,
+) -> Response {
+    let (mail, domain) = (state.mail.clone(), state.enrollment.clone());
+    let preview_drafts = drafts.clone();
+    let gathered = tokio::task::spawn_blocking(move || {
+        let sources = mail.template_sources(&domain)?;
+        let preview = mail.preview(&domain, &preview_drafts, platform);
+        Ok::<_, crate::mail::MailError>((sources, preview))
+    })
+    .await;
+    let (sources, preview) = match gathered {
+        Ok(Ok(gathered)) => gathered,
+        Ok(Err(error)) => {
+            return message(
+                state,
+                Some(admin),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The templates cannot be read",
+                &error.to_string(),
+            );
+        }
+        Err(_) => {
+            return message(
+                state,
+                Some(admin),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Something went wrong",
+                "Try again in a minute.",
+            );
+        }
+    };
+    let sources: Vec<Value> = sources
+        .iter()
+        .map(|t| {
+            minijinja::context! {
+                name => t.name.clone(),
+                id => t.name.replace('.', "-"),
+                source => drafts.get(&t.name).cloned().unwrap_or_else(|| t.source.clone()),
+                customised => t.customised,
+                updated => t.updated_at.map(|at| format!("{} by {}", crate::domain::minute(at), t.updated_by.clone().unwrap_or_default())),
+            }
+        })
+        .collect();
+    let (preview, preview_error) = match preview {
+        Ok(rendered) => (
+            Some(minijinja::context! { subject => rendered.subject, text => rendered.text, html => rendered.html }),
+            None,
+        ),
+        Err(error) => (None, Some(error.to_string())),
+    };
+    let values = minijinja::context! {
+        title => "Mail templates",
+        templates => sources,
+        platform => platform.as_str(),
+        platforms => options(Platform::ALL),
+        preview => preview,
+        preview_error => preview_error,
+        ..extra
+    };
+    render(state, Some(admin), status, "templates.html", values)
+}
+
+async fn templates(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    Query(query): Query<TemplateQuery>,
+) -> Response {
+    let admin = match admin_of(&state, &headers, client).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let platform = query.platform.and_then(|p| p.parse().ok()).unwrap_or(Platform::Ios);
+    templates_page(&state, &admin, StatusCode::OK, platform, Default::default(), Value::from(())).await
+}
+
+/// Previews a draft, saves it (refused with its line and reason when it does not render for every platform), or
+/// goes back to the built-in template.
+async fn save_template(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let name = fields.get("name").unwrap_or_default().to_owned();
+    let source = fields.0.iter().find(|(k, _)| k == "source").map(|(_, v)| v.clone()).unwrap_or_default();
+    let platform = fields.get("platform").and_then(|p| p.parse().ok()).unwrap_or(Platform::Ios);
+    let drafts = std::collections::BTreeMap::from([(name.clone(), source.clone())]);
+    let (mail, domain, actor) = (state.mail.clone(), state.enrollment.clone(), admin.actor.clone());
+    let done = match fields.get("do") {
+        Some("preview") => {
+            return templates_page(&state, &admin, StatusCode::OK, platform, drafts, Value::from(())).await;
+        }
+        Some("reset") => tokio::task::spawn_blocking(move || mail.reset_template(&domain, &actor, &name)).await,
+        _ => tokio::task::spawn_blocking(move || mail.save_template(&domain, &actor, &name, &source)).await,
+    };
+    match done {
+        Ok(Ok(())) => {
+            templates_page(
+                &state,
+                &admin,
+                StatusCode::OK,
+                platform,
+                Default::default(),
+                minijinja::context! { notice => "Saved; new invites use it." },
+            )
+            .await
+        }
+        Ok(Err(error)) => {
+            let extra = minijinja::context! { template_error => error.to_string(), template_name => fields.get("name").unwrap_or_default() };
+            templates_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, platform, drafts, extra).await
+        }
+        Err(_) => message(
+            &state,
+            Some(&admin),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Something went wrong",
+            "Try again in a minute.",
+        ),
+    }
 }

@@ -36,6 +36,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("users.html", include_str!("templates/users.html")),
     ("audit.html", include_str!("templates/audit.html")),
     ("settings.html", include_str!("templates/settings.html")),
+    ("templates.html", include_str!("templates/templates.html")),
 ];
 
 pub fn routes() -> Router<AppState> {

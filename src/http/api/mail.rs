@@ -117,6 +117,15 @@ pub async fn save_relay(
     Extension(admin): Extension<SignedInAdmin>,
     ApiJson(request): ApiJson<RelaySettings>,
 ) -> Result<Json<MailStatus>, HttpError> {
+    let settings = checked_relay(&state, request)?;
+    let (mail, domain) = (state.mail.clone(), state.enrollment.clone());
+    blocking(move || mail.save_relay(&domain, &admin.actor, &settings).map_err(HttpError::from)).await?;
+    Ok(Json(mail_status(&state).await?))
+}
+
+/// Relay settings as an admin gave them, checked (host, addresses, sign-in) and completed with defaults; the
+/// admin pages save through this too.
+pub(crate) fn checked_relay(state: &AppState, request: RelaySettings) -> Result<SmtpConfig, HttpError> {
     let invalid = |field: &'static str, message: String| HttpError {
         field: Some(field),
         ..HttpError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
@@ -156,9 +165,7 @@ pub async fn save_relay(
         ca_file: None,
         ca_pem: request.ca_pem.filter(|p| !p.trim().is_empty()),
     };
-    let (mail, domain) = (state.mail.clone(), state.enrollment.clone());
-    blocking(move || mail.save_relay(&domain, &admin.actor, &settings).map_err(HttpError::from)).await?;
-    Ok(Json(mail_status(&state).await?))
+    Ok(settings)
 }
 
 /// Forgets the relay saved through the API; the configuration's `smtp_*` settings apply again (or none).

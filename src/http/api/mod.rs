@@ -11,7 +11,7 @@ mod apple;
 mod devices;
 pub(crate) mod imports;
 mod invites;
-mod mail;
+pub(crate) mod mail;
 mod system;
 mod users;
 
