@@ -77,8 +77,9 @@ async fn the_push_certificate_is_uploaded_shown_renewed_and_never_swapped_for_an
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
 
-/// A `.p12` as Keychain Access exports it (3DES-encrypted bags, SHA-1 MAC), and one as current OpenSSL writes it
-/// (PBES2, AES-256), both made by OpenSSL from a certificate in Apple's shape.
+/// A `.p12` as Keychain Access exports it (3DES-encrypted bags, SHA-1 MAC), the legacy form with the certificate
+/// under RC2-40, and one as current OpenSSL writes it (PBES2, AES-256), all made by OpenSSL from a certificate in
+/// Apple's shape.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pkcs12_export_is_read_and_a_wrong_password_is_refused() {
     use base64::Engine as _;
@@ -103,6 +104,11 @@ async fn a_pkcs12_export_is_read_and_a_wrong_password_is_refused() {
     };
     let keychain =
         export("keychain.p12", &["-certpbe", "PBE-SHA1-3DES", "-keypbe", "PBE-SHA1-3DES", "-macalg", "sha1"]);
+    // Keychain Access on older macOS, and OpenSSL 1.x: the certificate under 40-bit RC2.
+    let legacy = export(
+        "legacy.p12",
+        &["-legacy", "-certpbe", "PBE-SHA1-RC2-40", "-keypbe", "PBE-SHA1-3DES", "-macalg", "sha1"],
+    );
     let modern = export("modern.p12", &[]);
 
     let daemon = Daemon::spawn(&dir.path().join("state"), &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
@@ -122,7 +128,7 @@ async fn a_pkcs12_export_is_read_and_a_wrong_password_is_refused() {
     let (status, error) = put(json!({"certificate_pem": cert})).await;
     assert_eq!((status, error["field"].as_str()), (422, Some("certificate_pem")), "a certificate without its key");
 
-    for p12 in [keychain, modern] {
+    for p12 in [keychain, legacy, modern] {
         let (status, shown) = put(json!({"pkcs12_base64": p12, "pkcs12_password": "s3cret"})).await;
         assert_eq!(status, 200, "{shown}");
         assert_eq!(shown["topic"], TOPIC);
