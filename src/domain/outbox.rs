@@ -9,7 +9,8 @@ use time::{Duration, OffsetDateTime};
 
 use super::{DomainError, DomainResult, Enrollment, random_bytes};
 use crate::model::{
-    DeliveryJob, Device, Id, Import, ImportState, Invite, InviteStatus, JobChannel, JobKind, JobState, Remark, User,
+    DeliveryJob, Device, Id, Import, ImportState, Invite, InviteStatus, JobChannel, JobKind, JobState, Remark, Setting,
+    User,
 };
 use crate::store::{Tx, tree};
 
@@ -252,6 +253,17 @@ impl Enrollment {
                 job.passcode = None;
             }
             tx.put(Some(&old), &job)?;
+            // The dashboard shows the outbox's latest trouble, whichever message had it.
+            if job.state != JobState::Sent {
+                let last = tx.get::<Setting, _>(LAST_ERROR.as_bytes())?;
+                let error = Setting {
+                    name: LAST_ERROR.into(),
+                    value: remark.clone(),
+                    updated_at: now,
+                    updated_by: "outbox".into(),
+                };
+                tx.put(last.as_ref(), &error)?;
+            }
             if let Some(invite) = tx.get_id::<Invite, _>(&job.invite_id)?
                 && invite.generation == job.generation
             {
@@ -334,6 +346,11 @@ impl Enrollment {
         }
     }
 
+    /// The outbox's latest failure or deferral, in a sentence, and when it happened.
+    pub fn outbox_last_error(&self) -> DomainResult<Option<(OffsetDateTime, String)>> {
+        Ok(self.store.get::<Setting>(LAST_ERROR.as_bytes())?.map(|s| (s.updated_at, s.value)))
+    }
+
     /// Messages by state, from the store's counters.
     pub fn outbox_counts(&self) -> DomainResult<OutboxCounts> {
         let count = |state: JobState| self.store.count(&format!("outbox.{state}"));
@@ -409,6 +426,9 @@ impl Enrollment {
 }
 
 type TxUnit = super::TxResult<()>;
+
+/// Where the outbox's latest trouble is kept (a record in the settings tree, not an admin setting).
+const LAST_ERROR: &str = "outbox.last_error";
 
 /// The message in a sentence: "Email to a@example.com", "Reminder to …", "Enrollment notice to …".
 fn what(job: &DeliveryJob) -> String {
@@ -491,6 +511,8 @@ mod tests {
         let invite: Invite = d.store.get(id.as_bytes()).unwrap().unwrap();
         assert_eq!(invite.delivery[0].state, JobState::Failed);
         assert!(invite.remarks.last().unwrap().text.contains("still not delivered after"), "{:?}", invite.remarks);
+        let (at, last) = d.outbox_last_error().unwrap().expect("the dashboard's latest trouble");
+        assert!(at == d.now() && last.contains("still not delivered after") && last.contains("421 busy"), "{last}");
     }
 
     #[test]

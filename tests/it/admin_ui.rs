@@ -299,5 +299,17 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.goto(&format!("{origin}/admin/enrollment")).await;
     b.wait_for_text("andrew@example.com").await;
     b.screenshot("pending-phone").await;
+
+    // Deleting the user, after a confirmation that says what happens to their invites and devices.
+    b.resize(1280, 1000).await;
+    b.goto(&format!("{origin}/admin/users")).await;
+    b.click("td.actions form[action$='/delete'] button").await;
+    let confirm = b.wait_for_text("Delete Andrew &lt;andrew@example.com&gt;?").await;
+    assert!(confirm.contains("Revoke MDM on their devices"), "{confirm}");
+    b.screenshot("delete-user").await;
+    b.click("button.danger").await;
+    b.wait_for_text("The user was deleted.").await;
+    b.goto(&format!("{origin}/admin/enrollment")).await;
+    assert!(!b.source().await.contains("andrew@example.com"), "their pending invite went with them");
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }

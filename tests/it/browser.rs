@@ -3,6 +3,7 @@
 //! in a throw-away home directory, as an admin would add it on their desktop, and `enroll.local` is mapped to
 //! loopback. Screenshots go to `target/browser-screenshots/<test>/` for a person to look at.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,9 +29,21 @@ pub struct Browser {
 }
 
 impl Drop for Browser {
+    /// Chromium outlives chromedriver unless told otherwise: the whole process group goes (also when a test failed
+    /// half-way).
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = nix::unistd::Pid::from_raw(self.driver.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.driver.wait();
+        // Chromium starts its helpers in groups of their own; they are found by this session's profile directory.
+        let profile = self._home.path().join("profile").display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&profile) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
 }
 
@@ -57,6 +70,8 @@ impl Browser {
         let port = free_port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // Its own process group, so the browsers it starts are stopped with it.
+            .process_group(0)
             .env("HOME", home.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

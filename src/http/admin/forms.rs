@@ -27,6 +27,8 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/imports/{id}", get(import_status))
         .route("/admin/users", get(users).post(create_user))
         .route("/admin/groups", axum::routing::post(create_group))
+        .route("/admin/users/{id}/delete", axum::routing::post(delete_user))
+        .route("/admin/groups/{id}/delete", axum::routing::post(delete_group))
         .route("/admin/audit", get(audit))
         .route("/admin/settings", get(settings).post(save_settings))
         .route("/admin/settings/test-mail", axum::routing::post(test_mail))
@@ -778,5 +780,84 @@ async fn save_template(
             "Something went wrong",
             "Try again in a minute.",
         ),
+    }
+}
+
+/// Deletes a user after a confirmation that says what happens to their invites and devices.
+async fn delete_user(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let Ok(id) = id.parse::<Id>() else {
+        return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such user.");
+    };
+    if fields.get("confirmed") != Some("yes") {
+        let domain = state.enrollment.clone();
+        let user = match blocking(move || domain.user(&id)).await {
+            Ok(user) => user,
+            Err(error) => return failure(&state, &admin, error),
+        };
+        let values = minijinja::context! {
+            title => format!("Delete {} <{}>?", user.name, user.email),
+            text => "Their pending invites are removed (the links stop working). Their enrolled devices stay managed without a user, unless you choose to revoke MDM on them too.",
+            action => format!("/admin/users/{id}/delete"),
+            choices => vec![
+                minijinja::context! { value => "unassign", label => "Keep their devices managed" },
+                minijinja::context! { value => "revoke_mdm", label => "Revoke MDM on their devices" },
+            ],
+            fields => Vec::<Value>::new(),
+            ids => Vec::<String>::new(),
+            button => "Delete the user",
+            danger => true,
+            cancel => "/admin/users",
+        };
+        return render(&state, Some(&admin), StatusCode::OK, "confirm.html", values);
+    }
+    let choice = match fields.get("devices") {
+        Some("revoke_mdm") => Some(crate::domain::UserChoiceForDevices::RevokeMdm),
+        _ => Some(crate::domain::UserChoiceForDevices::Unassign),
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.delete_user(&actor, &id, choice)).await {
+        Ok(()) => {
+            let extra = minijinja::context! { notice => "The user was deleted." };
+            users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
+}
+
+async fn delete_group(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let Ok(id) = id.parse::<Id>() else {
+        return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such group.");
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.delete_group(&actor, &id)).await {
+        Ok(()) => {
+            let extra = minijinja::context! { notice => "The group was deleted; its members stay." };
+            users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
     }
 }

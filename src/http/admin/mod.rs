@@ -357,9 +357,11 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap, ClientAddr
         Err(response) => return response,
     };
     let domain = state.enrollment.clone();
-    let gathered =
-        blocking(move || Ok((domain.dashboard()?, domain.outbox_counts()?, domain.push_certificate()?))).await;
-    let (counts, outbox, push) = match gathered {
+    let gathered = blocking(move || {
+        Ok((domain.dashboard()?, domain.outbox_counts()?, domain.push_certificate()?, domain.outbox_last_error()?))
+    })
+    .await;
+    let (counts, outbox, push, last_error) = match gathered {
         Ok(gathered) => gathered,
         Err(error) => return failure(&state, &admin, error),
     };
@@ -384,6 +386,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap, ClientAddr
         ("counts", ser(&counts)),
         ("outbox", ser(&outbox)),
         ("relay", Value::from(state.mail.relay().is_some())),
+        ("last_error", Value::from(last_error.map(|(at, text)| format!("{} UTC: {text}", crate::domain::minute(at))))),
         ("push", Value::from(push)),
         ("tls", Value::from(tls)),
     ]);
