@@ -96,7 +96,7 @@ impl Enrollment {
             .store
             .get::<Setting>(ENROLL_AUTH_SETTING.as_bytes())?
             .and_then(|s| EnrollAuth::from_str(&s.value).ok())
-            .unwrap_or(self.policy.enroll_auth))
+            .unwrap_or(self.policy().enroll_auth))
     }
 
     /// Saves (or, with `None`, forgets) the admin's choice of how users authenticate.

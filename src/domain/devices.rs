@@ -232,8 +232,8 @@ impl Enrollment {
 
     /// The distribution list, and the user when the policy says so, each once.
     fn confirmation_recipients(&self, user_email: Option<String>) -> Vec<String> {
-        let mut to: Vec<String> = self.policy.confirmation_to.clone();
-        if self.policy.confirmation_to_user
+        let mut to: Vec<String> = self.policy().confirmation_to.clone();
+        if self.policy().confirmation_to_user
             && let Some(email) = user_email
             && !to.iter().any(|t| t.eq_ignore_ascii_case(&email))
         {

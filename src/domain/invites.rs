@@ -257,7 +257,7 @@ impl Enrollment {
             add(JobChannel::Sms, phone);
         }
         // The reminder carries no link or passcode: they are not kept for days in the outbox.
-        if let Some(before) = self.policy.reminder_before
+        if let Some(before) = self.policy().reminder_before
             && invite.channels.email()
             && invite.expires_at - before > self.now()
         {
@@ -342,7 +342,7 @@ impl Enrollment {
             group_id: new.group_id,
             channels: if by_myself { Channels::Email } else { new.channels },
             requested_at: now,
-            expires_at: now + self.policy.invite_validity,
+            expires_at: now + self.policy().invite_validity,
             status: InviteStatus::Pending,
             remarks: Vec::new(),
             token_hash: token_hash(&secrets.token),
@@ -449,7 +449,7 @@ impl Enrollment {
         let mut invite = old.clone();
         invite.status = InviteStatus::Pending;
         invite.requested_at = now;
-        invite.expires_at = now + self.policy.invite_validity;
+        invite.expires_at = now + self.policy().invite_validity;
         invite.token_hash = token_hash(&secrets.token);
         invite.passcode_hash = self.passcode_hash(id, &secrets.passcode);
         invite.generation += 1;
@@ -726,7 +726,7 @@ impl Enrollment {
         right: bool,
         auth: crate::model::EnrollAuth,
     ) -> DomainResult<PasscodeCheck> {
-        let limit = self.policy.passcode_attempts;
+        let limit = self.policy().passcode_attempts;
         let now = self.now();
         let wrong = match auth {
             crate::model::EnrollAuth::Passcode => "wrong passcodes",

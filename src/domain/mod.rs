@@ -33,6 +33,7 @@ pub use invites::{
 };
 pub use mdm::{AppleFacts, ChallengeProblem};
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
+pub use settings::PolicyChange;
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
 
 use crate::clock::Clock;
@@ -133,7 +134,8 @@ impl Default for Policy {
 pub struct Enrollment {
     store: Store,
     clock: Arc<dyn Clock>,
-    policy: Policy,
+    /// The rules; admins change some of them at run time (saved as settings, which win over the configuration).
+    policy: Arc<arc_swap::ArcSwap<Policy>>,
     /// The key passcodes are hashed under (HMAC-SHA-256). It lives in a file beside the CA key, not in the
     /// database, so a copy of the database alone does not reveal passcodes.
     passcode_key: Arc<ring::hmac::Key>,
@@ -174,16 +176,18 @@ impl Enrollment {
         passcode_key: &[u8; 32],
     ) -> DomainResult<Enrollment> {
         let passcode_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, passcode_key));
-        Ok(Enrollment {
+        let enrollment = Enrollment {
             directory: LocalAccounts::shared(store.clone()),
             store,
             clock,
-            policy,
+            policy: Arc::new(arc_swap::ArcSwap::from_pointee(policy)),
             passcode_key,
             ids: Arc::default(),
             spool_dir: None,
             import_lock: Arc::default(),
-        })
+        };
+        enrollment.apply_saved_policy()?;
+        Ok(enrollment)
     }
 
     pub fn store(&self) -> &Store {
@@ -194,8 +198,9 @@ impl Enrollment {
         self.clock.now()
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The rules in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
     }
 
     fn new_id(&self) -> Id {

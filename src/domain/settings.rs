@@ -43,3 +43,116 @@ impl Enrollment {
         })
     }
 }
+
+/// How long invites are valid, in days, as an admin saved it.
+const INVITE_VALIDITY: &str = "policy.invite_validity_days";
+/// Who is told when a device enrolls, as an admin saved it (addresses, one per line), and whether the user is.
+const CONFIRMATION_TO: &str = "policy.confirmation_to";
+const CONFIRMATION_TO_USER: &str = "policy.confirmation_to_user";
+
+/// The rules an admin can change while enrolld runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub invite_validity_days: u32,
+    pub confirmation_to: Vec<String>,
+    pub confirmation_to_user: bool,
+}
+
+impl Enrollment {
+    /// Puts the admin's saved rules over the configuration's (at start, and after a change).
+    pub(super) fn apply_saved_policy(&self) -> DomainResult<()> {
+        let saved = self.settings("policy.")?;
+        let find = |name: &str| saved.iter().find(|s| s.name == name).map(|s| s.value.clone());
+        let mut policy = (*self.policy()).clone();
+        if let Some(days) = find(INVITE_VALIDITY).and_then(|d| d.parse::<i64>().ok()) {
+            policy.invite_validity = time::Duration::days(days);
+        }
+        if let Some(list) = find(CONFIRMATION_TO) {
+            policy.confirmation_to = list.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect();
+        }
+        if let Some(flag) = find(CONFIRMATION_TO_USER) {
+            policy.confirmation_to_user = flag == "true";
+        }
+        self.policy.store(std::sync::Arc::new(policy));
+        Ok(())
+    }
+
+    /// Saves the rules an admin changed, checked first: validity 1 to 90 days and longer than the reminder; every
+    /// address an email address. New invites use them at once.
+    pub fn save_policy(&self, actor: &Actor, change: &PolicyChange) -> DomainResult<()> {
+        if !(1..=90).contains(&change.invite_validity_days) {
+            return Err(super::DomainError::invalid("invite_validity_days", "give 1 to 90 days"));
+        }
+        if let Some(before) = self.policy().reminder_before
+            && time::Duration::days(i64::from(change.invite_validity_days)) <= before
+        {
+            return Err(super::DomainError::invalid(
+                "invite_validity_days",
+                format!(
+                    "reminders go {} days before expiry (invite_reminder_days), so invites must last longer than that",
+                    before.whole_days()
+                ),
+            ));
+        }
+        let list = change
+            .confirmation_to
+            .iter()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| {
+                super::normalize_email(a).map_err(|_| {
+                    super::DomainError::invalid("confirmation_to", format!("{a:?} is not an email address"))
+                })
+            })
+            .collect::<DomainResult<Vec<_>>>()?;
+        self.save_setting(actor, INVITE_VALIDITY, &change.invite_validity_days.to_string())?;
+        self.save_setting(actor, CONFIRMATION_TO, &list.join("\n"))?;
+        self.save_setting(actor, CONFIRMATION_TO_USER, if change.confirmation_to_user { "true" } else { "false" })?;
+        self.apply_saved_policy()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{admin, domain};
+    use super::*;
+    use crate::model::{Channels, Ownership, Platform};
+
+    #[test]
+    fn saved_rules_apply_to_new_invites_and_survive_a_restart() {
+        let (d, clock) = domain();
+        let change = PolicyChange {
+            invite_validity_days: 3,
+            confirmation_to: vec!["Helpdesk@Example.com".into(), "".into()],
+            confirmation_to_user: true,
+        };
+        d.save_policy(&admin(), &change).unwrap();
+        let user = d
+            .create_user(
+                &admin(),
+                &super::super::NewUser { name: "Ann".into(), email: "ann@example.com".into(), ..Default::default() },
+            )
+            .unwrap();
+        let new = super::super::NewInvite {
+            user_id: user.id,
+            platform: Platform::Ios,
+            ownership: Ownership::Corporate,
+            group_id: None,
+            channels: Channels::Email,
+        };
+        let invite = d.create_invite(&admin(), &new).unwrap().invite;
+        assert_eq!(invite.expires_at - invite.requested_at, time::Duration::days(3));
+
+        let again =
+            Enrollment::new(d.store.clone(), std::sync::Arc::new(clock.clone()), Default::default(), &[7; 32]).unwrap();
+        let policy = again.policy();
+        assert_eq!(policy.invite_validity, time::Duration::days(3));
+        assert_eq!(policy.confirmation_to, vec!["helpdesk@example.com".to_owned()]);
+        assert!(policy.confirmation_to_user);
+
+        let bad = PolicyChange { confirmation_to: vec!["not an address".into()], ..change.clone() };
+        assert!(d.save_policy(&admin(), &bad).unwrap_err().to_string().contains("not an email address"));
+        let long = PolicyChange { invite_validity_days: 91, ..change };
+        assert!(d.save_policy(&admin(), &long).is_err());
+        assert_eq!(d.policy().invite_validity, time::Duration::days(3), "a refused change changes nothing");
+    }
+}

@@ -264,6 +264,18 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     assert!(test.contains("helpdesk@example.com"), "{test}");
     b.screenshot("settings-relay").await;
 
+    // How long invites last and who hears of enrollments: a bad address refused next to its field, then saved.
+    b.fill("#validity_days", "3").await;
+    b.fill("#confirmation_to", "helpdesk@example.com\nnot an address").await;
+    b.click("form[action='/admin/settings/policy'] button[type=submit]").await;
+    let refused = b.wait_for_text("is not an email address").await;
+    assert!(refused.contains("value=\"7\""), "nothing saved: the validity is still 7 days");
+    b.fill("#validity_days", "3").await;
+    b.fill("#confirmation_to", "helpdesk@example.com").await;
+    b.click("form[action='/admin/settings/policy'] button[type=submit]").await;
+    let saved = b.wait_for_text("Saved; new invites use it.").await;
+    assert!(saved.contains("value=\"3\"") && saved.contains(">helpdesk@example.com</textarea>"), "{saved}");
+
     // Staged devices from CSV, then one invited to enroll (its user gets the invite by mail).
     let csv = dir.path().join("staged.csv");
     std::fs::write(
@@ -293,6 +305,12 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.wait_for_text("The invite is on its way").await;
     let invite = String::from_utf8_lossy(&sink.wait_for(2)[1]).to_string();
     assert!(invite.contains("andrew@example.com") && invite.contains("Enroll your device, "), "the saved subject");
+    let in_three_days = (time::OffsetDateTime::now_utc() + time::Duration::days(3)).date();
+    let (day, month) = (in_three_days.day(), in_three_days.month());
+    assert!(
+        invite.contains(&format!("{day} {month}")) || invite.contains(&in_three_days.to_string()),
+        "valid 3 days: {invite}"
+    );
 
     // The Pending page on a phone-sized screen.
     b.resize(390, 844).await;

@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/settings", get(settings).post(save_settings))
         .route("/admin/settings/test-mail", axum::routing::post(test_mail))
         .route("/admin/settings/relay", axum::routing::post(save_relay))
+        .route("/admin/settings/policy", axum::routing::post(save_policy))
         .route("/admin/settings/push-p12", axum::routing::post(upload_p12))
         .route("/admin/templates", get(templates).post(save_template))
 }
@@ -451,8 +452,12 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
             settings.from_address
         )
     });
+    let policy = state.enrollment.policy();
     let values = minijinja::context! {
         title => "Settings",
+        validity_days => policy.invite_validity.whole_days(),
+        confirmation_to => policy.confirmation_to.join("\n"),
+        confirmation_to_user => policy.confirmation_to_user,
         auth => auth.as_str(),
         auths => options(EnrollAuth::ALL),
         push => push.map(|p| minijinja::context! { topic => p.topic, not_after => p.not_after.date().to_string(), uploaded_by => p.uploaded_by }),
@@ -857,6 +862,53 @@ async fn delete_group(
         Ok(()) => {
             let extra = minijinja::context! { notice => "The group was deleted; its members stay." };
             users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
+}
+
+/// Saves how long invites last and who is told when a device enrolls.
+async fn save_policy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ClientAddr(client): ClientAddr,
+    body: Bytes,
+) -> Response {
+    let fields = Fields::parse(&body);
+    let admin = match change(&state, &headers, client, &fields).await {
+        Ok(admin) => admin,
+        Err(response) => return response,
+    };
+    let change = crate::domain::PolicyChange {
+        invite_validity_days: fields.get("validity_days").and_then(|d| d.trim().parse().ok()).unwrap_or(0),
+        confirmation_to: fields
+            .get("confirmation_to")
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect(),
+        confirmation_to_user: fields.get("confirmation_to_user").is_some(),
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.save_policy(&actor, &change)).await {
+        Ok(()) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::OK,
+                minijinja::context! { notice => "Saved; new invites use it." },
+            )
+            .await
+        }
+        Err(crate::domain::DomainError::Invalid { field, message }) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                minijinja::context! { policy_field => field, policy_error => message },
+            )
+            .await
         }
         Err(error) => failure(&state, &admin, error),
     }
