@@ -183,8 +183,8 @@ async fn an_admin_runs_the_appliance_from_the_browser() {
     loaded.extend(b.loaded().await);
 
     // A form post without the page's CSRF token is refused, even with the session cookie.
-    let session = b.cookies().await.into_iter().find(|c| c["name"] == "enrolld_session").unwrap();
-    let cookie = format!("enrolld_session={}", session["value"].as_str().unwrap());
+    let session = b.cookies().await.into_iter().find(|c| c["name"] == "__Host-enrolld_session").unwrap();
+    let cookie = format!("__Host-enrolld_session={}", session["value"].as_str().unwrap());
     assert_eq!(session["httpOnly"], true);
     let headers = [("cookie", cookie.as_str()), ("content-type", "application/x-www-form-urlencoded")];
     let form = b"email=mallory@example.com&platform=ios".to_vec();
@@ -275,6 +275,22 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.click("form[action='/admin/settings/policy'] button[type=submit]").await;
     let saved = b.wait_for_text("Saved; new invites use it.").await;
     assert!(saved.contains("value=\"3\"") && saved.contains(">helpdesk@example.com</textarea>"), "{saved}");
+
+    // A file over the 1 MiB JSON limit is still taken (the upload's limit is import_max_bytes): 15,000 rows, the last
+    // one bad, so nothing is imported and that line is named.
+    let big = dir.path().join("big.csv");
+    let mut rows = String::from("USER NAME,EMAIL ADDRESS,OWNED BY,GROUP NAME,PLATFORM TYPE,PHONE NUMBER\r\n");
+    for n in 0..15_000 {
+        rows.push_str(&format!("Person Number {n:05},person.number.{n:05}@example.com,Corporate,Large Team,iOS,\r\n"));
+    }
+    rows.push_str("Last Person,last.person@example,Corporate,,iOS,\r\n");
+    assert!(rows.len() > 1 << 20);
+    std::fs::write(&big, rows).unwrap();
+    b.goto(&format!("{origin}/admin/import")).await;
+    b.attach("#file", &big).await;
+    b.click("form[action='/admin/import'] button[type=submit]").await;
+    let report = b.wait_for_text("rows with problems").await;
+    assert!(report.contains("<td>15002</td>") && report.contains("last.person@example"), "{report}");
 
     // Staged devices from CSV, then one invited to enroll (its user gets the invite by mail).
     let csv = dir.path().join("staged.csv");

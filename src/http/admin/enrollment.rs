@@ -73,7 +73,12 @@ async fn enrollment(
         Ok(admin) => admin,
         Err(response) => return response,
     };
-    let tab = filter.tab.clone().unwrap_or_else(|| "pending".into());
+    let tab = match filter.tab.as_deref() {
+        Some("managed") => "managed",
+        Some("staged") => "staged",
+        _ => "pending",
+    }
+    .to_owned();
     let domain = state.enrollment.clone();
     let groups = match blocking(move || domain.groups(None, 500)).await {
         Ok(groups) => groups.items,
@@ -104,20 +109,40 @@ async fn enrollment(
         "staged" => {
             let domain = state.enrollment.clone();
             let cursor = filter.cursor.clone();
-            match blocking(move || domain.staged(cursor.as_deref(), PAGE_SIZE)).await {
+            let q = filter.q.clone().unwrap_or_default().to_lowercase();
+            let platform: Option<Platform> = optional(filter.platform.as_deref());
+            let wanted = move |s: &crate::model::StagedDevice| {
+                platform.is_none_or(|p| s.platform == p)
+                    && (q.is_empty()
+                        || [&s.serial, &s.imei, &s.name, &s.email]
+                            .iter()
+                            .any(|f| f.as_deref().is_some_and(|f| f.to_lowercase().contains(&q))))
+            };
+            // The staged list has no index to search: pages are read until a page of matches is found (or the
+            // end), and the next link goes on from where the reading stopped.
+            let found = blocking(move || {
+                let mut cursor = cursor;
+                let mut rows = Vec::new();
+                loop {
+                    let page = domain.staged(cursor.as_deref(), 500)?;
+                    let next = page.next_cursor.clone();
+                    for staged in page.items {
+                        if rows.len() < PAGE_SIZE && wanted(&staged) {
+                            rows.push(staged);
+                        }
+                    }
+                    if rows.len() >= PAGE_SIZE || next.is_none() {
+                        return Ok(crate::domain::Paged { items: rows, next_cursor: next });
+                    }
+                    cursor = next;
+                }
+            })
+            .await;
+            match found {
                 Ok(page) => {
-                    let q = filter.q.clone().unwrap_or_default().to_lowercase();
-                    let platform: Option<Platform> = optional(filter.platform.as_deref());
                     let rows = page
                         .items
                         .into_iter()
-                        .filter(|s| platform.is_none_or(|p| s.platform == p))
-                        .filter(|s| {
-                            q.is_empty()
-                                || [&s.serial, &s.imei, &s.name, &s.email]
-                                    .iter()
-                                    .any(|f| f.as_deref().is_some_and(|f| f.to_lowercase().contains(&q)))
-                        })
                         .map(|s| {
                             let group = group_name(s.group_id);
                             minijinja::context! { ..super::ser(&s), ..minijinja::context! { group_name => group } }
@@ -166,9 +191,34 @@ async fn enrollment(
         query.append_pair("cursor", &cursor);
         format!("/admin/enrollment?{}", query.finish())
     });
+    let export_url = {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (key, value) in [("q", &filter.q), ("platform", &filter.platform), ("group_id", &filter.group)] {
+            if let Some(value) = value.as_deref().filter(|v| !v.is_empty() && *v != "all") {
+                query.append_pair(key, value);
+            }
+        }
+        let status = filter.status.as_deref().filter(|s| !s.is_empty() && *s != "all");
+        match (tab.as_str(), status) {
+            ("pending", None) => {
+                query.append_pair("status", "pending");
+            }
+            (_, Some(status)) => {
+                query.append_pair("status", status);
+            }
+            _ => {}
+        }
+        let list = match tab.as_str() {
+            "managed" => "devices",
+            "staged" => "staged",
+            _ => "invites",
+        };
+        format!("/api/v1/{list}/export?{}", query.finish())
+    };
     let values = Value::from_pairs([
         ("title", Value::from("Enrollment")),
         ("tab", Value::from(tab.clone())),
+        ("export_url", Value::from(export_url)),
         ("rows", Value::from(rows)),
         ("next_url", Value::from(next_url)),
         ("groups", Value::from(group_options)),
@@ -309,7 +359,21 @@ async fn bulk(
         blocking(move || domain.bulk_remove(&actor, &selection)).await
     };
     match done {
-        Ok(_) => back("pending", "bulk"),
+        Ok(outcomes) if outcomes.iter().all(|o| o.ok) => back("pending", "bulk"),
+        Ok(outcomes) => {
+            let failed: Vec<String> = outcomes
+                .iter()
+                .filter(|o| !o.ok)
+                .map(|o| format!("{}: {}", o.id, o.error.clone().unwrap_or_default()))
+                .collect();
+            let text = format!(
+                "{} of {} done. Not done: {}",
+                outcomes.len() - failed.len(),
+                outcomes.len(),
+                failed.join("; ")
+            );
+            message(&state, Some(&admin), StatusCode::OK, "Some invites were not changed", &text)
+        }
         Err(error) => failure(&state, &admin, error),
     }
 }
@@ -486,6 +550,15 @@ async fn assign_staged(
         Err(response) => return response,
     };
     let ids: Vec<Id> = fields.all("ids").iter().filter_map(|id| id.parse().ok()).collect();
+    if ids.is_empty() {
+        return message(
+            &state,
+            Some(&admin),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Nothing selected",
+            "Tick the staged devices to assign first.",
+        );
+    }
     let email = fields.get("email").map(str::to_owned);
     let group_id: Option<Id> = optional(fields.get("group"));
     let domain = state.enrollment.clone();

@@ -23,7 +23,8 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/admin/invite", get(invite_page).post(invite))
         .route("/admin/invite/group", axum::routing::post(invite_group))
-        .route("/admin/import", get(import_page).post(upload))
+        // The upload is limited by import_max_bytes (the router's hard limit), not by the JSON body limit.
+        .route("/admin/import", get(import_page).post(upload).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/admin/imports/{id}", get(import_status))
         .route("/admin/users", get(users).post(create_user))
         .route("/admin/groups", axum::routing::post(create_group))
@@ -217,6 +218,10 @@ async fn upload(
     ClientAddr(client): ClientAddr,
     mut multipart: Multipart,
 ) -> Response {
+    // Only a signed-in admin's upload is read at all; the CSRF token, a field of the form, is checked after.
+    if let Err(response) = admin_of(&state, &headers, client.clone()).await {
+        return response;
+    }
     let mut fields = Fields::default();
     let mut file: Option<(Option<String>, Vec<u8>)> = None;
     loop {
@@ -382,6 +387,11 @@ async fn create_user(
             let extra = minijinja::context! { field => field, field_error => message, values => super::ser(&fields_map(&fields)) };
             users_page(&state, &admin, &Paging::default(), StatusCode::UNPROCESSABLE_ENTITY, extra).await
         }
+        // A taken address is the form's mistake too: said next to the email field, with what was typed kept.
+        Err(crate::domain::DomainError::Conflict { message, .. }) => {
+            let extra = minijinja::context! { field => "email", field_error => message, values => super::ser(&fields_map(&fields)) };
+            users_page(&state, &admin, &Paging::default(), StatusCode::CONFLICT, extra).await
+        }
         Err(error) => failure(&state, &admin, error),
     }
 }
@@ -495,6 +505,10 @@ async fn save_settings(
             return failure(&state, &admin, error);
         }
     }
+    if fields.get("push_certificate").is_some() != fields.get("push_key").is_some() {
+        let extra = minijinja::context! { push_error => "Paste both the certificate and its private key." };
+        return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+    }
     if let (Some(cert), Some(key)) = (fields.get("push_certificate"), fields.get("push_key")) {
         let (cert, key) = (cert.to_owned(), key.to_owned());
         let push = match crate::pki::push::PushCertificate::from_pem(&cert, &key, state.clock.now()) {
@@ -601,9 +615,25 @@ async fn upload_p12(
     ClientAddr(client): ClientAddr,
     mut multipart: Multipart,
 ) -> Response {
+    if let Err(response) = admin_of(&state, &headers, client.clone()).await {
+        return response;
+    }
     let mut fields = Fields::default();
     let mut file = Vec::new();
-    while let Ok(Some(field)) = multipart.next_field().await {
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(error) => {
+                return message(
+                    &state,
+                    None,
+                    StatusCode::BAD_REQUEST,
+                    "The upload could not be read",
+                    &error.body_text(),
+                );
+            }
+        };
         let name = field.name().unwrap_or_default().to_owned();
         if name == "file" {
             file = field.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
@@ -856,6 +886,19 @@ async fn delete_group(
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such group.");
     };
+    if fields.get("confirmed") != Some("yes") {
+        let values = minijinja::context! {
+            title => "Delete this group?",
+            text => "Its members, invites and devices stay; they are just no longer in the group.",
+            action => format!("/admin/groups/{id}/delete"),
+            fields => Vec::<Value>::new(),
+            ids => Vec::<String>::new(),
+            button => "Delete the group",
+            danger => true,
+            cancel => "/admin/users",
+        };
+        return render(&state, Some(&admin), StatusCode::OK, "confirm.html", values);
+    }
     let domain = state.enrollment.clone();
     let actor = admin.actor.clone();
     match blocking(move || domain.delete_group(&actor, &id)).await {

@@ -134,9 +134,14 @@ fn forbidden(state: &AppState) -> Response {
 }
 
 /// Browsers say where a form post came from; one from another site is refused (the CSRF token refuses it too).
+/// Without `Sec-Fetch-Site` (older browsers), the `Origin` must be this host's.
 fn same_origin(headers: &HeaderMap) -> bool {
-    match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        Some(site) => site == "same-origin" || site == "none",
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return site == "same-origin" || site == "none";
+    }
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some(origin) => host.is_some_and(|host| origin == format!("https://{host}")),
         None => true,
     }
 }
@@ -268,7 +273,10 @@ async fn login(
             format!("Too many failed attempts. Wait {} seconds and try again.", retry_after_secs.max(1))
         }
         Ok(Err(AuthError::BadCredentials)) => "The username or password is not right.".to_owned(),
-        Ok(Err(error)) => error.to_string(),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "signing in failed");
+            "Something went wrong; try again.".to_owned()
+        }
         Err(_) => "Something went wrong; try again.".to_owned(),
     };
     let values = Value::from_pairs([("problem", Value::from(problem)), ("username", Value::from(username))]);
@@ -288,7 +296,9 @@ async fn logout(
     };
     let auth = state.auth.clone();
     let (actor, token) = (admin.actor.clone(), admin.token.clone());
-    let _ = blocking(move || auth.logout(&actor, &token)).await;
+    if let Err(error) = blocking(move || auth.logout(&actor, &token)).await {
+        return failure(&state, &admin, error);
+    }
     let mut response = Redirect::to("/admin/login").into_response();
     let expired = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0");
     if let Ok(value) = HeaderValue::from_str(&expired) {
@@ -344,7 +354,14 @@ async fn setup(
         Ok(Err(AuthError::BadSetupCode)) => {
             "That setup code is not right; copy it from the log line that says “enter the setup code”.".to_owned()
         }
-        Ok(Err(error)) => error.to_string(),
+        Ok(Err(AuthError::WeakPassword(reason))) => reason,
+        Ok(Err(AuthError::TooManyAttempts { retry_after_secs })) => {
+            format!("Too many failed attempts. Wait {} seconds and try again.", retry_after_secs.max(1))
+        }
+        Ok(Err(error)) => {
+            tracing::error!(%error, "setup failed");
+            "Something went wrong; try again.".to_owned()
+        }
         Err(_) => "Something went wrong; try again.".to_owned(),
     };
     let values = Value::from_pairs([("title", Value::from("Set up enrolld")), ("problem", Value::from(problem))]);

@@ -17,7 +17,8 @@ use crate::domain::auth::{AdminView, SessionView, SignedIn};
 use crate::http::{AppState, HttpError};
 
 /// The browser session cookie (HttpOnly, Secure, SameSite=Strict).
-pub const SESSION_COOKIE: &str = "enrolld_session";
+/// `__Host-`: the browser takes it only from this host, over HTTPS, for `/`, so no other site can plant one.
+pub const SESSION_COOKIE: &str = "__Host-enrolld_session";
 /// The header a cookie-authenticated change must carry.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 

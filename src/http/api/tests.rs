@@ -68,7 +68,7 @@ impl<'a> Call<'a> {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         if let Some(cookie) = self.cookie {
-            request = request.header(header::COOKIE, format!("enrolld_session={cookie}"));
+            request = request.header(header::COOKIE, format!("__Host-enrolld_session={cookie}"));
         }
         if let Some(csrf) = self.csrf {
             request = request.header("x-csrf-token", csrf);
@@ -138,7 +138,7 @@ async fn sign_in_gives_a_token_and_a_strict_cookie_and_sign_out_ends_it() {
 
     let (token, _, headers) = login(&router).await;
     let cookie = headers[header::SET_COOKIE].to_str().unwrap();
-    for attribute in ["enrolld_session=", "HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+    for attribute in ["__Host-enrolld_session=", "HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
     let (status, _, counts) = Call::new(Method::GET, "/api/v1/dashboard").bearer(&token).send(&router).await;
