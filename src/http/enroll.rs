@@ -101,13 +101,10 @@ async fn page(
     Query(choice): Query<PlatformChoice>,
     headers: HeaderMap,
 ) -> Response {
-    let invite = match open(&state, &token).await {
-        Ok(invite) => invite,
+    let (invite, authenticated) = match open_with_session(&state, &token, &headers).await {
+        Ok(opened) => opened,
         Err(response) => return response,
     };
-    let now = state.clock.now();
-    let authenticated =
-        super::cookie(&headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
     let platform = chosen_platform(&invite, choice.platform, &headers);
     render(&state, &token, StatusCode::OK, &invite, platform, authenticated, None)
 }
@@ -188,6 +185,15 @@ async fn passcode(
         }
         Ok(PasscodeCheck::Locked) => link_problem(&state, LinkProblem::Locked),
     }
+}
+
+/// The invite a link opens, and whether this browser holds a live enrollment session for it.
+async fn open_with_session(state: &AppState, token: &str, headers: &HeaderMap) -> Result<(Invite, bool), Response> {
+    let invite = open(state, token).await?;
+    let now = state.clock.now();
+    let authenticated =
+        super::cookie(headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
+    Ok((invite, authenticated))
 }
 
 /// The invite a link opens, or the page saying why it cannot be used.
@@ -389,13 +395,10 @@ async fn enrollment_profile(
     Query(choice): Query<PlatformChoice>,
     headers: HeaderMap,
 ) -> Response {
-    let invite = match open(&state, &token).await {
-        Ok(invite) => invite,
+    let (invite, authenticated) = match open_with_session(&state, &token, &headers).await {
+        Ok(opened) => opened,
         Err(response) => return response,
     };
-    let now = state.clock.now();
-    let authenticated =
-        super::cookie(&headers, SESSION_COOKIE).is_some_and(|t| state.enroll_sessions.holds(&t, invite.id, now));
     if !authenticated {
         return problem_page(
             &state,
@@ -445,7 +448,7 @@ async fn enrollment_profile(
         tracing::error!(%error, "writing the enrollment profile failed");
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    let body = match state.mdm.sign_profile(&xml, now) {
+    let body = match state.mdm.sign_profile(&xml, state.clock.now()) {
         Some(Ok(signed)) => signed,
         Some(Err(error)) => {
             tracing::error!(%error, "signing the enrollment profile failed");

@@ -4,18 +4,16 @@
 //! (with a confirmation that says what it does), reassigning, and removing staged devices.
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use minijinja::Value;
 use serde::Deserialize;
 
-use super::{Admin, Fields, admin_of, blocking, change, failure, message, render};
+use super::{Admin, Posted, SignedIn, blocking, failure, message, render};
 use crate::domain::{AdditionalInvite, BulkSelection, DeprovisionKind, DeviceQuery, InviteQuery, StagedAssignment};
 use crate::http::AppState;
-use crate::http::api::access::ClientAddr;
 use crate::model::{DeviceStatus, Id, InviteStatus, Ownership, Platform};
 
 pub fn routes() -> Router<AppState> {
@@ -65,14 +63,9 @@ fn optional<T: std::str::FromStr>(text: Option<&str>) -> Option<T> {
 
 async fn enrollment(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
+    SignedIn(admin): SignedIn,
     Query(filter): Query<ListFilter>,
 ) -> Response {
-    let admin = match admin_of(&state, &headers, client).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let tab = match filter.tab.as_deref() {
         Some("managed") => "managed",
         Some("staged") => "staged",
@@ -268,15 +261,8 @@ fn back(tab: &str, notice: &str) -> Response {
 async fn invite_action(
     State(state): State<AppState>,
     Path((id, action)): Path<(String, String)>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
+    Posted { admin, fields }: Posted,
 ) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such invite.");
     };
@@ -298,17 +284,7 @@ async fn invite_action(
 }
 
 /// Bulk resend or remove of the checked rows: first a confirmation that names how many, then the action.
-async fn bulk(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn bulk(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let ids: Vec<Id> = fields.all("ids").iter().filter_map(|id| id.parse().ok()).collect();
     let action = fields.get("action").unwrap_or_default().to_owned();
     if ids.is_empty() {
@@ -379,16 +355,7 @@ async fn bulk(
 }
 
 /// What the user sees on the enrollment page for this invite's platform.
-async fn steps(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-) -> Response {
-    let admin = match admin_of(&state, &headers, client).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn steps(State(state): State<AppState>, Path(id): Path<String>, SignedIn(admin): SignedIn) -> Response {
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such invite.");
     };
@@ -424,15 +391,8 @@ async fn steps(
 async fn device_action(
     State(state): State<AppState>,
     Path((id, action)): Path<(String, String)>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
+    Posted { admin, fields }: Posted,
 ) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such device.");
     };
@@ -510,15 +470,8 @@ fn confirm_deprovision(state: &AppState, admin: &Admin, id: Id, kind: Deprovisio
 async fn staged_action(
     State(state): State<AppState>,
     Path((id, action)): Path<(String, String)>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
+    Posted { admin, .. }: Posted,
 ) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such staged device.");
     };
@@ -538,17 +491,7 @@ async fn staged_action(
 }
 
 /// Assigns the ticked staged devices to a user (by email) and/or a group.
-async fn assign_staged(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn assign_staged(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let ids: Vec<Id> = fields.all("ids").iter().filter_map(|id| id.parse().ok()).collect();
     if ids.is_empty() {
         return message(

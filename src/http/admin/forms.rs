@@ -3,7 +3,7 @@
 //! groups, the audit log, and settings (how users authenticate, the push certificate, the mail relay's test).
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -12,11 +12,10 @@ use base64::Engine as _;
 use minijinja::Value;
 use serde::Deserialize;
 
-use super::{Admin, Fields, admin_of, blocking, change, failure, message, render};
+use super::{Admin, Fields, Posted, SignedIn, blocking, failure, message, render};
 use crate::config::SmtpSecurity;
 use crate::domain::{GroupInviteMode, GroupInvitePlan, ImportRequest, NewGroup, NewInvite, NewUser};
 use crate::http::AppState;
-use crate::http::api::access::ClientAddr;
 use crate::model::{Channels, EnrollAuth, Id, ImportKind, ImportMode, ImportState, Ownership, Platform};
 
 pub fn routes() -> Router<AppState> {
@@ -65,25 +64,12 @@ async fn invite_form(state: &AppState, admin: &Admin, status: StatusCode, extra:
     render(state, Some(admin), status, "invite.html", values)
 }
 
-async fn invite_page(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
-    match admin_of(&state, &headers, client).await {
-        Ok(admin) => invite_form(&state, &admin, StatusCode::OK, Value::from(())).await,
-        Err(response) => response,
-    }
+async fn invite_page(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
+    invite_form(&state, &admin, StatusCode::OK, Value::from(())).await
 }
 
 /// One user, found by email or created: an invite by mail/SMS, or *by myself* (the link and QR on screen).
-async fn invite(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn invite(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let email = fields.get("email").unwrap_or_default().trim().to_owned();
     let name = fields.get("name").unwrap_or_default().trim().to_owned();
     let phone = fields.get("phone").map(|p| p.trim().to_owned());
@@ -134,17 +120,7 @@ fn fields_map(fields: &Fields) -> std::collections::BTreeMap<String, String> {
 }
 
 /// Invite a group: first the count (a dry run), then, confirmed, the invites.
-async fn invite_group(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn invite_group(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let Some(group) = fields.get("group").and_then(|g| g.parse::<Id>().ok()) else {
         return message(
             &state,
@@ -193,11 +169,7 @@ async fn invite_group(
     render(&state, Some(&admin), StatusCode::OK, "confirm.html", values)
 }
 
-async fn import_page(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
-    let admin = match admin_of(&state, &headers, client).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn import_page(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
     let domain = state.enrollment.clone();
     let recent = match blocking(move || domain.imports(None, 10)).await {
         Ok(page) => page.items,
@@ -215,50 +187,13 @@ async fn import_page(State(state): State<AppState>, headers: HeaderMap, ClientAd
 async fn upload(
     State(state): State<AppState>,
     headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    mut multipart: Multipart,
+    SignedIn(admin): SignedIn,
+    multipart: Multipart,
 ) -> Response {
-    // Only a signed-in admin's upload is read at all; the CSRF token, a field of the form, is checked after.
-    if let Err(response) = admin_of(&state, &headers, client.clone()).await {
-        return response;
-    }
-    let mut fields = Fields::default();
-    let mut file: Option<(Option<String>, Vec<u8>)> = None;
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(error) => {
-                return message(
-                    &state,
-                    None,
-                    StatusCode::BAD_REQUEST,
-                    "The upload could not be read",
-                    &error.body_text(),
-                );
-            }
-        };
-        let name = field.name().unwrap_or_default().to_owned();
-        if name == "file" {
-            let filename = field.file_name().map(str::to_owned);
-            match field.bytes().await {
-                Ok(bytes) => file = Some((filename, bytes.to_vec())),
-                Err(error) => {
-                    return message(
-                        &state,
-                        None,
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "The file is too large",
-                        &error.body_text(),
-                    );
-                }
-            }
-        } else if let Ok(text) = field.text().await {
-            fields.0.push((name, text));
-        }
-    }
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
+    // Only a signed-in admin's upload is read at all (the extractor said who); the CSRF token, a field of the
+    // form, is checked once the fields are read.
+    let (fields, file) = match read_form(&state, &headers, &admin, multipart).await {
+        Ok(read) => read,
         Err(response) => return response,
     };
     let Some((filename, bytes)) = file.filter(|(_, b)| !b.is_empty()) else {
@@ -281,16 +216,7 @@ async fn upload(
     }
 }
 
-async fn import_status(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-) -> Response {
-    let admin = match admin_of(&state, &headers, client).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn import_status(State(state): State<AppState>, Path(id): Path<String>, SignedIn(admin): SignedIn) -> Response {
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such import.");
     };
@@ -346,29 +272,11 @@ async fn users_page(state: &AppState, admin: &Admin, paging: &Paging, status: St
     render(state, Some(admin), status, "users.html", values)
 }
 
-async fn users(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    Query(paging): Query<Paging>,
-) -> Response {
-    match admin_of(&state, &headers, client).await {
-        Ok(admin) => users_page(&state, &admin, &paging, StatusCode::OK, Value::from(())).await,
-        Err(response) => response,
-    }
+async fn users(State(state): State<AppState>, SignedIn(admin): SignedIn, Query(paging): Query<Paging>) -> Response {
+    users_page(&state, &admin, &paging, StatusCode::OK, Value::from(())).await
 }
 
-async fn create_user(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn create_user(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let new = NewUser {
         name: fields.get("name").unwrap_or_default().to_owned(),
         email: fields.get("email").unwrap_or_default().to_owned(),
@@ -396,17 +304,7 @@ async fn create_user(
     }
 }
 
-async fn create_group(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn create_group(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let new = NewGroup {
         name: fields.get("name").unwrap_or_default().to_owned(),
         description: fields.get("description").unwrap_or_default().to_owned(),
@@ -422,16 +320,7 @@ async fn create_group(
     }
 }
 
-async fn audit(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    Query(paging): Query<Paging>,
-) -> Response {
-    let admin = match admin_of(&state, &headers, client).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn audit(State(state): State<AppState>, SignedIn(admin): SignedIn, Query(paging): Query<Paging>) -> Response {
     let domain = state.enrollment.clone();
     let cursor = paging.cursor.clone();
     let page = match blocking(move || domain.audit_log(cursor.as_deref(), 50)).await {
@@ -478,25 +367,12 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
     render(state, Some(admin), status, "settings.html", values)
 }
 
-async fn settings(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
-    match admin_of(&state, &headers, client).await {
-        Ok(admin) => settings_page(&state, &admin, StatusCode::OK, Value::from(())).await,
-        Err(response) => response,
-    }
+async fn settings(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
+    settings_page(&state, &admin, StatusCode::OK, Value::from(())).await
 }
 
 /// Saves the settings form: how users authenticate, and (when given) the push certificate as two PEM texts.
-async fn save_settings(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn save_settings(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let actor = admin.actor.clone();
     if let Some(auth) = fields.get("auth").and_then(|a| a.parse::<EnrollAuth>().ok()) {
         let domain = state.enrollment.clone();
@@ -527,17 +403,7 @@ async fn save_settings(
     settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => "Saved." }).await
 }
 
-async fn test_mail(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn test_mail(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let to = fields.get("to").unwrap_or_default().to_owned();
     let outcome = match state.mail.send_test(&to).await {
         Ok(crate::domain::Attempt::Sent(reply)) => format!("Sent. The relay answered: {reply}"),
@@ -549,17 +415,7 @@ async fn test_mail(
 
 /// Saves the SMTP relay the admin entered (checked as the API checks it); it is used at once, and mail that waited
 /// for a relay goes out.
-async fn save_relay(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn save_relay(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let text = |name: &str| fields.get(name).map(str::to_owned);
     let request = crate::http::api::mail::RelaySettings {
         host: text("host").unwrap_or_default(),
@@ -612,37 +468,11 @@ async fn save_relay(
 async fn upload_p12(
     State(state): State<AppState>,
     headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    mut multipart: Multipart,
+    SignedIn(admin): SignedIn,
+    multipart: Multipart,
 ) -> Response {
-    if let Err(response) = admin_of(&state, &headers, client.clone()).await {
-        return response;
-    }
-    let mut fields = Fields::default();
-    let mut file = Vec::new();
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(error) => {
-                return message(
-                    &state,
-                    None,
-                    StatusCode::BAD_REQUEST,
-                    "The upload could not be read",
-                    &error.body_text(),
-                );
-            }
-        };
-        let name = field.name().unwrap_or_default().to_owned();
-        if name == "file" {
-            file = field.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-        } else if let Ok(text) = field.text().await {
-            fields.0.push((name, text));
-        }
-    }
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
+    let (fields, file) = match read_form(&state, &headers, &admin, multipart).await {
+        Ok((fields, file)) => (fields, file.map(|(_, bytes)| bytes).unwrap_or_default()),
         Err(response) => return response,
     };
     let password = fields.get("password").unwrap_or_default().to_owned();
@@ -755,31 +585,16 @@ async fn templates_page(
 
 async fn templates(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
+    SignedIn(admin): SignedIn,
     Query(query): Query<TemplateQuery>,
 ) -> Response {
-    let admin = match admin_of(&state, &headers, client).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let platform = query.platform.and_then(|p| p.parse().ok()).unwrap_or(Platform::Ios);
     templates_page(&state, &admin, StatusCode::OK, platform, Default::default(), Value::from(())).await
 }
 
 /// Previews a draft, saves it (refused with its line and reason when it does not render for every platform), or
 /// goes back to the built-in template.
-async fn save_template(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn save_template(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let name = fields.get("name").unwrap_or_default().to_owned();
     let source = fields.0.iter().find(|(k, _)| k == "source").map(|(_, v)| v.clone()).unwrap_or_default();
     let platform = fields.get("platform").and_then(|p| p.parse().ok()).unwrap_or(Platform::Ios);
@@ -822,15 +637,8 @@ async fn save_template(
 async fn delete_user(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
+    Posted { admin, fields }: Posted,
 ) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such user.");
     };
@@ -874,15 +682,8 @@ async fn delete_user(
 async fn delete_group(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
+    Posted { admin, fields }: Posted,
 ) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let Ok(id) = id.parse::<Id>() else {
         return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such group.");
     };
@@ -911,17 +712,7 @@ async fn delete_group(
 }
 
 /// Saves how long invites last and who is told when a device enrolls.
-async fn save_policy(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn save_policy(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
     let change = crate::domain::PolicyChange {
         invite_validity_days: fields.get("validity_days").and_then(|d| d.trim().parse().ok()).unwrap_or(0),
         confirmation_to: fields
@@ -954,5 +745,41 @@ async fn save_policy(
             .await
         }
         Err(error) => failure(&state, &admin, error),
+    }
+}
+
+/// A multipart form of `admin`'s: its text fields and its `file` (name and bytes), with the same-origin and CSRF
+/// checks every form gets.
+async fn read_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    admin: &Admin,
+    mut multipart: Multipart,
+) -> Result<(Fields, Option<(Option<String>, Vec<u8>)>), Response> {
+    let unreadable = |status, title: &str, error: axum::extract::multipart::MultipartError| {
+        message(state, Some(admin), status, title, &error.body_text())
+    };
+    let mut fields = Fields::default();
+    let mut file = None;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(error) => return Err(unreadable(StatusCode::BAD_REQUEST, "The upload could not be read", error)),
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "file" {
+            let filename = field.file_name().map(str::to_owned);
+            match field.bytes().await {
+                Ok(bytes) => file = Some((filename, bytes.to_vec())),
+                Err(error) => return Err(unreadable(StatusCode::PAYLOAD_TOO_LARGE, "The file is too large", error)),
+            }
+        } else if let Ok(text) = field.text().await {
+            fields.0.push((name, text));
+        }
+    }
+    match super::verify_form(state, headers, admin, &fields) {
+        Some(refused) => Err(refused),
+        None => Ok((fields, file)),
     }
 }

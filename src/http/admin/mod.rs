@@ -86,6 +86,35 @@ async fn admin_of(state: &AppState, headers: &HeaderMap, client: Option<String>)
     }
 }
 
+/// A page request from a signed-in admin; anyone else is sent to sign in (or to first-run setup).
+pub struct SignedIn(pub Admin);
+
+impl axum::extract::FromRequestParts<AppState> for SignedIn {
+    type Rejection = Response;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, Response> {
+        let client = super::api::client_of(&parts.extensions);
+        admin_of(state, &parts.headers, client).await.map(SignedIn)
+    }
+}
+
+/// A form post from a signed-in admin, checked: same origin, and the session's CSRF token among its fields.
+pub struct Posted {
+    pub admin: Admin,
+    pub fields: Fields,
+}
+
+impl axum::extract::FromRequest<AppState> for Posted {
+    type Rejection = Response;
+    async fn from_request(request: axum::extract::Request, state: &AppState) -> Result<Self, Response> {
+        let headers = request.headers().clone();
+        let client = super::api::client_of(request.extensions());
+        let body = Bytes::from_request(request, state).await.map_err(IntoResponse::into_response)?;
+        let fields = Fields::parse(&body);
+        let admin = change(state, &headers, client, &fields).await?;
+        Ok(Posted { admin, fields })
+    }
+}
+
 /// A urlencoded form, with repeated fields (checkboxes) kept.
 #[derive(Debug, Default)]
 pub struct Fields(Vec<(String, String)>);
@@ -116,11 +145,17 @@ async fn change(
         return Err(forbidden(state));
     }
     let admin = admin_of(state, headers, client).await?;
-    let given = fields.get("csrf").unwrap_or_default();
-    if !bool::from(given.as_bytes().ct_eq(admin.csrf.as_bytes())) {
-        return Err(forbidden(state));
+    match verify_form(state, headers, &admin, fields) {
+        Some(refused) => Err(refused),
+        None => Ok(admin),
     }
-    Ok(admin)
+}
+
+/// A form post of `admin`'s must come from this site and carry the session's CSRF token; the refusal if not.
+pub fn verify_form(state: &AppState, headers: &HeaderMap, admin: &Admin, fields: &Fields) -> Option<Response> {
+    let given = fields.get("csrf").unwrap_or_default();
+    let good = same_origin(headers) && bool::from(given.as_bytes().ct_eq(admin.csrf.as_bytes()));
+    (!good).then(|| forbidden(state))
 }
 
 fn forbidden(state: &AppState) -> Response {
@@ -235,6 +270,32 @@ fn with_session_cookie(state: &AppState, token: &str, expires_at: time::OffsetDa
     response
 }
 
+/// One of the few password-hashing slots (argon2 takes 19 MiB a check), or the page saying to try again.
+async fn password_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    state.password_checks.clone().acquire_owned().await.map_err(|_| {
+        message(state, None, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong", "Try again in a minute.")
+    })
+}
+
+/// What the sign-in and setup pages say when they refuse; a failure of the appliance itself is logged, not shown.
+fn sign_in_problem(error: AuthError, doing: &str) -> String {
+    match error {
+        AuthError::TooManyAttempts { retry_after_secs } => {
+            format!("Too many failed attempts. Wait {} seconds and try again.", retry_after_secs.max(1))
+        }
+        AuthError::BadCredentials => "The username or password is not right.".to_owned(),
+        AuthError::BadSetupCode => {
+            "That setup code is not right; copy it from the log line that says “enter the setup code”.".to_owned()
+        }
+        AuthError::WeakPassword(reason) => reason,
+        AuthError::AlreadySetUp => "This appliance is set up already; sign in instead.".to_owned(),
+        AuthError::Domain(error) => {
+            tracing::error!(%error, "{doing} failed");
+            "Something went wrong; try again.".to_owned()
+        }
+    }
+}
+
 async fn login_page(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
     match admin_of(&state, &headers, client).await {
         Ok(_) => Redirect::to("/admin").into_response(),
@@ -255,45 +316,23 @@ async fn login(
     let fields = Fields::parse(&body);
     let username = fields.get("username").unwrap_or_default().to_owned();
     let password = fields.get("password").unwrap_or_default().to_owned();
-    let Ok(_permit) = state.password_checks.clone().acquire_owned().await else {
-        return message(
-            &state,
-            None,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Something went wrong",
-            "Try again in a minute.",
-        );
+    let _permit = match password_slot(&state).await {
+        Ok(permit) => permit,
+        Err(response) => return response,
     };
     let auth = state.auth.clone();
     let name = username.clone();
     let outcome = tokio::task::spawn_blocking(move || auth.login(&name, &password, client)).await;
     let problem = match outcome {
         Ok(Ok(signed_in)) => return with_session_cookie(&state, &signed_in.token, signed_in.expires_at, "/admin"),
-        Ok(Err(AuthError::TooManyAttempts { retry_after_secs })) => {
-            format!("Too many failed attempts. Wait {} seconds and try again.", retry_after_secs.max(1))
-        }
-        Ok(Err(AuthError::BadCredentials)) => "The username or password is not right.".to_owned(),
-        Ok(Err(error)) => {
-            tracing::error!(%error, "signing in failed");
-            "Something went wrong; try again.".to_owned()
-        }
+        Ok(Err(error)) => sign_in_problem(error, "signing in"),
         Err(_) => "Something went wrong; try again.".to_owned(),
     };
     let values = Value::from_pairs([("problem", Value::from(problem)), ("username", Value::from(username))]);
     render(&state, None, StatusCode::UNAUTHORIZED, "login.html", values)
 }
 
-async fn logout(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    ClientAddr(client): ClientAddr,
-    body: Bytes,
-) -> Response {
-    let fields = Fields::parse(&body);
-    let admin = match change(&state, &headers, client, &fields).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn logout(State(state): State<AppState>, Posted { admin, .. }: Posted) -> Response {
     let auth = state.auth.clone();
     let (actor, token) = (admin.actor.clone(), admin.token.clone());
     if let Err(error) = blocking(move || auth.logout(&actor, &token)).await {
@@ -335,14 +374,9 @@ async fn setup(
             Value::from_pairs([("title", "Set up enrolld"), ("problem", "The two passwords are not the same.")]);
         return render(&state, None, StatusCode::UNPROCESSABLE_ENTITY, "setup.html", values);
     }
-    let Ok(_permit) = state.password_checks.clone().acquire_owned().await else {
-        return message(
-            &state,
-            None,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Something went wrong",
-            "Try again in a minute.",
-        );
+    let _permit = match password_slot(&state).await {
+        Ok(permit) => permit,
+        Err(response) => return response,
     };
     let auth = state.auth.clone();
     let outcome = tokio::task::spawn_blocking(move || auth.setup(&code, &username, &password, client)).await;
@@ -351,28 +385,14 @@ async fn setup(
             return with_session_cookie(&state, &signed_in.token, signed_in.expires_at, "/admin/settings");
         }
         Ok(Err(AuthError::AlreadySetUp)) => return Redirect::to("/admin/login").into_response(),
-        Ok(Err(AuthError::BadSetupCode)) => {
-            "That setup code is not right; copy it from the log line that says “enter the setup code”.".to_owned()
-        }
-        Ok(Err(AuthError::WeakPassword(reason))) => reason,
-        Ok(Err(AuthError::TooManyAttempts { retry_after_secs })) => {
-            format!("Too many failed attempts. Wait {} seconds and try again.", retry_after_secs.max(1))
-        }
-        Ok(Err(error)) => {
-            tracing::error!(%error, "setup failed");
-            "Something went wrong; try again.".to_owned()
-        }
+        Ok(Err(error)) => sign_in_problem(error, "setup"),
         Err(_) => "Something went wrong; try again.".to_owned(),
     };
     let values = Value::from_pairs([("title", Value::from("Set up enrolld")), ("problem", Value::from(problem))]);
     render(&state, None, StatusCode::UNPROCESSABLE_ENTITY, "setup.html", values)
 }
 
-async fn dashboard(State(state): State<AppState>, headers: HeaderMap, ClientAddr(client): ClientAddr) -> Response {
-    let admin = match admin_of(&state, &headers, client).await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
+async fn dashboard(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
     let domain = state.enrollment.clone();
     let gathered = blocking(move || {
         Ok((domain.dashboard()?, domain.outbox_counts()?, domain.push_certificate()?, domain.outbox_last_error()?))
