@@ -209,6 +209,7 @@ pub async fn run(
     let pusher = crate::push::Pusher::new(&config.apns).map_err(|e| DaemonError::Push(e.to_string()))?;
     let serving = listeners.https.is_some().then(|| keeper.serving());
     state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher);
+    state.tls_renewer = keeper.renewer();
     let limits = Limits {
         request_timeout: config.request_timeout,
         max_body_bytes: config.max_body_bytes,

@@ -117,6 +117,28 @@ pub struct CertificateKeeper {
     mode: KeeperMode,
     serving: Arc<ServingCertificate>,
     clock: Arc<dyn Clock>,
+    renewer: Renewer,
+}
+
+/// Asks the keeper for a new self-issued certificate now (an admin's "regenerate"); cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Renewer {
+    wanted: Arc<std::sync::atomic::AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+    self_issued: bool,
+}
+
+impl Renewer {
+    /// Whether the appliance issues its own certificate (only then can it make a new one).
+    pub fn self_issued(&self) -> bool {
+        self.self_issued
+    }
+
+    /// Asks for a new certificate; the keeper issues and serves it within moments.
+    pub fn request(&self) {
+        self.wanted.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
 }
 
 enum KeeperMode {
@@ -162,6 +184,7 @@ impl CertificateKeeper {
                         loaded: files_fingerprint(cert, key),
                     },
                     clock,
+                    renewer: Renewer::default(),
                 })
             }
             TlsSource::SelfIssued => {
@@ -189,6 +212,7 @@ impl CertificateKeeper {
                         current: cert.info,
                     })),
                     clock,
+                    renewer: Renewer { self_issued: true, ..Renewer::default() },
                 })
             }
         }
@@ -199,14 +223,22 @@ impl CertificateKeeper {
         self.serving.clone()
     }
 
-    /// Checks the certificate once and replaces it if needed.
+    /// The handle that asks this keeper for a new certificate now.
+    pub fn renewer(&self) -> Renewer {
+        self.renewer.clone()
+    }
+
+    /// Checks the certificate once and replaces it if needed (or if an admin asked for a new one).
     pub fn check(&mut self) -> Result<CheckOutcome, TlsError> {
         let now = self.clock.now();
+        let asked = self.renewer.wanted.swap(false, std::sync::atomic::Ordering::SeqCst);
         match &mut self.mode {
             KeeperMode::SelfIssued(keep) => {
                 let SelfIssued { ca, store, addresses, pki_dir, hostname, extra, current } = keep.as_mut();
                 let wanted = pki::wanted_names(hostname, extra, &addresses.addresses());
-                let Some(reason) = pki::reissue_reason(current, &wanted, ca.info().not_after, now) else {
+                let reason = pki::reissue_reason(current, &wanted, ca.info().not_after, now)
+                    .or_else(|| asked.then(|| "an admin asked for a new certificate".to_owned()));
+                let Some(reason) = reason else {
                     return Ok(CheckOutcome::Unchanged);
                 };
                 let cert = issue(ca, store, pki_dir, hostname, &wanted, now, reason.clone())?;
@@ -233,10 +265,12 @@ impl CertificateKeeper {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        let wake = self.renewer.wake.clone();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
+                () = wake.notified() => {}
             }
             // Key generation and fsyncs are blocking work: keep them off the async workers.
             let (keeper, outcome) = match tokio::task::spawn_blocking(move || {
@@ -385,5 +419,18 @@ mod tests {
         assert!(names.contains(&"192.168.1.77".to_owned()) && !names.contains(&"192.168.1.20".to_owned()));
         assert!(names.contains(&"enroll.local".to_owned()) && names.contains(&"::1".to_owned()));
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "stable once reissued");
+    }
+
+    #[test]
+    fn reissued_when_an_admin_asks_and_only_then() {
+        let mut f = fixture();
+        let renewer = f.keeper.renewer();
+        assert!(renewer.self_issued());
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged);
+        let before = pki::parse_certificate(&f.keeper.serving().leaf()).unwrap();
+        renewer.request();
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Replaced("an admin asked for a new certificate".into()));
+        assert_ne!(pki::parse_certificate(&f.keeper.serving().leaf()).unwrap().serial, before.serial);
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "one request, one certificate");
     }
 }

@@ -55,6 +55,8 @@ pub struct AppState {
     pub enroll_sessions: enroll::EnrollSessions,
     /// Apple device management: the SCEP CA, profile signing, pushes.
     pub mdm: mdm::Mdm,
+    /// Asks for a new HTTPS certificate now (Settings → regenerate).
+    pub tls_renewer: crate::tls::Renewer,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
             mail: crate::mail::Mail::unconfigured(),
             enroll_sessions: enroll::EnrollSessions::default(),
             mdm: mdm::Mdm::default(),
+            tls_renewer: crate::tls::Renewer::default(),
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::apple_device::Device;
 use crate::browser::Browser;
-use crate::common::{Daemon, fetch_bytes, free_port, get_plain, parse_pem_certs};
+use crate::common::{Daemon, fetch_bytes, free_port, get_plain, get_tls, parse_pem_certs};
 use crate::mail::Sink;
 use crate::mdm::{Apns, Appliance};
 
@@ -291,6 +291,27 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.click("form[action='/admin/import'] button[type=submit]").await;
     let report = b.wait_for_text("rows with problems").await;
     assert!(report.contains("<td>15002</td>") && report.contains("last.person@example"), "{report}");
+
+    // A new HTTPS certificate on request: the browser's next connection gets another serial from the same CA.
+    let serial = |chain: &[rustls_pki_types::CertificateDer<'static>]| {
+        x509_parser::parse_x509_certificate(&chain[0]).unwrap().1.raw_serial().to_vec()
+    };
+    let ca = parse_pem_certs(&ca_pem).remove(0);
+    let name = rustls_pki_types::ServerName::try_from("enroll.local").unwrap();
+    let before = get_tls(daemon.https, name.clone(), std::slice::from_ref(&ca), "/healthz").await.unwrap();
+    b.goto(&format!("{origin}/admin/settings")).await;
+    b.click("form[action='/admin/settings/renew-tls'] button").await;
+    b.wait_for_text("A new HTTPS certificate is being issued").await;
+    let mut renewed = false;
+    for _ in 0..100 {
+        let now = get_tls(daemon.https, name.clone(), std::slice::from_ref(&ca), "/healthz").await.unwrap();
+        if serial(&now.peer_chain) != serial(&before.peer_chain) {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(renewed, "a new certificate is served, trusted through the same CA");
 
     // Staged devices from CSV, then one invited to enroll (its user gets the invite by mail).
     let csv = dir.path().join("staged.csv");

@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/settings/test-mail", axum::routing::post(test_mail))
         .route("/admin/settings/relay", axum::routing::post(save_relay))
         .route("/admin/settings/policy", axum::routing::post(save_policy))
+        .route("/admin/settings/renew-tls", axum::routing::post(renew_tls))
         .route("/admin/settings/push-p12", axum::routing::post(upload_p12))
         .route("/admin/templates", get(templates).post(save_template))
 }
@@ -352,8 +353,13 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
         )
     });
     let policy = state.enrollment.policy();
+    let tls = state.mdm.serving_info().map(|info| {
+        minijinja::context! { serial => info.serial, not_after => info.not_after.date().to_string(), names => info.names.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") }
+    });
     let values = minijinja::context! {
         title => "Settings",
+        tls => tls,
+        tls_self_issued => state.tls_renewer.self_issued(),
         validity_days => policy.invite_validity.whole_days(),
         confirmation_to => policy.confirmation_to.join("\n"),
         confirmation_to_user => policy.confirmation_to_user,
@@ -782,4 +788,16 @@ async fn read_form(
         Some(refused) => Err(refused),
         None => Ok((fields, file)),
     }
+}
+
+/// Asks for a new HTTPS certificate from the appliance's CA now; devices and browsers that trust the CA accept it.
+async fn renew_tls(State(state): State<AppState>, Posted { admin, .. }: Posted) -> Response {
+    if !state.tls_renewer.self_issued() {
+        let extra = minijinja::context! { tls_error => "The HTTPS certificate is your own (tls_cert/tls_key); replace its files and enrolld serves them by itself." };
+        return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
+    }
+    state.tls_renewer.request();
+    tracing::info!(admin = %admin.username, "a new HTTPS certificate was asked for");
+    let extra = minijinja::context! { notice => "A new HTTPS certificate is being issued; it is served within seconds (open connections keep the old one)." };
+    settings_page(&state, &admin, StatusCode::OK, extra).await
 }
