@@ -337,6 +337,17 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.fill("#u-email", "andrew@example.com").await;
     b.click("form[method=post][action='/admin/users'] button[type=submit]").await;
     b.wait_for_text("was added").await;
+    // Edited: a phone number that is not in international form is refused next to its field.
+    b.click("td a[href^='/admin/users/']").await;
+    b.wait_for_text("Edit Andrew").await;
+    b.fill("#e-phone", "202-555-0100").await;
+    b.click("form[action^='/admin/users/'] button[type=submit]").await;
+    let refused = b.wait_for_text("international form").await;
+    assert!(refused.contains("role=\"alert\""), "{refused}");
+    b.fill("#e-phone", "+12025550100").await;
+    b.fill("#e-name", "Andrew Kim").await;
+    b.click("form[action^='/admin/users/'] button[type=submit]").await;
+    b.wait_for_text("Andrew Kim &lt;andrew@example.com&gt; was saved.").await;
     b.goto(&format!("{origin}/admin/enrollment?tab=staged")).await;
     b.click("form[action$='/reenroll'] button").await;
     b.wait_for_text("The invite is on its way").await;
@@ -359,7 +370,7 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.resize(1280, 1000).await;
     b.goto(&format!("{origin}/admin/users")).await;
     b.click("td.actions form[action$='/delete'] button").await;
-    let confirm = b.wait_for_text("Delete Andrew &lt;andrew@example.com&gt;?").await;
+    let confirm = b.wait_for_text("Delete Andrew Kim &lt;andrew@example.com&gt;?").await;
     assert!(confirm.contains("Revoke MDM on their devices"), "{confirm}");
     b.screenshot("delete-user").await;
     b.click("button.danger").await;

@@ -28,6 +28,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/users", get(users).post(create_user))
         .route("/admin/groups", axum::routing::post(create_group))
         .route("/admin/users/{id}/delete", axum::routing::post(delete_user))
+        .route("/admin/users/{id}", get(edit_user_page).post(edit_user))
         .route("/admin/groups/{id}/delete", axum::routing::post(delete_group))
         .route("/admin/audit", get(audit))
         .route("/admin/settings", get(settings).post(save_settings))
@@ -800,4 +801,63 @@ async fn renew_tls(State(state): State<AppState>, Posted { admin, .. }: Posted) 
     tracing::info!(admin = %admin.username, "a new HTTPS certificate was asked for");
     let extra = minijinja::context! { notice => "A new HTTPS certificate is being issued; it is served within seconds (open connections keep the old one)." };
     settings_page(&state, &admin, StatusCode::OK, extra).await
+}
+
+async fn edit_user_form(state: &AppState, admin: &Admin, id: Id, status: StatusCode, extra: Value) -> Response {
+    let domain = state.enrollment.clone();
+    let found = blocking(move || Ok((domain.user(&id)?, domain.groups(None, 500)?))).await;
+    let (user, groups) = match found {
+        Ok(found) => found,
+        Err(error) => return failure(state, admin, error),
+    };
+    let values = minijinja::context! {
+        title => format!("Edit {}", user.name),
+        user => super::ser(&user),
+        groups => super::ser(&groups.items),
+        ..extra
+    };
+    render(state, Some(admin), status, "user.html", values)
+}
+
+async fn edit_user_page(State(state): State<AppState>, Path(id): Path<String>, SignedIn(admin): SignedIn) -> Response {
+    let Ok(id) = id.parse::<Id>() else {
+        return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such user.");
+    };
+    edit_user_form(&state, &admin, id, StatusCode::OK, Value::from(())).await
+}
+
+/// Saves a user's name, email, phone and groups; a refusal shows next to its field.
+async fn edit_user(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Posted { admin, fields }: Posted,
+) -> Response {
+    let Ok(id) = id.parse::<Id>() else {
+        return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such user.");
+    };
+    let patch = crate::domain::UserPatch {
+        name: fields.get("name").map(str::to_owned),
+        email: fields.get("email").map(str::to_owned),
+        phone: Some(fields.get("phone").map(str::to_owned)),
+        domain: None,
+        notes: None,
+        groups: Some(fields.all("groups").iter().filter_map(|g| g.parse().ok()).collect()),
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.update_user(&actor, &id, &patch)).await {
+        Ok(user) => {
+            let extra = minijinja::context! { notice => format!("{} <{}> was saved.", user.name, user.email) };
+            users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(crate::domain::DomainError::Invalid { field, message }) => {
+            let extra = minijinja::context! { field => field, field_error => message };
+            edit_user_form(&state, &admin, id, StatusCode::UNPROCESSABLE_ENTITY, extra).await
+        }
+        Err(crate::domain::DomainError::Conflict { message, .. }) => {
+            let extra = minijinja::context! { field => "email", field_error => message };
+            edit_user_form(&state, &admin, id, StatusCode::CONFLICT, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
 }

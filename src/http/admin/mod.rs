@@ -34,6 +34,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("invite.html", include_str!("templates/invite.html")),
     ("import.html", include_str!("templates/import.html")),
     ("users.html", include_str!("templates/users.html")),
+    ("user.html", include_str!("templates/user.html")),
     ("audit.html", include_str!("templates/audit.html")),
     ("settings.html", include_str!("templates/settings.html")),
     ("templates.html", include_str!("templates/templates.html")),
