@@ -376,7 +376,19 @@ pub struct AppleIdentity {
     pub not_after: OffsetDateTime,
     /// Set once the device has enrolled (its first `TokenUpdate`).
     pub device_id: Option<Id>,
-    /// From `Authenticate`.
+    /// From `Authenticate` (stored as fields of the identity).
+    #[serde(flatten)]
+    pub facts: AppleFacts,
+    /// From `TokenUpdate`: where to push.
+    pub push: Option<ApplePush>,
+    /// The device sent `CheckOut`; it is no longer managed under this identity.
+    #[serde(default)]
+    pub checked_out: bool,
+}
+
+/// What an Apple device says about itself in `Authenticate` (and in `DeviceInformation` answers).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppleFacts {
     pub udid: Option<String>,
     pub serial_number: Option<String>,
     pub model: Option<String>,
@@ -385,11 +397,6 @@ pub struct AppleIdentity {
     pub build_version: Option<String>,
     pub device_name: Option<String>,
     pub imei: Option<String>,
-    /// From `TokenUpdate`: where to push.
-    pub push: Option<ApplePush>,
-    /// The device sent `CheckOut`; it is no longer managed under this identity.
-    #[serde(default)]
-    pub checked_out: bool,
 }
 
 /// An Apple device's push address: the APNs device token (hex), the magic string the MDM push carries, and the

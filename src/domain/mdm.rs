@@ -3,31 +3,32 @@
 //! invite to *Enrolled* and a device to *Enrolled* or *Unmanaged*.
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 
 use super::devices::DeviceFacts;
 use super::invites::link_state;
 use super::{Actor, DomainError, DomainResult, Enrollment, optional_text, random_bytes, sha256_hex};
-use crate::model::{AppleIdentity, ApplePush, Device, Id, Invite, Platform, Remark, ScepChallenge};
+use crate::model::{AppleFacts, AppleIdentity, ApplePush, Device, Id, Invite, Platform, Remark, ScepChallenge};
 use crate::store::{Tx, tree};
 
 /// How long a profile's SCEP challenge works: the profile is installed right after it is downloaded.
 const CHALLENGE_LIFETIME: time::Duration = time::Duration::hours(1);
 
-/// What an Apple device says about itself in `Authenticate` (and in `DeviceInformation` answers).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppleFacts {
-    pub udid: Option<String>,
-    pub serial_number: Option<String>,
-    pub model: Option<String>,
-    pub model_name: Option<String>,
-    pub os_version: Option<String>,
-    pub build_version: Option<String>,
-    pub device_name: Option<String>,
-    pub imei: Option<String>,
-}
-
 impl AppleFacts {
+    /// These facts with the ones a later message gave laid over them (a fact not sent again is kept).
+    pub fn updated(&self, newer: &AppleFacts) -> AppleFacts {
+        let keep = |new: &Option<String>, old: &Option<String>| optional_text(new.as_deref()).or(old.clone());
+        AppleFacts {
+            udid: keep(&newer.udid, &self.udid),
+            serial_number: keep(&newer.serial_number, &self.serial_number),
+            model: keep(&newer.model, &self.model),
+            model_name: keep(&newer.model_name, &self.model_name),
+            os_version: keep(&newer.os_version, &self.os_version),
+            build_version: keep(&newer.build_version, &self.build_version),
+            device_name: keep(&newer.device_name, &self.device_name),
+            imei: keep(&newer.imei, &self.imei),
+        }
+    }
+
     /// The platform, from the model name Apple sends (`iPhone`, `iPad`, `MacBook Pro`, `iMac`, …).
     pub fn platform(&self) -> Option<Platform> {
         let name = self.model_name.as_deref().or(self.model.as_deref())?;
@@ -129,14 +130,7 @@ impl Enrollment {
                 issued_at: now,
                 not_after: info.not_after,
                 device_id: None,
-                udid: None,
-                serial_number: None,
-                model: None,
-                model_name: None,
-                os_version: None,
-                build_version: None,
-                device_name: None,
-                imei: None,
+                facts: AppleFacts::default(),
                 push: None,
                 checked_out: false,
             };
@@ -172,16 +166,7 @@ impl Enrollment {
             if old.checked_out {
                 return Err(checked_out().into());
             }
-            let mut identity = old.clone();
-            let keep = |new: &Option<String>, old: &Option<String>| optional_text(new.as_deref()).or(old.clone());
-            identity.udid = keep(&facts.udid, &old.udid);
-            identity.serial_number = keep(&facts.serial_number, &old.serial_number);
-            identity.model = keep(&facts.model, &old.model);
-            identity.model_name = keep(&facts.model_name, &old.model_name);
-            identity.os_version = keep(&facts.os_version, &old.os_version);
-            identity.build_version = keep(&facts.build_version, &old.build_version);
-            identity.device_name = keep(&facts.device_name, &old.device_name);
-            identity.imei = keep(&facts.imei, &old.imei);
+            let identity = AppleIdentity { facts: old.facts.updated(facts), ..old.clone() };
             tx.put(Some(&old), &identity)?;
             Ok(identity)
         })?;
@@ -211,17 +196,7 @@ impl Enrollment {
                 }
                 Some(Some(device)) => (Some(device.clone()), device, false),
                 _ => {
-                    let facts = AppleFacts {
-                        udid: old.udid.clone(),
-                        serial_number: old.serial_number.clone(),
-                        model: old.model.clone(),
-                        model_name: old.model_name.clone(),
-                        os_version: old.os_version.clone(),
-                        build_version: old.build_version.clone(),
-                        device_name: old.device_name.clone(),
-                        imei: old.imei.clone(),
-                    };
-                    let device = self.enroll_in(tx, actor, &old.invite_id, &facts.device_facts(), ids, &waiting)?;
+                    let device = self.enroll_in(tx, actor, &old.invite_id, &old.facts.device_facts(), ids, &waiting)?;
                     (Some(device.clone()), device, true)
                 }
             };

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use utoipa::ToSchema;
 
+pub use crate::model::AppleFacts;
 pub use accounts::{
     AccountLinkProblem, CreatedAccountLink, Credentials, Directory, ENROLL_AUTH_SETTING, LinkRefusal, LocalAccounts,
 };
@@ -31,7 +32,7 @@ pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
-pub use mdm::{AppleFacts, ChallengeProblem};
+pub use mdm::ChallengeProblem;
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
 pub use settings::PolicyChange;
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
