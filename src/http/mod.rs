@@ -57,6 +57,8 @@ pub struct AppState {
     pub mdm: mdm::Mdm,
     /// Asks for a new HTTPS certificate now (Settings → regenerate).
     pub tls_renewer: crate::tls::Renewer,
+    /// The admin pages' templates, parsed once.
+    pub admin_templates: Arc<minijinja::Environment<'static>>,
 }
 
 impl AppState {
@@ -73,6 +75,7 @@ impl AppState {
             enroll_sessions: enroll::EnrollSessions::default(),
             mdm: mdm::Mdm::default(),
             tls_renewer: crate::tls::Renewer::default(),
+            admin_templates: Arc::new(admin::templates()),
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,

@@ -457,8 +457,6 @@ fn confirm_deprovision(state: &AppState, admin: &Admin, id: Id, kind: Deprovisio
         ("title", Value::from(title)),
         ("text", Value::from(text)),
         ("action", Value::from(format!("/admin/devices/{id}/{action}"))),
-        ("fields", Value::from(Vec::<Value>::new())),
-        ("ids", Value::from(Vec::<String>::new())),
         ("button", Value::from(button)),
         ("danger", Value::from(true)),
         ("cancel", Value::from("/admin/enrollment?tab=managed")),

@@ -182,8 +182,8 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Renders a page: the template with the common values (the admin, the CSRF token, the organisation).
-pub fn render(state: &AppState, admin: Option<&Admin>, status: StatusCode, template: &str, values: Value) -> Response {
+/// The admin pages' templates, parsed once (the router keeps them in [`AppState`]).
+pub fn templates() -> Environment<'static> {
     let mut env = Environment::new();
     // Optional values (a form's earlier input, an error) may be absent: absent reads as empty.
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
@@ -193,13 +193,18 @@ pub fn render(state: &AppState, admin: Option<&Admin>, status: StatusCode, templ
         }
     }
     env.add_filter("minute", |text: String| text.get(..16).map(|t| t.replace('T', " ")).unwrap_or(text));
+    env
+}
+
+/// Renders a page: the template with the common values (the admin, the CSRF token, the organisation).
+pub fn render(state: &AppState, admin: Option<&Admin>, status: StatusCode, template: &str, values: Value) -> Response {
     let common = Value::from_pairs([
         ("admin", Value::from(admin.map(|a| a.username.clone()))),
         ("csrf", Value::from(admin.map(|a| a.csrf.clone()))),
         ("organisation", Value::from(state.mail.organisation.to_string())),
     ]);
     let context = minijinja::context! { ..common, ..values };
-    let body = match env.get_template(template).and_then(|t| t.render(context)) {
+    let body = match state.admin_templates.get_template(template).and_then(|t| t.render(context)) {
         Ok(body) => body,
         Err(error) => {
             tracing::error!(%error, template, "an admin page does not render");
