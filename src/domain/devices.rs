@@ -52,6 +52,29 @@ pub struct DeviceQuery {
     pub limit: Option<usize>,
 }
 
+/// Filters for the staged list (it has no index, so these are read row by row).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams, ToSchema)]
+#[into_params(parameter_in = Query)]
+pub struct StagedQuery {
+    /// Text to find in the serial, IMEI, name or email.
+    pub q: Option<String>,
+    pub platform: Option<Platform>,
+    pub group_id: Option<Id>,
+}
+
+impl StagedQuery {
+    /// Whether `staged` passes every filter.
+    pub fn matches(&self, staged: &StagedDevice) -> bool {
+        let needle = self.q.as_deref().map(|q| q.trim().to_lowercase()).unwrap_or_default();
+        self.platform.is_none_or(|p| staged.platform == p)
+            && self.group_id.is_none_or(|g| staged.group_id == Some(g))
+            && (needle.is_empty()
+                || [&staged.serial, &staged.imei, &staged.name, &staged.email]
+                    .iter()
+                    .any(|field| field.as_deref().is_some_and(|f| f.to_lowercase().contains(&needle))))
+    }
+}
+
 /// A staged device to register.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -602,7 +625,7 @@ fn claim_identifiers(tx: &Tx<'_>, device: &Device) -> Result<(), crate::store::T
 #[cfg(test)]
 mod tests {
     use super::super::testing::{admin, domain};
-    use super::super::{NewGroup, NewInvite, NewUser, UserChoiceForDevices};
+    use super::super::{ExportList, NewGroup, NewInvite, NewUser, UserChoiceForDevices};
     use super::*;
     use crate::model::Channels;
 
@@ -825,5 +848,57 @@ mod tests {
         assert!(d.create_staged(&admin(), &bad_imei).unwrap_err().to_string().contains("check digit"));
         d.remove_staged(&admin(), &ids[0]).unwrap();
         assert_eq!(d.staged(None, 50).unwrap().items.len(), 1);
+    }
+
+    #[test]
+    fn exports_carry_the_filters_the_tabs_show() {
+        let (d, ann, first) = setup(Ownership::Corporate);
+        let mac = DeviceFacts { platform: Some(Platform::Macos), ..facts("MAC1") };
+        let enrolled = d.complete_enrollment(&Actor::device(None), &first, &mac).unwrap();
+        let new = NewInvite {
+            user_id: ann.id,
+            platform: Platform::Ios,
+            ownership: Ownership::Corporate,
+            group_id: None,
+            channels: Channels::Email,
+        };
+        let second = d.create_invite(&admin(), &new).unwrap().invite.id;
+        let phone = d.complete_enrollment(&Actor::device(None), &second, &facts("PHONE1")).unwrap();
+        d.device_checked_out(&Actor::device(None), &phone.id).unwrap();
+        let rows = |list: ExportList| {
+            let csv = String::from_utf8(d.export_csv(&list).unwrap()).unwrap();
+            csv.lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(rows(ExportList::Managed(DeviceQuery::default())).len(), 2);
+        let unmanaged =
+            rows(ExportList::Managed(DeviceQuery { status: Some(DeviceStatus::Unmanaged), ..Default::default() }));
+        assert!(unmanaged.len() == 1 && unmanaged[0].contains("PHONE1"), "{unmanaged:?}");
+        let macs = rows(ExportList::Managed(DeviceQuery { platform: Some(Platform::Macos), ..Default::default() }));
+        assert!(macs.len() == 1 && macs[0].contains("MAC1") && enrolled.platform == Platform::Macos, "{macs:?}");
+
+        let fleet = d.create_group(&admin(), &NewGroup { name: "Fleet".into(), description: String::new() }).unwrap();
+        for (serial, platform, group_id) in [
+            ("S-IOS", Platform::Ios, Some(fleet.id)),
+            ("S-DROID", Platform::Android, None),
+            ("X-IOS", Platform::Ios, None),
+        ] {
+            let new = NewStaged {
+                serial: Some(serial.into()),
+                imei: None,
+                name: None,
+                platform,
+                user_id: None,
+                email: None,
+                group_id,
+            };
+            d.create_staged(&admin(), &new).unwrap();
+        }
+        let staged = |query: StagedQuery| rows(ExportList::Staged(query));
+        assert_eq!(staged(StagedQuery::default()).len(), 3);
+        assert_eq!(staged(StagedQuery { platform: Some(Platform::Ios), ..Default::default() }).len(), 2);
+        assert_eq!(staged(StagedQuery { group_id: Some(fleet.id), ..Default::default() }).len(), 1);
+        let searched =
+            staged(StagedQuery { q: Some(" s-".into()), platform: Some(Platform::Ios), ..Default::default() });
+        assert!(searched.len() == 1 && searched[0].starts_with("S-IOS"), "{searched:?}");
     }
 }

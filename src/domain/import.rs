@@ -23,8 +23,8 @@ use super::{
 };
 use crate::csvfile::{self, Column, CsvKind, CsvReader, Row};
 use crate::model::{
-    Channels, DeliveryJob, Device, Group, Id, Import, ImportKind, ImportMode, ImportReport, ImportState, Invite,
-    InviteStatus, Platform, RowProblem, StagedDevice, User,
+    Channels, DeliveryJob, Group, Id, Import, ImportKind, ImportMode, ImportReport, ImportState, Invite, InviteStatus,
+    Platform, RowProblem, StagedDevice, User,
 };
 use crate::store::{Scan, Tx, hardware_key, tree};
 
@@ -52,15 +52,15 @@ fn default_mode() -> ImportMode {
     ImportMode::All
 }
 
-/// Which list to export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which list to export, with the filters the admin's page shows it with.
+#[derive(Debug, Clone)]
 pub enum ExportList {
-    /// Invites (any status filter), in the invite CSV's columns.
-    Invites,
+    /// Invites, in the invite CSV's columns.
+    Invites(super::InviteQuery),
     /// Staged devices, in the staged CSV's columns.
-    Staged,
+    Staged(super::StagedQuery),
     /// Managed devices.
-    Managed,
+    Managed(super::DeviceQuery),
 }
 
 /// What one batch did, returned from its transaction (which may run more than once, so it counts nothing itself).
@@ -598,11 +598,11 @@ impl Enrollment {
     }
 
     /// A list as CSV in the import formats' column vocabulary. Invites take the listing's filters.
-    pub fn export_csv(&self, list: ExportList, query: &super::InviteQuery) -> DomainResult<Vec<u8>> {
+    pub fn export_csv(&self, list: &ExportList) -> DomainResult<Vec<u8>> {
         let io = |e: csv::Error| DomainError::invalid("export", e.to_string());
         let mut out = Vec::new();
         match list {
-            ExportList::Invites => {
+            ExportList::Invites(query) => {
                 let mut writer = csvfile::writer(&mut out, &header(CsvKind::Invites.columns())).map_err(io)?;
                 let mut users: HashMap<Id, Option<User>> = HashMap::new();
                 let mut query = super::InviteQuery { limit: Some(500), cursor: None, ..query.clone() };
@@ -642,9 +642,9 @@ impl Enrollment {
                 }
                 writer.flush().map_err(|e| DomainError::invalid("export", e.to_string()))?;
             }
-            ExportList::Staged => {
+            ExportList::Staged(query) => {
                 let mut writer = csvfile::writer(&mut out, &header(CsvKind::Staged.columns())).map_err(io)?;
-                for staged in self.store.all::<StagedDevice>(|_| true)? {
+                for staged in self.store.all::<StagedDevice>(|staged| query.matches(staged))? {
                     let user = self.user_of(staged.user_id)?;
                     let group = self.group_name(staged.group_id)?;
                     writer
@@ -661,7 +661,7 @@ impl Enrollment {
                 }
                 writer.flush().map_err(|e| DomainError::invalid("export", e.to_string()))?;
             }
-            ExportList::Managed => {
+            ExportList::Managed(query) => {
                 let columns = [
                     "DEVICE NAME",
                     "SERIAL NUMBER",
@@ -678,8 +678,17 @@ impl Enrollment {
                     "LAST CONTACT TIME",
                 ];
                 let mut writer = csvfile::writer(&mut out, &columns).map_err(io)?;
-                let scan = Scan { tree: tree::DEVICES_BY_TIME, prefix: &[], after: None, newest_first: true };
-                for device in self.store.page::<Device>(scan, usize::MAX, |_| true)?.items {
+                let mut query = super::DeviceQuery { limit: Some(500), cursor: None, ..query.clone() };
+                let mut devices = Vec::new();
+                loop {
+                    let page = self.devices(&query)?;
+                    devices.extend(page.items);
+                    match page.next_cursor {
+                        Some(cursor) => query.cursor = Some(cursor),
+                        None => break,
+                    }
+                }
+                for device in devices {
                     let user = self.user_of(device.user_id)?;
                     let group = self.group_name(device.group_id)?;
                     writer
@@ -994,7 +1003,7 @@ mod tests {
         );
         assert_eq!(f.invites(ImportMode::All, &file).state, ImportState::Done);
         let query = InviteQuery { status: Some(InviteStatus::Pending), ..Default::default() };
-        let exported = f.d.export_csv(ExportList::Invites, &query).unwrap();
+        let exported = f.d.export_csv(&ExportList::Invites(query)).unwrap();
         let (original, _) = csvfile::parse_all(file.as_bytes(), CsvKind::Invites);
         let (read_back, problems) = csvfile::parse_all(&exported, CsvKind::Invites);
         assert!(problems.is_empty(), "{problems:?}\n{}", String::from_utf8_lossy(&exported));
@@ -1016,7 +1025,7 @@ mod tests {
         let again = f.run(ImportKind::Invites, ImportMode::All, &exported, &|| false);
         assert_eq!(again.report.already_pending, 3, "the export uploaded again doubles nothing");
 
-        let staged = f.d.export_csv(ExportList::Staged, &query).unwrap();
+        let staged = f.d.export_csv(&ExportList::Staged(super::super::StagedQuery::default())).unwrap();
         assert!(
             String::from_utf8(staged).unwrap().starts_with("\u{feff}SERIAL NUMBER,IMEI,PLATFORM TYPE"),
             "BOM first"

@@ -26,7 +26,7 @@ pub use accounts::{
     AccountLinkProblem, CreatedAccountLink, Credentials, Directory, ENROLL_AUTH_SETTING, LinkRefusal, LocalAccounts,
 };
 pub use apple::StoredPushCertificate;
-pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment};
+pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment, StagedQuery};
 pub use import::{ExportList, ImportRequest};
 pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,

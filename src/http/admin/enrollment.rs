@@ -12,7 +12,9 @@ use minijinja::Value;
 use serde::Deserialize;
 
 use super::{Admin, Posted, SignedIn, blocking, failure, message, render};
-use crate::domain::{AdditionalInvite, BulkSelection, DeprovisionKind, DeviceQuery, InviteQuery, StagedAssignment};
+use crate::domain::{
+    AdditionalInvite, BulkSelection, DeprovisionKind, DeviceQuery, InviteQuery, StagedAssignment, StagedQuery,
+};
 use crate::http::AppState;
 use crate::model::{DeviceStatus, Id, InviteStatus, Ownership, Platform};
 
@@ -102,14 +104,10 @@ async fn enrollment(
         "staged" => {
             let domain = state.enrollment.clone();
             let cursor = filter.cursor.clone();
-            let q = filter.q.clone().unwrap_or_default().to_lowercase();
-            let platform: Option<Platform> = optional(filter.platform.as_deref());
-            let wanted = move |s: &crate::model::StagedDevice| {
-                platform.is_none_or(|p| s.platform == p)
-                    && (q.is_empty()
-                        || [&s.serial, &s.imei, &s.name, &s.email]
-                            .iter()
-                            .any(|f| f.as_deref().is_some_and(|f| f.to_lowercase().contains(&q))))
+            let wanted = StagedQuery {
+                q: filter.q.clone(),
+                platform: optional(filter.platform.as_deref()),
+                group_id: optional(filter.group.as_deref()),
             };
             // The staged list has no index to search: pages are read until a page of matches is found (or the
             // end), and the next link goes on from where the reading stopped.
@@ -120,7 +118,7 @@ async fn enrollment(
                     let page = domain.staged(cursor.as_deref(), 500)?;
                     let next = page.next_cursor.clone();
                     for staged in page.items {
-                        if rows.len() < PAGE_SIZE && wanted(&staged) {
+                        if rows.len() < PAGE_SIZE && wanted.matches(&staged) {
                             rows.push(staged);
                         }
                     }
@@ -196,6 +194,7 @@ async fn enrollment(
             ("pending", None) => {
                 query.append_pair("status", "pending");
             }
+            ("staged", _) => {}
             (_, Some(status)) => {
                 query.append_pair("status", status);
             }

@@ -16,7 +16,7 @@ use utoipa::IntoParams;
 use super::users::ListQuery;
 use super::{ApiPath, ApiQuery, SignedInAdmin, blocking};
 use crate::csvfile::CsvKind;
-use crate::domain::{ExportList, ImportRequest, InviteQuery, Paged};
+use crate::domain::{DeviceQuery, ExportList, ImportRequest, InviteQuery, Paged, StagedQuery};
 use crate::http::{AppState, HttpError};
 use crate::model::{Id, Import, ImportKind, ImportMode};
 
@@ -217,24 +217,36 @@ pub async fn export_invites(
         Some(status) => format!("enrolld-invites-{status}.csv"),
         None => "enrolld-invites.csv".to_owned(),
     };
-    let bytes = blocking(move || domain.export_csv(ExportList::Invites, &query)).await?;
+    let bytes = blocking(move || domain.export_csv(&ExportList::Invites(query))).await?;
     Ok(csv_response(bytes, &name))
 }
 
-/// Staged devices as CSV, in the staged file's columns.
-#[utoipa::path(get, path = "/api/v1/staged/export", tag = "staged", responses((status = 200, content_type = "text/csv", body = String)))]
-pub async fn export_staged(State(state): State<AppState>) -> Result<Response, HttpError> {
+/// Staged devices as CSV, in the staged file's columns (filtered as the Staged tab is).
+#[utoipa::path(get, path = "/api/v1/staged/export", tag = "staged", params(StagedQuery),
+    responses((status = 200, content_type = "text/csv", body = String)))]
+pub async fn export_staged(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<StagedQuery>,
+) -> Result<Response, HttpError> {
     let domain = state.enrollment.clone();
-    let bytes = blocking(move || domain.export_csv(ExportList::Staged, &InviteQuery::default())).await?;
+    let bytes = blocking(move || domain.export_csv(&ExportList::Staged(query))).await?;
     Ok(csv_response(bytes, "enrolld-staged.csv"))
 }
 
-/// Managed devices as CSV.
-#[utoipa::path(get, path = "/api/v1/devices/export", tag = "devices", responses((status = 200, content_type = "text/csv", body = String)))]
-pub async fn export_devices(State(state): State<AppState>) -> Result<Response, HttpError> {
+/// Managed devices as CSV, newest first (filtered as the device list is; `cursor` and `limit` are ignored).
+#[utoipa::path(get, path = "/api/v1/devices/export", tag = "devices", params(DeviceQuery),
+    responses((status = 200, content_type = "text/csv", body = String)))]
+pub async fn export_devices(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<DeviceQuery>,
+) -> Result<Response, HttpError> {
     let domain = state.enrollment.clone();
-    let bytes = blocking(move || domain.export_csv(ExportList::Managed, &InviteQuery::default())).await?;
-    Ok(csv_response(bytes, "enrolld-managed.csv"))
+    let name = match query.status {
+        Some(status) => format!("enrolld-managed-{status}.csv"),
+        None => "enrolld-managed.csv".to_owned(),
+    };
+    let bytes = blocking(move || domain.export_csv(&ExportList::Managed(query))).await?;
+    Ok(csv_response(bytes, &name))
 }
 
 fn csv_response(bytes: Vec<u8>, filename: &str) -> Response {
