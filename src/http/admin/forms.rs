@@ -29,6 +29,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/groups", axum::routing::post(create_group))
         .route("/admin/users/{id}/delete", axum::routing::post(delete_user))
         .route("/admin/users/{id}", get(edit_user_page).post(edit_user))
+        .route("/admin/groups/{id}", axum::routing::post(rename_group))
         .route("/admin/groups/{id}/delete", axum::routing::post(delete_group))
         .route("/admin/audit", get(audit))
         .route("/admin/settings", get(settings).post(save_settings))
@@ -316,6 +317,34 @@ async fn create_group(State(state): State<AppState>, Posted { admin, fields }: P
         Ok(group) => {
             let extra = minijinja::context! { notice => format!("The group {} was added.", group.name) };
             users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
+}
+
+/// Renames a group (or changes its description); a name another group has is refused next to the field.
+async fn rename_group(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Posted { admin, fields }: Posted,
+) -> Response {
+    let Ok(id) = id.parse::<Id>() else {
+        return message(&state, Some(&admin), StatusCode::NOT_FOUND, "Not found", "There is no such group.");
+    };
+    let change = NewGroup {
+        name: fields.get("name").unwrap_or_default().to_owned(),
+        description: fields.get("description").unwrap_or_default().to_owned(),
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.update_group(&actor, &id, &change)).await {
+        Ok(group) => {
+            let extra = minijinja::context! { notice => format!("The group is saved as {}.", group.name) };
+            users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
+        }
+        Err(error @ (crate::domain::DomainError::Conflict { .. } | crate::domain::DomainError::Invalid { .. })) => {
+            let extra = minijinja::context! { group_id => id.to_string(), group_error => error.to_string() };
+            users_page(&state, &admin, &Paging::default(), StatusCode::UNPROCESSABLE_ENTITY, extra).await
         }
         Err(error) => failure(&state, &admin, error),
     }
