@@ -108,8 +108,18 @@ fn main() {
             ca_pem: None,
         };
         let relay = Relay::new(&smtp, connections).expect("relay");
-        let mail =
-            Mail::new(&domain, Some(relay), None, connections, "Example Ltd", "https://enroll.local").expect("mail");
+        let mail = Mail::new(
+            &domain,
+            Some(relay),
+            None,
+            connections,
+            enrolld::naming::Naming::new(
+                enrolld::naming::Names { organisation: "Example Ltd".into(), hostname: "enroll".into() },
+                None,
+                None,
+            ),
+        )
+        .expect("mail");
         let settings = OutboxSettings {
             mail,
             max_connections: connections,

@@ -95,7 +95,8 @@ pub struct MailConfig {
 }
 
 /// How text messages are sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SmsGateway {
     /// An HTTP API: one request per message.
     Http(HttpGateway),
@@ -104,7 +105,7 @@ pub enum SmsGateway {
 }
 
 /// A generic HTTP SMS API.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HttpGateway {
     /// `http://` or `https://` URL.
     pub url: String,
@@ -1118,6 +1119,28 @@ pub fn parse_listen(text: &str) -> Result<Option<SocketAddr>, String> {
         .map_err(|_| "expected an address and port such as [::]:8443 or 0.0.0.0:443, a bare port, or off".to_owned())
 }
 
+/// Reads an SMS gateway from the configuration's own keys (`sms_gateway`, `sms_email_domain`, `sms_http_*`), as the
+/// Settings page posts them, with the same checks; `sms_http_headers` holds one `Name: value` a line. Empty values
+/// count as not given. A refusal names the key and says why.
+pub fn sms_gateway_from(fields: &[(&str, &str)]) -> Result<Option<SmsGateway>, (&'static str, String)> {
+    let mut settings = BTreeMap::new();
+    for (name, value) in fields {
+        let Some(key) = find_key(name).filter(|key| key.name.starts_with("sms_")) else { continue };
+        let raw = if key.name == "sms_http_headers" {
+            Raw::List(value.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
+        } else if value.trim().is_empty() {
+            continue;
+        } else {
+            Raw::Text((*value).to_owned())
+        };
+        settings.insert(key.name, (raw, Origin::Default));
+    }
+    Layers { settings, file: None }.sms().map_err(|error| match error {
+        ConfigError::Invalid { key, reason, .. } => (key, reason),
+        other => ("sms_gateway", other.to_string()),
+    })
+}
+
 /// Checks that `name` is a single DNS label, as mDNS `.local` names are.
 pub fn validate_hostname(name: &str) -> Result<(), String> {
     if name.ends_with(".local") {
@@ -1322,6 +1345,33 @@ mod tests {
         assert_eq!(config.https_listen, Some("[::]:443".parse().unwrap()));
         assert_eq!(config.http_listen, Some("[::]:80".parse().unwrap()));
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/enrolld"));
+    }
+
+    #[test]
+    fn the_settings_page_sms_gateway_is_checked_as_the_file_is() {
+        assert_eq!(sms_gateway_from(&[("sms_gateway", "off"), ("sms_http_url", "x")]), Ok(None));
+        assert_eq!(
+            sms_gateway_from(&[("sms_gateway", "email"), ("sms_email_domain", "@sms.example.net")]),
+            Ok(Some(SmsGateway::Email { domain: "sms.example.net".into() }))
+        );
+        let http = sms_gateway_from(&[
+            ("sms_gateway", "http"),
+            ("sms_http_url", "https://sms.example.net/send"),
+            ("sms_http_method", ""),
+            ("sms_http_headers", "Authorization: Bearer abc\n\nX-Account: 7\n"),
+        ]);
+        let Ok(Some(SmsGateway::Http(http))) = http else { panic!("{http:?}") };
+        assert_eq!((http.method.as_str(), http.headers.len()), ("POST", 2));
+        assert_eq!(
+            sms_gateway_from(&[("sms_gateway", "http"), ("sms_http_url", "ftp://x")]).unwrap_err().0,
+            "sms_http_url"
+        );
+        let refused = sms_gateway_from(&[
+            ("sms_gateway", "http"),
+            ("sms_http_url", "https://sms.example.net/send"),
+            ("sms_http_body", "{{ nope }}"),
+        ]);
+        assert_eq!(refused.unwrap_err().0, "sms_http_body");
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::domain::{DomainError, Enrollment, Policy};
 use crate::http::{self, AppState, Limits};
 use crate::mail::outbox::OutboxSettings;
 use crate::mail::{self, Mail, MailError, Relay};
-use crate::mdns::{Announcement, Announcer};
+use crate::mdns::Announcement;
+use crate::naming::{Names, Naming};
 use crate::pki::{CertificateAuthority, PkiError};
 use crate::state_dir::{StateDir, StateDirError};
 use crate::store::{Store, StoreError};
@@ -165,14 +166,6 @@ pub async fn run(
         tracing::info!(subject = %ca.info().subject, sha256 = %ca.info().sha256, "created the appliance CA");
     }
     let ca = Arc::new(ca);
-    let keeper = CertificateKeeper::start(
-        &config,
-        ca.clone(),
-        store.clone(),
-        env.addresses.clone(),
-        state_dir.pki(),
-        env.clock.clone(),
-    )?;
     let policy = Policy {
         invite_validity: time::Duration::try_from(config.invite_validity).unwrap_or(time::Duration::days(7)),
         reminder_before: (config.mail.reminder_days > 0)
@@ -189,23 +182,28 @@ pub async fn run(
     for import in enrollment.recover_imports()? {
         tracing::warn!(import = %import.id, state = %import.state, "{}", import.message);
     }
+    let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+    let configured = Names { organisation: config.mail.organisation.clone(), hostname: config.hostname.clone() };
+    let naming = Naming::new(enrollment.saved_names(&configured)?, config.mail.public_url.clone(), https_port);
+    let keeper = CertificateKeeper::start(
+        &config,
+        ca.clone(),
+        store.clone(),
+        env.addresses.clone(),
+        state_dir.pki(),
+        env.clock.clone(),
+        naming.clone(),
+    )?;
     let session_ttl = time::Duration::try_from(config.session_ttl).unwrap_or(time::Duration::hours(12));
     let auth = Auth::new(enrollment.clone(), session_ttl)?;
     let setup_code = auth.bootstrap(&config.admin_user, config.admin_password.as_deref())?;
     let token = CancellationToken::new();
-    let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
     let relay = config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?;
-    let mail = Mail::new(
-        &enrollment,
-        relay,
-        config.mail.sms.clone(),
-        config.mail.max_connections,
-        &config.mail.organisation,
-        &config.public_url(https_port),
-    )?;
+    let mail = Mail::new(&enrollment, relay, config.mail.sms.clone(), config.mail.max_connections, naming.clone())?;
     let mut state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
     state.shutdown = token.clone();
     state.mail = mail.clone();
+    state.naming = naming.clone();
     let pusher = crate::push::Pusher::new(&config.apns).map_err(|e| DaemonError::Push(e.to_string()))?;
     let serving = listeners.https.is_some().then(|| keeper.serving());
     state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher);
@@ -235,11 +233,8 @@ pub async fn run(
             let addr = listener.local_addr().ok();
             let app = match https_addr {
                 Some(https) => {
-                    let target = http::RedirectTarget {
-                        port: https.port(),
-                        fallback_host: config.mdns_name(),
-                        serving: keeper.serving(),
-                    };
+                    let target =
+                        http::RedirectTarget { port: https.port(), naming: naming.clone(), serving: keeper.serving() };
                     http::http_redirect_router(state.clone(), limits, target)
                 }
                 None => {
@@ -266,17 +261,13 @@ pub async fn run(
     tasks.spawn("outbox", mail::outbox::run(enrollment, outbox, token.clone()));
 
     let web = https_addr.map(|a| (a.port(), true)).or(http_addr.map(|a| (a.port(), false)));
-    let announcer = match web {
-        Some((port, https)) if config.mdns => {
-            let what =
-                Announcement { hostname: config.hostname.clone(), port, https, ca_sha256: ca.info().sha256.clone() };
-            Announcer::start(&what).map_err(|error| tracing::warn!(%error)).ok()
-        }
-        _ => None,
-    };
+    if let Some((port, https)) = web.filter(|_| config.mdns) {
+        let what = Announcement { hostname: naming.hostname(), port, https, ca_sha256: ca.info().sha256.clone() };
+        tasks.spawn("mdns", crate::mdns::run(what, naming.subscribe(), token.clone()));
+    }
 
     notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
-    tracing::info!("{}", banner(&config, https_addr, http_addr, &env.addresses.addresses()));
+    tracing::info!("{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
     if let Some(code) = setup_code {
         tracing::warn!(
             "enrolld has no admin yet: open the page above and enter the setup code {code} to create one (or restart with ENROLLD_ADMIN_PASSWORD set)"
@@ -299,9 +290,6 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("an import did not stop in time; the next start finishes it");
-    }
-    if let Some(announcer) = announcer {
-        tokio::task::spawn_blocking(move || announcer.stop()).await.ok();
     }
     let flushed = store.flush();
     drop(state_dir);
@@ -400,6 +388,7 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
 /// One line that tells the admin where to go.
 fn banner(
     config: &Config,
+    names: &Names,
     https: Option<SocketAddr>,
     http: Option<SocketAddr>,
     addresses: &[std::net::IpAddr],
@@ -412,11 +401,8 @@ fn banner(
         (None, Some(a)) => ("http", a.port(), 80),
         (None, None) => ("https", 0, 443),
     };
-    let mut line = format!(
-        "enrolld {} ready: open {}",
-        env!("CARGO_PKG_VERSION"),
-        url(scheme, &config.mdns_name(), port, default)
-    );
+    let mut line =
+        format!("enrolld {} ready: open {}", env!("CARGO_PKG_VERSION"), url(scheme, &names.mdns_name(), port, default));
     let others: Vec<String> = addresses
         .iter()
         .map(|ip| match ip {
@@ -428,7 +414,7 @@ fn banner(
         line.push_str(&format!(" (or {})", others.join(", ")));
     }
     if let Some(http) = http {
-        line.push_str(&format!("; CA certificate: {}ca.crt", url("http", &config.mdns_name(), http.port(), 80)));
+        line.push_str(&format!("; CA certificate: {}ca.crt", url("http", &names.mdns_name(), http.port(), 80)));
     }
     if !config.mdns {
         line.push_str("; mDNS is off, so use an address");

@@ -17,6 +17,7 @@ pub mod http;
 pub mod mail;
 pub mod mdns;
 pub mod model;
+pub mod naming;
 pub mod pki;
 pub mod push;
 pub mod state_dir;

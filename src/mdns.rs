@@ -1,9 +1,13 @@
 //! mDNS announcement: `<hostname>.local` and the `_https._tcp` and `_enrolld._tcp` services on every interface,
-//! following address changes, with goodbye packets on shutdown.
+//! following address changes and renames, with goodbye packets on shutdown.
 
 use std::time::Duration;
 
 use mdns_sd::{ServiceDaemon, ServiceInfo, UnregisterStatus};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::naming::Names;
 
 /// How long to wait for each goodbye to be sent on shutdown.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
@@ -81,5 +85,46 @@ impl Announcer {
         if let Ok(receiver) = self.daemon.shutdown() {
             let _ = receiver.recv_timeout(GOODBYE_WAIT);
         }
+    }
+}
+
+/// Announces `what` until `shutdown`, and again under the new name whenever an admin renames the box (goodbyes for
+/// the old one first). A failed announcement is logged; the next rename tries again.
+pub async fn run(mut what: Announcement, mut names: watch::Receiver<Names>, shutdown: CancellationToken) {
+    let mut current = start_logged(what.clone()).await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = names.changed() => {
+                if changed.is_err() {
+                    shutdown.cancelled().await;
+                    break;
+                }
+                let hostname = names.borrow_and_update().hostname.clone();
+                if hostname == what.hostname {
+                    continue;
+                }
+                tracing::info!(from = %what.hostname, to = %hostname, "announcing the new host name");
+                what.hostname = hostname;
+                if let Some(old) = current.take() {
+                    tokio::task::spawn_blocking(move || old.stop()).await.ok();
+                }
+                current = start_logged(what.clone()).await;
+            }
+        }
+    }
+    if let Some(announcer) = current {
+        tokio::task::spawn_blocking(move || announcer.stop()).await.ok();
+    }
+}
+
+async fn start_logged(what: Announcement) -> Option<Announcer> {
+    match tokio::task::spawn_blocking(move || Announcer::start(&what)).await {
+        Ok(Ok(announcer)) => Some(announcer),
+        Ok(Err(error)) => {
+            tracing::warn!(%error);
+            None
+        }
+        Err(_) => None,
     }
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::addrs::AddressSource;
 use crate::clock::Clock;
 use crate::config::{Config, SubjectName, TlsSource};
+use crate::naming::Naming;
 use crate::pki::{self, CertificateAuthority, PkiError, ServerCertificate};
 use crate::store::{CertificateRecord, Store, StoreError};
 
@@ -151,7 +152,8 @@ struct SelfIssued {
     store: Store,
     addresses: Arc<dyn AddressSource>,
     pki_dir: PathBuf,
-    hostname: String,
+    /// The host name to issue for follows what an admin saves.
+    naming: Naming,
     extra: Vec<SubjectName>,
     current: pki::CertInfo,
 }
@@ -171,6 +173,7 @@ impl CertificateKeeper {
         addresses: Arc<dyn AddressSource>,
         pki_dir: PathBuf,
         clock: Arc<dyn Clock>,
+        naming: Naming,
     ) -> Result<Self, TlsError> {
         match &config.tls {
             TlsSource::Files { cert, key } => {
@@ -189,16 +192,17 @@ impl CertificateKeeper {
             }
             TlsSource::SelfIssued => {
                 let now = clock.now();
-                let wanted = pki::wanted_names(&config.hostname, &config.extra_sans, &addresses.addresses());
+                let hostname = naming.hostname();
+                let wanted = pki::wanted_names(&hostname, &config.extra_sans, &addresses.addresses());
                 ca.check_validity(now)?;
                 let existing =
                     ServerCertificate::load_issued(&pki_dir)?.filter(|cert| cert.chain.get(1) == Some(ca.cert_der()));
                 let cert = match existing {
                     Some(cert) => match pki::reissue_reason(&cert.info, &wanted, ca.info().not_after, now) {
                         None => cert,
-                        Some(reason) => issue(&ca, &store, &pki_dir, &config.hostname, &wanted, now, reason)?,
+                        Some(reason) => issue(&ca, &store, &pki_dir, &hostname, &wanted, now, reason)?,
                     },
-                    None => issue(&ca, &store, &pki_dir, &config.hostname, &wanted, now, "first start".into())?,
+                    None => issue(&ca, &store, &pki_dir, &hostname, &wanted, now, "first start".into())?,
                 };
                 Ok(CertificateKeeper {
                     serving: Arc::new(ServingCertificate::new(&cert)?),
@@ -207,7 +211,7 @@ impl CertificateKeeper {
                         store,
                         addresses,
                         pki_dir,
-                        hostname: config.hostname.clone(),
+                        naming,
                         extra: config.extra_sans.clone(),
                         current: cert.info,
                     })),
@@ -234,14 +238,15 @@ impl CertificateKeeper {
         let asked = self.renewer.wanted.swap(false, std::sync::atomic::Ordering::SeqCst);
         match &mut self.mode {
             KeeperMode::SelfIssued(keep) => {
-                let SelfIssued { ca, store, addresses, pki_dir, hostname, extra, current } = keep.as_mut();
-                let wanted = pki::wanted_names(hostname, extra, &addresses.addresses());
+                let SelfIssued { ca, store, addresses, pki_dir, naming, extra, current } = keep.as_mut();
+                let hostname = naming.hostname();
+                let wanted = pki::wanted_names(&hostname, extra, &addresses.addresses());
                 let reason = pki::reissue_reason(current, &wanted, ca.info().not_after, now)
                     .or_else(|| asked.then(|| "an admin asked for a new certificate".to_owned()));
                 let Some(reason) = reason else {
                     return Ok(CheckOutcome::Unchanged);
                 };
-                let cert = issue(ca, store, pki_dir, hostname, &wanted, now, reason.clone())?;
+                let cert = issue(ca, store, pki_dir, &hostname, &wanted, now, reason.clone())?;
                 self.serving.replace(&cert)?;
                 *current = cert.info;
                 Ok(CheckOutcome::Replaced(reason))
@@ -266,11 +271,22 @@ impl CertificateKeeper {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         let wake = self.renewer.wake.clone();
+        let mut names = match &self.mode {
+            KeeperMode::SelfIssued(keep) => Some(keep.naming.subscribe()),
+            KeeperMode::Files { .. } => None,
+        };
         loop {
+            let renamed = async {
+                match names.as_mut() {
+                    Some(names) => names.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
                 () = wake.notified() => {}
+                true = renamed => {}
             }
             // Key generation and fsyncs are blocking work: keep them off the async workers.
             let (keeper, outcome) = match tokio::task::spawn_blocking(move || {
@@ -350,6 +366,7 @@ mod tests {
         store: Store,
         keeper: CertificateKeeper,
         ca_der: Vec<u8>,
+        naming: Naming,
     }
 
     fn fixture() -> Fixture {
@@ -360,6 +377,7 @@ mod tests {
         let store = Store::open_temporary().unwrap();
         let (ca, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", clock.now()).unwrap();
         let ca_der = ca.cert_der().to_vec();
+        let naming = Naming::fixed();
         let keeper = CertificateKeeper::start(
             &config,
             Arc::new(ca),
@@ -367,9 +385,10 @@ mod tests {
             Arc::new(addresses.clone()),
             dir.path().to_owned(),
             Arc::new(clock.clone()),
+            naming.clone(),
         )
         .unwrap();
-        Fixture { _dir: dir, clock, addresses, store, keeper, ca_der }
+        Fixture { _dir: dir, clock, addresses, store, keeper, ca_der, naming }
     }
 
     fn served_names(keeper: &CertificateKeeper) -> Vec<String> {
@@ -419,6 +438,21 @@ mod tests {
         assert!(names.contains(&"192.168.1.77".to_owned()) && !names.contains(&"192.168.1.20".to_owned()));
         assert!(names.contains(&"enroll.local".to_owned()) && names.contains(&"::1".to_owned()));
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "stable once reissued");
+    }
+
+    #[test]
+    fn reissued_when_an_admin_renames_the_box() {
+        let mut f = fixture();
+        f.naming.set(crate::naming::Names::checked("", "front-desk").unwrap());
+        let outcome = f.keeper.check().unwrap();
+        assert_eq!(
+            outcome,
+            CheckOutcome::Replaced("names changed: +front-desk +front-desk.local -enroll -enroll.local".into())
+        );
+        let info = pki::parse_certificate(&f.keeper.serving().leaf()).unwrap();
+        assert!(info.subject.contains("front-desk.local"), "{}", info.subject);
+        assert!(served_names(&f.keeper).contains(&"front-desk.local".to_owned()));
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use super::{Actor, DomainResult, Enrollment};
 use crate::model::Setting;
+use crate::naming::Names;
 
 impl Enrollment {
     /// Every saved setting whose name starts with `prefix`.
@@ -41,6 +42,31 @@ impl Enrollment {
             }
             Ok(())
         })
+    }
+}
+
+/// The appliance's names as an admin saved them (over the configuration's `organisation` and `hostname`).
+const ORGANISATION: &str = "appliance.organisation";
+const HOSTNAME: &str = "appliance.hostname";
+
+impl Enrollment {
+    /// The names in use: the saved ones, else `configured`.
+    pub fn saved_names(&self, configured: &Names) -> DomainResult<Names> {
+        let saved = self.settings("appliance.")?;
+        let find = |name: &str| saved.iter().find(|s| s.name == name).map(|s| s.value.clone());
+        let organisation = find(ORGANISATION).unwrap_or_else(|| configured.organisation.clone());
+        let hostname = find(HOSTNAME).unwrap_or_else(|| configured.hostname.clone());
+        // A saved value was checked when it was saved; should the rules tighten, the configuration's names apply.
+        Ok(Names::checked(&organisation, &hostname).unwrap_or_else(|_| configured.clone()))
+    }
+
+    /// Checks and saves the organisation's name and the host name; they win over the configuration's from now on.
+    pub fn save_names(&self, actor: &Actor, organisation: &str, hostname: &str) -> DomainResult<Names> {
+        let names = Names::checked(organisation, hostname)
+            .map_err(|error| super::DomainError::invalid(error.field, error.reason))?;
+        self.save_setting(actor, ORGANISATION, &names.organisation)?;
+        self.save_setting(actor, HOSTNAME, &names.hostname)?;
+        Ok(names)
     }
 }
 
@@ -116,6 +142,19 @@ mod tests {
     use super::super::testing::{admin, domain};
     use super::*;
     use crate::model::{Channels, Ownership, Platform};
+
+    #[test]
+    fn saved_names_win_over_the_configuration() {
+        let (d, _) = domain();
+        let configured = Names::checked("", "enroll").unwrap();
+        assert_eq!(d.saved_names(&configured).unwrap(), configured);
+        let refused = d.save_names(&admin(), "Example", "front desk").unwrap_err();
+        assert!(matches!(refused, super::super::DomainError::Invalid { field: "hostname", .. }), "{refused}");
+        assert_eq!(d.saved_names(&configured).unwrap(), configured, "nothing was saved");
+        let saved = d.save_names(&admin(), " Example Ltd ", "Front-Desk").unwrap();
+        assert_eq!(d.saved_names(&configured).unwrap(), saved);
+        assert_eq!((saved.organisation.as_str(), saved.hostname.as_str()), ("Example Ltd", "front-desk"));
+    }
 
     #[test]
     fn saved_rules_apply_to_new_invites_and_survive_a_restart() {

@@ -252,7 +252,7 @@ fn problem_page(state: &AppState, status: StatusCode, title: &str, advice: &str)
         ("title", Value::from(title)),
         ("problem", Value::from(title)),
         ("advice", Value::from(advice)),
-        ("organisation", Value::from(state.mail.organisation.to_string())),
+        ("organisation", Value::from(state.naming.organisation())),
     ]);
     html(status, render_page(values))
 }
@@ -283,7 +283,7 @@ fn render(
     let needs_password = ask_password && !state.enrollment.has_password(&invite.user_id).unwrap_or(true);
     let values = Value::from_pairs([
         ("title", Value::from(format!("Enroll your {}", device_words(platform)))),
-        ("organisation", Value::from(state.mail.organisation.to_string())),
+        ("organisation", Value::from(state.naming.organisation())),
         ("user_name", Value::from(user_name)),
         ("platform", Value::from(platform.to_string())),
         ("platform_name", Value::from(platform_name(platform))),
@@ -346,7 +346,8 @@ async fn ca_profile(State(state): State<AppState>) -> Response {
             "Try again later.",
         );
     };
-    let name = profile::display_name(&state.mail.organisation);
+    let organisation = state.naming.organisation();
+    let name = profile::display_name(&organisation);
     let profile = plist::Dictionary::from_iter([
         ("PayloadType", plist::Value::from("Configuration")),
         ("PayloadVersion", plist::Value::from(1)),
@@ -359,7 +360,7 @@ async fn ca_profile(State(state): State<AppState>) -> Response {
         ),
         (
             "PayloadContent",
-            plist::Value::Array(vec![plist::Value::Dictionary(profile::root_payload(&der, &state.mail.organisation))]),
+            plist::Value::Array(vec![plist::Value::Dictionary(profile::root_payload(&der, &organisation))]),
         ),
     ]);
     let mut body = Vec::new();
@@ -433,10 +434,11 @@ async fn enrollment_profile(
         Err(page) => return page,
     };
     let Some(ca) = ca_der(&state) else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
+    let (organisation, public_url) = (state.naming.organisation(), state.naming.public_url());
     let profile = profile::EnrollmentProfile {
         ca_der: &ca,
-        organisation: &state.mail.organisation,
-        public_url: &state.mail.public_url,
+        organisation: &organisation,
+        public_url: &public_url,
         topic: &push.topic,
         challenge: &challenge,
         invite: invite.id.to_string(),
@@ -573,7 +575,7 @@ fn unusable_account_link(state: &AppState) -> Response {
 fn account_form(state: &AppState, status: StatusCode, user_name: &str, error: Option<String>) -> Response {
     let values = Value::from_pairs([
         ("title", Value::from("Set your password")),
-        ("organisation", Value::from(state.mail.organisation.to_string())),
+        ("organisation", Value::from(state.naming.organisation())),
         ("account_form", Value::from(true)),
         ("user_name", Value::from(user_name)),
         ("min_chars", Value::from(crate::domain::auth::MIN_PASSWORD_CHARS)),

@@ -51,6 +51,8 @@ pub struct AppState {
     pub import_max_bytes: usize,
     /// The mail relay and invite templates, shared with the outbox worker.
     pub mail: crate::mail::Mail,
+    /// The organisation's name, the host name and the base of links, as an admin last saved them.
+    pub naming: crate::naming::Naming,
     /// Passcodes accepted on the enrollment pages, for a few minutes.
     pub enroll_sessions: enroll::EnrollSessions,
     /// Apple device management: the SCEP CA, profile signing, pushes.
@@ -72,6 +74,7 @@ impl AppState {
             openapi: Arc::default(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
             mail: crate::mail::Mail::unconfigured(),
+            naming: crate::naming::Naming::fixed(),
             enroll_sessions: enroll::EnrollSessions::default(),
             mdm: mdm::Mdm::default(),
             tls_renewer: crate::tls::Renewer::default(),
@@ -127,11 +130,11 @@ pub fn https_router(mut state: AppState, limits: Limits) -> Router {
 }
 
 /// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries
-/// that name (so the browser will accept it), otherwise to `fallback_host`.
+/// that name (so the browser will accept it), otherwise to the `.local` name in use.
 #[derive(Clone, Debug)]
 pub struct RedirectTarget {
     pub port: u16,
-    pub fallback_host: String,
+    pub naming: crate::naming::Naming,
     pub serving: Arc<ServingCertificate>,
 }
 
@@ -212,7 +215,7 @@ mod tests {
         let names = crate::pki::wanted_names("enroll", &[], &["fd00::2".parse().unwrap()]);
         let cert = ca.issue_server("enroll.local", &names, now).unwrap();
         let serving = Arc::new(ServingCertificate::new(&cert).unwrap());
-        RedirectTarget { port, fallback_host: "enroll.local".into(), serving }
+        RedirectTarget { port, naming: crate::naming::Naming::fixed(), serving }
     }
 
     #[tokio::test]

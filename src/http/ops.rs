@@ -47,7 +47,7 @@ pub fn redirect_to_https(request: &Request, target: &super::RedirectTarget) -> R
         .map(|authority| authority.host().to_owned());
     let host = match asked {
         Some(host) if target.serving.covers(&host) => host,
-        _ => target.fallback_host.clone(),
+        _ => target.naming.names().mdns_name(),
     };
     let https_port = target.port;
     let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };

@@ -22,6 +22,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::{SmsGateway, SmtpConfig, SmtpSecurity};
 use crate::domain::{Actor, Attempt, Enrollment};
+use crate::naming::Naming;
 use templates::{Rendered, Templates};
 
 /// The Content-ID of the QR code image in invite mails.
@@ -54,6 +55,8 @@ pub enum MailError {
 const TEMPLATE_SETTING: &str = "template.";
 /// The setting holding relay settings saved through the API (JSON).
 const RELAY_SETTING: &str = "mail.relay";
+/// The setting that holds the SMS gateway saved through the Settings page (JSON; `null` for off).
+const SMS_SETTING: &str = "mail.sms";
 
 /// Where the relay settings in use came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -91,18 +94,18 @@ pub struct Mail {
     /// The relay from the configuration file, to go back to when the API's settings are removed.
     configured_relay: Option<Relay>,
     max_connections: usize,
-    sms: Option<Arc<SmsGateway>>,
+    /// The SMS gateway in use: the one saved through the Settings page, else the configured one.
+    sms: Arc<ArcSwapOption<SmsGateway>>,
     templates: Arc<ArcSwap<Templates>>,
-    pub organisation: Arc<str>,
-    /// The base of enrollment links (`https://enroll.local`).
-    pub public_url: Arc<str>,
+    /// The organisation's name and the base of links, as they are when a message is made.
+    naming: Naming,
 }
 
 impl std::fmt::Debug for Mail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mail")
             .field("relay", &self.relay().map(|r| (r.settings.host.clone(), r.settings.port)))
-            .field("public_url", &self.public_url)
+            .field("public_url", &self.naming.public_url())
             .finish_non_exhaustive()
     }
 }
@@ -115,8 +118,7 @@ impl Mail {
         relay: Option<Relay>,
         sms: Option<SmsGateway>,
         max_connections: usize,
-        organisation: &str,
-        public_url: &str,
+        naming: Naming,
     ) -> Result<Mail, MailError> {
         let max_connections = relay.as_ref().map_or(max_connections, |r| r.max_connections);
         let (in_use, source) = match domain.settings(RELAY_SETTING)?.into_iter().find(|s| s.name == RELAY_SETTING) {
@@ -132,6 +134,13 @@ impl Mail {
             },
             None => (relay.clone(), RelaySource::Configuration),
         };
+        let sms = match domain.settings(SMS_SETTING)?.into_iter().find(|s| s.name == SMS_SETTING) {
+            Some(saved) => serde_json::from_str::<Option<SmsGateway>>(&saved.value).unwrap_or_else(|error| {
+                tracing::error!(%error, "the SMS gateway saved through the Settings page is not readable; using the configuration's");
+                sms
+            }),
+            None => sms,
+        };
         let saved = Self::saved(domain)?;
         let templates = Templates::new(&saved).unwrap_or_else(|error| {
             tracing::error!(%error, "a saved invite template no longer renders; using the defaults until it is fixed");
@@ -142,10 +151,9 @@ impl Mail {
             relay_source: Arc::new(ArcSwap::from_pointee(source)),
             configured_relay: relay,
             max_connections,
-            sms: sms.map(Arc::new),
+            sms: Arc::new(ArcSwapOption::from(sms.map(Arc::new))),
             templates: Arc::new(ArcSwap::from_pointee(templates)),
-            organisation: organisation.into(),
-            public_url: public_url.into(),
+            naming,
         })
     }
 
@@ -164,11 +172,20 @@ impl Mail {
             relay_source: Arc::new(ArcSwap::from_pointee(RelaySource::Configuration)),
             configured_relay: None,
             max_connections: 4,
-            sms: None,
+            sms: Arc::new(ArcSwapOption::empty()),
             templates: Arc::new(ArcSwap::from_pointee(Templates::defaults())),
-            organisation: "".into(),
-            public_url: "https://enroll.local".into(),
+            naming: Naming::fixed(),
         }
+    }
+
+    /// The organisation's name now (an admin may change it at any time).
+    pub fn organisation(&self) -> String {
+        self.naming.organisation()
+    }
+
+    /// The base of links now (`https://enroll.local`).
+    pub fn public_url(&self) -> String {
+        self.naming.public_url()
     }
 
     /// The relay in use now (an admin may change it through the API at any time).
@@ -203,8 +220,22 @@ impl Mail {
         Ok(())
     }
 
-    pub fn sms(&self) -> Option<&SmsGateway> {
-        self.sms.as_deref()
+    /// The SMS gateway in use now, if any.
+    pub fn sms(&self) -> Option<Arc<SmsGateway>> {
+        self.sms.load_full()
+    }
+
+    /// Uses `gateway` for text messages from now on (and after restarts); `None` turns SMS off. Messages that
+    /// waited for a gateway go now.
+    pub fn save_sms(&self, domain: &Enrollment, actor: &Actor, gateway: Option<SmsGateway>) -> Result<(), MailError> {
+        let json = serde_json::to_string(&gateway).map_err(|e| MailError::Relay(e.to_string()))?;
+        domain.save_setting(actor, SMS_SETTING, &json)?;
+        let on = gateway.is_some();
+        self.sms.store(gateway.map(Arc::new));
+        if on {
+            domain.wake_waiting()?;
+        }
+        Ok(())
     }
 
     pub fn templates(&self) -> Arc<Templates> {
@@ -270,8 +301,9 @@ impl Mail {
         let mut sources = Self::saved(domain)?;
         sources.extend(drafts.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut context = templates::InviteContext::sample(platform);
-        if !self.organisation.is_empty() {
-            context.organisation = self.organisation.to_string();
+        let organisation = self.organisation();
+        if !organisation.is_empty() {
+            context.organisation = organisation;
         }
         Ok(Templates::new(&sources)?.render(&context)?)
     }
@@ -279,7 +311,7 @@ impl Mail {
     /// Sends a short test message to `to` and returns what the relay said (with advice when it refused).
     pub async fn send_test(&self, to: &str) -> Result<Attempt, MailError> {
         let relay = self.relay().ok_or(MailError::NotConfigured)?;
-        relay.send_test(to, &self.public_url).await
+        relay.send_test(to, &self.public_url()).await
     }
 }
 

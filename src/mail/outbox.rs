@@ -176,7 +176,8 @@ impl Worker {
         // The relay in use for this message (an admin may change it at any time).
         let relay = self.settings.mail.relay();
         let has_relay = relay.is_some();
-        let sms_needs_relay = matches!(self.settings.mail.sms(), Some(crate::config::SmsGateway::Email { .. }));
+        let sms_needs_relay =
+            matches!(self.settings.mail.sms().as_deref(), Some(crate::config::SmsGateway::Email { .. }));
         // Email (and SMS by email) waits for a relay; other SMS go ahead, to end with a clear reply when no gateway
         // is set.
         let can_send = move |channel| has_relay || (channel == JobChannel::Sms && !sms_needs_relay);
@@ -196,7 +197,8 @@ impl Worker {
                 return None;
             }
         };
-        let attempt = match (claimed.job.channel, relay.as_deref(), self.settings.mail.sms()) {
+        let sms = self.settings.mail.sms();
+        let attempt = match (claimed.job.channel, relay.as_deref(), sms.as_deref()) {
             (JobChannel::Email, Some(relay), _) => match self.message(relay, &claimed) {
                 Ok(message) => relay.send(message).await,
                 Err(error) => Attempt::Permanent(error.to_string()),
@@ -210,7 +212,7 @@ impl Worker {
                 None => Attempt::Permanent("the job has no link left to send".into()),
             },
             (JobChannel::Sms, _, None) => Attempt::Permanent(
-                "no SMS gateway is configured (sms_gateway), so the text message was not sent".into(),
+                "no SMS gateway is set (Settings → SMS gateway, or sms_gateway in the configuration), so the text message was not sent; set one, then resend the invite".into(),
             ),
         };
         let attempt = crate::domain::redact(&attempt, &claimed.job);
@@ -237,8 +239,8 @@ impl Worker {
         let mail = &self.settings.mail;
         Some(InviteContext::new(
             &claimed.user.name,
-            &mail.organisation,
-            format!("{}/e/{token}", mail.public_url),
+            &mail.organisation(),
+            format!("{}/e/{token}", mail.public_url()),
             passcode,
             claimed.invite.expires_at,
             claimed.invite.platform,
@@ -263,7 +265,7 @@ impl Worker {
                 relay.invite_message(&job.to, &message_id, &rendered, &context.link)
             }
             JobKind::Reminder => {
-                let (subject, text) = reminder_text(&self.settings.mail.organisation, claimed);
+                let (subject, text) = reminder_text(&self.settings.mail.organisation(), claimed);
                 relay.text_message(&job.to, &message_id, &subject, &text)
             }
             JobKind::Confirmation => {
@@ -275,8 +277,8 @@ impl Worker {
                     .link_token
                     .as_deref()
                     .ok_or_else(|| super::MailError::Message("the job has no link left to send".into()))?;
-                let link = format!("{}/account/{token}", self.settings.mail.public_url);
-                let (subject, text) = account_text(&self.settings.mail.organisation, claimed, &link);
+                let link = format!("{}/account/{token}", self.settings.mail.public_url());
+                let (subject, text) = account_text(&self.settings.mail.organisation(), claimed, &link);
                 relay.text_message(&job.to, &message_id, &subject, &text)
             }
         }

@@ -59,7 +59,7 @@ async fn the_first_admin_claims_the_box_with_the_logged_code_and_the_data_persis
             api(daemon.https, &ca, Method::GET, &format!("/api/v1/invites/{id}"), Some(token), None).await;
         let sms = invite["delivery"].as_array().unwrap().iter().find(|d| d["channel"] == "sms").unwrap().clone();
         if sms["state"] == "failed" {
-            assert!(sms["reply"].as_str().unwrap().contains("no SMS gateway is configured"), "{sms}");
+            assert!(sms["reply"].as_str().unwrap().contains("no SMS gateway is set"), "{sms}");
             break invite;
         }
         assert!(std::time::Instant::now() < deadline, "the SMS never ended: {invite}");

@@ -1,6 +1,6 @@
 //! The admin pages built around a form: inviting (one user, *by myself* with the link and QR code on screen, or a
 //! whole group with the count first), bulk CSV imports (upload, progress, the row-by-row report), users and
-//! groups, the audit log, and settings (how users authenticate, the push certificate, the mail relay's test).
+//! groups, the audit log, and the mail templates.
 
 use axum::Router;
 use axum::body::Body;
@@ -13,10 +13,9 @@ use minijinja::Value;
 use serde::Deserialize;
 
 use super::{Admin, Fields, Posted, SignedIn, blocking, failure, message, render};
-use crate::config::SmtpSecurity;
 use crate::domain::{GroupInviteMode, GroupInvitePlan, ImportRequest, NewGroup, NewInvite, NewUser};
 use crate::http::AppState;
-use crate::model::{Channels, EnrollAuth, Id, ImportKind, ImportMode, ImportState, Ownership, Platform};
+use crate::model::{Channels, Id, ImportKind, ImportMode, ImportState, Ownership, Platform};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -32,16 +31,10 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/groups/{id}", axum::routing::post(rename_group))
         .route("/admin/groups/{id}/delete", axum::routing::post(delete_group))
         .route("/admin/audit", get(audit))
-        .route("/admin/settings", get(settings).post(save_settings))
-        .route("/admin/settings/test-mail", axum::routing::post(test_mail))
-        .route("/admin/settings/relay", axum::routing::post(save_relay))
-        .route("/admin/settings/policy", axum::routing::post(save_policy))
-        .route("/admin/settings/renew-tls", axum::routing::post(renew_tls))
-        .route("/admin/settings/push-p12", axum::routing::post(upload_p12))
         .route("/admin/templates", get(templates).post(save_template))
 }
 
-fn options<T: Copy + std::fmt::Display>(all: &[T]) -> Value {
+pub(super) fn options<T: Copy + std::fmt::Display>(all: &[T]) -> Value {
     Value::from(all.iter().map(|v| v.to_string()).collect::<Vec<_>>())
 }
 
@@ -105,7 +98,7 @@ async fn invite(State(state): State<AppState>, Posted { admin, fields }: Posted)
     };
     match (created.link_token, created.passcode) {
         (Some(token), Some(passcode)) => {
-            let link = format!("{}/e/{token}", state.mail.public_url);
+            let link = format!("{}/e/{token}", state.naming.public_url());
             let qr = crate::mail::qr::png(&link)
                 .map(|png| format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
                 .ok();
@@ -118,7 +111,7 @@ async fn invite(State(state): State<AppState>, Posted { admin, fields }: Posted)
     }
 }
 
-fn fields_map(fields: &Fields) -> std::collections::BTreeMap<String, String> {
+pub(super) fn fields_map(fields: &Fields) -> std::collections::BTreeMap<String, String> {
     fields.0.iter().filter(|(k, _)| k != "csrf").cloned().collect()
 }
 
@@ -364,187 +357,6 @@ async fn audit(State(state): State<AppState>, SignedIn(admin): SignedIn, Query(p
     render(&state, Some(&admin), StatusCode::OK, "audit.html", values)
 }
 
-async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
-    let domain = state.enrollment.clone();
-    let gathered = blocking(move || Ok((domain.enroll_auth()?, domain.push_certificate()?))).await;
-    let (auth, push) = match gathered {
-        Ok(gathered) => gathered,
-        Err(error) => return failure(state, admin, error),
-    };
-    let relay = state.mail.relay().map(|relay| {
-        let settings = relay.settings();
-        format!(
-            "{}:{} ({}), sending as {}",
-            settings.host,
-            settings.port,
-            settings.security.as_str(),
-            settings.from_address
-        )
-    });
-    let policy = state.enrollment.policy();
-    let tls = state.mdm.serving_info().map(|info| {
-        minijinja::context! { serial => info.serial, not_after => info.not_after.date().to_string(), names => info.names.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") }
-    });
-    let values = minijinja::context! {
-        title => "Settings",
-        tls => tls,
-        tls_self_issued => state.tls_renewer.self_issued(),
-        validity_days => policy.invite_validity.whole_days(),
-        confirmation_to => policy.confirmation_to.join("\n"),
-        confirmation_to_user => policy.confirmation_to_user,
-        auth => auth.as_str(),
-        auths => options(EnrollAuth::ALL),
-        push => push.map(|p| minijinja::context! { topic => p.topic, not_after => p.not_after.date().to_string(), uploaded_by => p.uploaded_by }),
-        relay => relay,
-        public_url => state.mail.public_url.to_string(),
-        ..extra
-    };
-    render(state, Some(admin), status, "settings.html", values)
-}
-
-async fn settings(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
-    settings_page(&state, &admin, StatusCode::OK, Value::from(())).await
-}
-
-/// Saves the settings form: how users authenticate, and (when given) the push certificate as two PEM texts.
-async fn save_settings(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
-    let actor = admin.actor.clone();
-    if let Some(auth) = fields.get("auth").and_then(|a| a.parse::<EnrollAuth>().ok()) {
-        let domain = state.enrollment.clone();
-        let saver = actor.clone();
-        if let Err(error) = blocking(move || domain.set_enroll_auth(&saver, Some(auth))).await {
-            return failure(&state, &admin, error);
-        }
-    }
-    if fields.get("push_certificate").is_some() != fields.get("push_key").is_some() {
-        let extra = minijinja::context! { push_error => "Paste both the certificate and its private key." };
-        return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
-    }
-    if let (Some(cert), Some(key)) = (fields.get("push_certificate"), fields.get("push_key")) {
-        let (cert, key) = (cert.to_owned(), key.to_owned());
-        let push = match crate::pki::push::PushCertificate::from_pem(&cert, &key, state.clock.now()) {
-            Ok(push) => push,
-            Err(error) => {
-                let extra = minijinja::context! { push_error => error.to_string() };
-                return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
-            }
-        };
-        let domain = state.enrollment.clone();
-        if let Err(error) = blocking(move || domain.save_push_certificate(&actor, &push, &cert, &key)).await {
-            let extra = minijinja::context! { push_error => error.to_string() };
-            return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
-        }
-    }
-    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => "Saved." }).await
-}
-
-async fn test_mail(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
-    let to = fields.get("to").unwrap_or_default().to_owned();
-    let outcome = match state.mail.send_test(&to).await {
-        Ok(crate::domain::Attempt::Sent(reply)) => format!("Sent. The relay answered: {reply}"),
-        Ok(other) => format!("Not sent: {}", other.reply()),
-        Err(error) => format!("Not sent: {error}"),
-    };
-    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { test_result => outcome }).await
-}
-
-/// Saves the SMTP relay the admin entered (checked as the API checks it); it is used at once, and mail that waited
-/// for a relay goes out.
-async fn save_relay(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
-    let text = |name: &str| fields.get(name).map(str::to_owned);
-    let request = crate::http::api::mail::RelaySettings {
-        host: text("host").unwrap_or_default(),
-        port: fields.get("port").and_then(|p| p.trim().parse().ok()),
-        security: fields.get("security").and_then(|wanted| {
-            [SmtpSecurity::StartTls, SmtpSecurity::Tls, SmtpSecurity::None].into_iter().find(|s| s.as_str() == wanted)
-        }),
-        username: text("username"),
-        password: text("password"),
-        from_address: text("from_address").unwrap_or_default(),
-        from_name: text("from_name"),
-        reply_to: text("reply_to"),
-        helo_name: None,
-        ca_pem: text("ca_pem"),
-    };
-    let settings = match crate::http::api::mail::checked_relay(&state, request) {
-        Ok(settings) => settings,
-        Err(error) => {
-            let extra = minijinja::context! { relay_field => error.field, relay_error => error.message, values => super::ser(&fields_map(&fields)) };
-            return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
-        }
-    };
-    let (mail, domain, actor) = (state.mail.clone(), state.enrollment.clone(), admin.actor.clone());
-    match tokio::task::spawn_blocking(move || mail.save_relay(&domain, &actor, &settings)).await {
-        Ok(Ok(())) => {
-            settings_page(
-                &state,
-                &admin,
-                StatusCode::OK,
-                minijinja::context! { notice => "The relay is saved; send a test mail to check it." },
-            )
-            .await
-        }
-        Ok(Err(error)) => {
-            let extra =
-                minijinja::context! { relay_error => error.to_string(), values => super::ser(&fields_map(&fields)) };
-            settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await
-        }
-        Err(_) => message(
-            &state,
-            Some(&admin),
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Something went wrong",
-            "Try again in a minute.",
-        ),
-    }
-}
-
-/// The push certificate as the `.p12` file Keychain Access exports, with its password.
-async fn upload_p12(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    SignedIn(admin): SignedIn,
-    multipart: Multipart,
-) -> Response {
-    let (fields, file) = match read_form(&state, &headers, &admin, multipart).await {
-        Ok((fields, file)) => (fields, file.map(|(_, bytes)| bytes).unwrap_or_default()),
-        Err(response) => return response,
-    };
-    let password = fields.get("password").unwrap_or_default().to_owned();
-    let read = crate::pki::push::pem_from_pkcs12(&file, &password).and_then(|(cert, key)| {
-        crate::pki::push::PushCertificate::from_pem(&cert, &key, state.clock.now()).map(|push| (push, cert, key))
-    });
-    let (push, cert, key) = match read {
-        Ok(read) => read,
-        Err(error) => {
-            return settings_page(
-                &state,
-                &admin,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                minijinja::context! { p12_error => error.to_string() },
-            )
-            .await;
-        }
-    };
-    let domain = state.enrollment.clone();
-    let actor = admin.actor.clone();
-    match blocking(move || domain.save_push_certificate(&actor, &push, &cert, &key)).await {
-        Ok(_) => {
-            settings_page(
-                &state,
-                &admin,
-                StatusCode::OK,
-                minijinja::context! { notice => "The push certificate is saved." },
-            )
-            .await
-        }
-        Err(error) => {
-            settings_page(&state, &admin, StatusCode::CONFLICT, minijinja::context! { p12_error => error.to_string() })
-                .await
-        }
-    }
-}
-
 #[derive(Debug, Default, Deserialize)]
 pub struct TemplateQuery {
     platform: Option<String>,
@@ -742,46 +554,9 @@ async fn delete_group(
     }
 }
 
-/// Saves how long invites last and who is told when a device enrolls.
-async fn save_policy(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
-    let change = crate::domain::PolicyChange {
-        invite_validity_days: fields.get("validity_days").and_then(|d| d.trim().parse().ok()).unwrap_or(0),
-        confirmation_to: fields
-            .get("confirmation_to")
-            .unwrap_or_default()
-            .lines()
-            .map(|l| l.trim().to_owned())
-            .collect(),
-        confirmation_to_user: fields.get("confirmation_to_user").is_some(),
-    };
-    let domain = state.enrollment.clone();
-    let actor = admin.actor.clone();
-    match blocking(move || domain.save_policy(&actor, &change)).await {
-        Ok(()) => {
-            settings_page(
-                &state,
-                &admin,
-                StatusCode::OK,
-                minijinja::context! { notice => "Saved; new invites use it." },
-            )
-            .await
-        }
-        Err(crate::domain::DomainError::Invalid { field, message }) => {
-            settings_page(
-                &state,
-                &admin,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                minijinja::context! { policy_field => field, policy_error => message },
-            )
-            .await
-        }
-        Err(error) => failure(&state, &admin, error),
-    }
-}
-
 /// A multipart form of `admin`'s: its text fields and its `file` (name and bytes), with the same-origin and CSRF
 /// checks every form gets.
-async fn read_form(
+pub(super) async fn read_form(
     state: &AppState,
     headers: &HeaderMap,
     admin: &Admin,
@@ -813,18 +588,6 @@ async fn read_form(
         Some(refused) => Err(refused),
         None => Ok((fields, file)),
     }
-}
-
-/// Asks for a new HTTPS certificate from the appliance's CA now; devices and browsers that trust the CA accept it.
-async fn renew_tls(State(state): State<AppState>, Posted { admin, .. }: Posted) -> Response {
-    if !state.tls_renewer.self_issued() {
-        let extra = minijinja::context! { tls_error => "The HTTPS certificate is your own (tls_cert/tls_key); replace its files and enrolld serves them by itself." };
-        return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
-    }
-    state.tls_renewer.request();
-    tracing::info!(admin = %admin.username, "a new HTTPS certificate was asked for");
-    let extra = minijinja::context! { notice => "A new HTTPS certificate is being issued; it is served within seconds (open connections keep the old one)." };
-    settings_page(&state, &admin, StatusCode::OK, extra).await
 }
 
 async fn edit_user_form(state: &AppState, admin: &Admin, id: Id, status: StatusCode, extra: Value) -> Response {

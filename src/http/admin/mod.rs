@@ -6,6 +6,7 @@
 
 mod enrollment;
 mod forms;
+mod settings;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -49,6 +50,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/setup", get(setup_page).post(setup))
         .merge(enrollment::routes())
         .merge(forms::routes())
+        .merge(settings::routes())
 }
 
 /// A signed-in admin, from the session cookie.
@@ -201,7 +203,7 @@ pub fn render(state: &AppState, admin: Option<&Admin>, status: StatusCode, templ
     let common = Value::from_pairs([
         ("admin", Value::from(admin.map(|a| a.username.clone()))),
         ("csrf", Value::from(admin.map(|a| a.csrf.clone()))),
-        ("organisation", Value::from(state.mail.organisation.to_string())),
+        ("organisation", Value::from(state.naming.organisation())),
     ]);
     let context = minijinja::context! { ..common, ..values };
     let body = match state.admin_templates.get_template(template).and_then(|t| t.render(context)) {

@@ -80,7 +80,7 @@ pub async fn account_link(
 ) -> Result<(StatusCode, Json<AccountLinkView>), HttpError> {
     let domain = state.enrollment.clone();
     let created = blocking(move || domain.account_link(&admin.actor, &id)).await?;
-    let url = format!("{}{}", state.mail.public_url, created.path);
+    let url = format!("{}{}", state.naming.public_url(), created.path);
     Ok((StatusCode::CREATED, Json(AccountLinkView { url, expires_at: created.expires_at })))
 }
 

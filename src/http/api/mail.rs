@@ -149,9 +149,11 @@ pub(crate) fn checked_relay(state: &AppState, request: RelaySettings) -> Result<
         return Err(invalid("password", "give both a username and a password, or neither".into()));
     }
     let security = request.security.unwrap_or(SmtpSecurity::StartTls);
-    let helo_name = request.helo_name.map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).unwrap_or_else(|| {
-        state.mail.public_url.trim_start_matches("https://").split(':').next().unwrap_or("enroll.local").to_owned()
-    });
+    let helo_name = request
+        .helo_name
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| state.naming.names().mdns_name());
     let settings = SmtpConfig {
         host,
         port: request.port.filter(|p| *p != 0).unwrap_or(security.default_port()),

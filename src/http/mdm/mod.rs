@@ -259,7 +259,7 @@ async fn pki_operation(state: &AppState, body: &[u8]) -> Response {
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     let common_name = format!("enrolld device {}", invite.id);
-    let issued = match scep.issue(&request, &common_name, &state.mail.organisation, now) {
+    let issued = match scep.issue(&request, &common_name, &state.naming.organisation(), now) {
         Ok(cert) => cert,
         Err(error) => {
             tracing::warn!(%error, transaction = %request.transaction_id, "no certificate issued");

@@ -1,0 +1,395 @@
+//! The Settings page: the appliance's names, how users authenticate, invite rules, the push certificate (PEM or
+//! `.p12`), the mail relay and its test mail, the SMS gateway, and the HTTPS certificate (a new one now, or the
+//! admin's own).
+
+use axum::Router;
+use axum::extract::{Multipart, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use minijinja::Value;
+
+use super::forms::{fields_map, options, read_form};
+use super::{Admin, Posted, SignedIn, blocking, failure, message, render};
+use crate::config::{SmsGateway, SmtpSecurity};
+use crate::http::AppState;
+use crate::model::EnrollAuth;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/settings", get(settings).post(save_settings))
+        .route("/admin/settings/names", post(save_names))
+        .route("/admin/settings/test-mail", post(test_mail))
+        .route("/admin/settings/relay", post(save_relay))
+        .route("/admin/settings/sms", post(save_sms))
+        .route("/admin/settings/policy", post(save_policy))
+        .route("/admin/settings/renew-tls", post(renew_tls))
+        .route("/admin/settings/push-p12", post(upload_p12))
+}
+
+async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
+    let domain = state.enrollment.clone();
+    let gathered = blocking(move || Ok((domain.enroll_auth()?, domain.push_certificate()?))).await;
+    let (auth, push) = match gathered {
+        Ok(gathered) => gathered,
+        Err(error) => return failure(state, admin, error),
+    };
+    let relay = state.mail.relay().map(|relay| {
+        let settings = relay.settings();
+        format!(
+            "{}:{} ({}), sending as {}",
+            settings.host,
+            settings.port,
+            settings.security.as_str(),
+            settings.from_address
+        )
+    });
+    let policy = state.enrollment.policy();
+    let tls = state.mdm.serving_info().map(|info| {
+        minijinja::context! { serial => info.serial, not_after => info.not_after.date().to_string(), names => info.names.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") }
+    });
+    let values = minijinja::context! {
+        title => "Settings",
+        tls => tls,
+        tls_self_issued => state.tls_renewer.self_issued(),
+        validity_days => policy.invite_validity.whole_days(),
+        confirmation_to => policy.confirmation_to.join("\n"),
+        confirmation_to_user => policy.confirmation_to_user,
+        auth => auth.as_str(),
+        auths => options(EnrollAuth::ALL),
+        push => push.map(|p| minijinja::context! { topic => p.topic, not_after => p.not_after.date().to_string(), uploaded_by => p.uploaded_by }),
+        relay => relay,
+        public_url => state.naming.public_url(),
+        names => minijinja::context! { organisation => state.naming.organisation(), hostname => state.naming.hostname() },
+        url_is_configured => state.naming.url_is_configured(),
+        sms => sms_view(state.mail.sms().as_deref()),
+        ..extra
+    };
+    render(state, Some(admin), status, "settings.html", values)
+}
+
+async fn settings(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
+    settings_page(&state, &admin, StatusCode::OK, Value::from(())).await
+}
+
+/// Saves the settings form: how users authenticate, and (when given) the push certificate as two PEM texts.
+async fn save_settings(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let actor = admin.actor.clone();
+    if let Some(auth) = fields.get("auth").and_then(|a| a.parse::<EnrollAuth>().ok()) {
+        let domain = state.enrollment.clone();
+        let saver = actor.clone();
+        if let Err(error) = blocking(move || domain.set_enroll_auth(&saver, Some(auth))).await {
+            return failure(&state, &admin, error);
+        }
+    }
+    if fields.get("push_certificate").is_some() != fields.get("push_key").is_some() {
+        let extra = minijinja::context! { push_error => "Paste both the certificate and its private key." };
+        return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+    }
+    if let (Some(cert), Some(key)) = (fields.get("push_certificate"), fields.get("push_key")) {
+        let (cert, key) = (cert.to_owned(), key.to_owned());
+        let push = match crate::pki::push::PushCertificate::from_pem(&cert, &key, state.clock.now()) {
+            Ok(push) => push,
+            Err(error) => {
+                let extra = minijinja::context! { push_error => error.to_string() };
+                return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+            }
+        };
+        let domain = state.enrollment.clone();
+        if let Err(error) = blocking(move || domain.save_push_certificate(&actor, &push, &cert, &key)).await {
+            let extra = minijinja::context! { push_error => error.to_string() };
+            return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
+        }
+    }
+    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => "Saved." }).await
+}
+
+async fn test_mail(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let to = fields.get("to").unwrap_or_default().to_owned();
+    let outcome = match state.mail.send_test(&to).await {
+        Ok(crate::domain::Attempt::Sent(reply)) => format!("Sent. The relay answered: {reply}"),
+        Ok(other) => format!("Not sent: {}", other.reply()),
+        Err(error) => format!("Not sent: {error}"),
+    };
+    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { test_result => outcome }).await
+}
+
+/// Saves the SMTP relay the admin entered (checked as the API checks it); it is used at once, and mail that waited
+/// for a relay goes out.
+async fn save_relay(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let text = |name: &str| fields.get(name).map(str::to_owned);
+    let request = crate::http::api::mail::RelaySettings {
+        host: text("host").unwrap_or_default(),
+        port: fields.get("port").and_then(|p| p.trim().parse().ok()),
+        security: fields.get("security").and_then(|wanted| {
+            [SmtpSecurity::StartTls, SmtpSecurity::Tls, SmtpSecurity::None].into_iter().find(|s| s.as_str() == wanted)
+        }),
+        username: text("username"),
+        password: text("password"),
+        from_address: text("from_address").unwrap_or_default(),
+        from_name: text("from_name"),
+        reply_to: text("reply_to"),
+        helo_name: None,
+        ca_pem: text("ca_pem"),
+    };
+    let settings = match crate::http::api::mail::checked_relay(&state, request) {
+        Ok(settings) => settings,
+        Err(error) => {
+            let extra = minijinja::context! { relay_field => error.field, relay_error => error.message, values => super::ser(&fields_map(&fields)) };
+            return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+        }
+    };
+    let (mail, domain, actor) = (state.mail.clone(), state.enrollment.clone(), admin.actor.clone());
+    match tokio::task::spawn_blocking(move || mail.save_relay(&domain, &actor, &settings)).await {
+        Ok(Ok(())) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::OK,
+                minijinja::context! { notice => "The relay is saved; send a test mail to check it." },
+            )
+            .await
+        }
+        Ok(Err(error)) => {
+            let extra =
+                minijinja::context! { relay_error => error.to_string(), values => super::ser(&fields_map(&fields)) };
+            settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await
+        }
+        Err(_) => message(
+            &state,
+            Some(&admin),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Something went wrong",
+            "Try again in a minute.",
+        ),
+    }
+}
+
+/// The push certificate as the `.p12` file Keychain Access exports, with its password.
+async fn upload_p12(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    SignedIn(admin): SignedIn,
+    multipart: Multipart,
+) -> Response {
+    let (fields, file) = match read_form(&state, &headers, &admin, multipart).await {
+        Ok((fields, file)) => (fields, file.map(|(_, bytes)| bytes).unwrap_or_default()),
+        Err(response) => return response,
+    };
+    let password = fields.get("password").unwrap_or_default().to_owned();
+    let read = crate::pki::push::pem_from_pkcs12(&file, &password).and_then(|(cert, key)| {
+        crate::pki::push::PushCertificate::from_pem(&cert, &key, state.clock.now()).map(|push| (push, cert, key))
+    });
+    let (push, cert, key) = match read {
+        Ok(read) => read,
+        Err(error) => {
+            return settings_page(
+                &state,
+                &admin,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                minijinja::context! { p12_error => error.to_string() },
+            )
+            .await;
+        }
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.save_push_certificate(&actor, &push, &cert, &key)).await {
+        Ok(_) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::OK,
+                minijinja::context! { notice => "The push certificate is saved." },
+            )
+            .await
+        }
+        Err(error) => {
+            settings_page(&state, &admin, StatusCode::CONFLICT, minijinja::context! { p12_error => error.to_string() })
+                .await
+        }
+    }
+}
+
+/// Saves how long invites last and who is told when a device enrolls.
+async fn save_policy(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let change = crate::domain::PolicyChange {
+        invite_validity_days: fields.get("validity_days").and_then(|d| d.trim().parse().ok()).unwrap_or(0),
+        confirmation_to: fields
+            .get("confirmation_to")
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect(),
+        confirmation_to_user: fields.get("confirmation_to_user").is_some(),
+    };
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    match blocking(move || domain.save_policy(&actor, &change)).await {
+        Ok(()) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::OK,
+                minijinja::context! { notice => "Saved; new invites use it." },
+            )
+            .await
+        }
+        Err(crate::domain::DomainError::Invalid { field, message }) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                minijinja::context! { policy_field => field, policy_error => message },
+            )
+            .await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
+}
+
+/// Asks for a new HTTPS certificate from the appliance's CA now; devices and browsers that trust the CA accept it.
+async fn renew_tls(State(state): State<AppState>, Posted { admin, .. }: Posted) -> Response {
+    if !state.tls_renewer.self_issued() {
+        let extra = minijinja::context! { tls_error => "The HTTPS certificate is your own (tls_cert/tls_key); replace its files and enrolld serves them by itself." };
+        return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
+    }
+    state.tls_renewer.request();
+    tracing::info!(admin = %admin.username, "a new HTTPS certificate was asked for");
+    let extra = minijinja::context! { notice => "A new HTTPS certificate is being issued; it is served within seconds (open connections keep the old one)." };
+    settings_page(&state, &admin, StatusCode::OK, extra).await
+}
+
+/// Saves the organisation's name and the host name. A new host name changes the `.local` name, the HTTPS
+/// certificate and (without `public_url`) every new link, so it is confirmed first with what it means for devices
+/// that already know the old one.
+async fn save_names(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let organisation = fields.get("organisation").unwrap_or_default().to_owned();
+    let hostname = fields.get("hostname").unwrap_or_default().trim().to_ascii_lowercase();
+    let current = state.naming.names();
+    let names = match crate::naming::Names::checked(&organisation, &hostname) {
+        Ok(names) => names,
+        Err(error) => {
+            let extra = minijinja::context! { names_field => error.field, names_error => error.reason, names_values => super::ser(&fields_map(&fields)) };
+            return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+        }
+    };
+    if names.hostname != current.hostname && fields.get("confirmed") != Some("yes") {
+        let links = if state.naming.url_is_configured() {
+            "Links keep using public_url from the configuration.".to_owned()
+        } else {
+            format!(
+                "New links use https://{}. Links already sent, and Apple devices enrolled so far, use {}: they reach the box only while that name still leads to it (resend pending invites after the change).",
+                names.mdns_name(),
+                current.mdns_name()
+            )
+        };
+        let values = minijinja::context! {
+            title => format!("Rename the box to {}?", names.mdns_name()),
+            text => format!("The box stops answering as {} on the LAN and announces {} instead; a new HTTPS certificate is issued for the new name. {links}", current.mdns_name(), names.mdns_name()),
+            action => "/admin/settings/names",
+            button => "Rename the box",
+            danger => true,
+            cancel => "/admin/settings",
+            fields => vec![
+                minijinja::context! { name => "organisation", value => names.organisation.clone() },
+                minijinja::context! { name => "hostname", value => names.hostname.clone() },
+            ],
+        };
+        return render(&state, Some(&admin), StatusCode::OK, "confirm.html", values);
+    }
+    let domain = state.enrollment.clone();
+    let actor = admin.actor.clone();
+    let saved = blocking(move || domain.save_names(&actor, &names.organisation, &names.hostname)).await;
+    match saved {
+        Ok(names) => {
+            let renamed = names.hostname != current.hostname;
+            state.naming.set(names.clone());
+            let notice = if renamed {
+                format!(
+                    "Saved. The box now announces itself as {}; its new HTTPS certificate is served within seconds.",
+                    names.mdns_name()
+                )
+            } else {
+                "Saved.".to_owned()
+            };
+            settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => notice }).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
+}
+
+/// The SMS gateway as the form shows it: every value but the headers' (they hold credentials), which are named only.
+fn sms_view(gateway: Option<&SmsGateway>) -> Value {
+    match gateway {
+        None => minijinja::context! { kind => "off" },
+        Some(SmsGateway::Email { domain }) => minijinja::context! { kind => "email", email_domain => domain.clone() },
+        Some(SmsGateway::Http(http)) => minijinja::context! {
+            kind => "http",
+            url => http.url.clone(),
+            method => http.method.clone(),
+            header_names => http.headers.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>().join(", "),
+            body => http.body.clone(),
+            success_contains => http.success_contains.clone(),
+        },
+    }
+}
+
+/// Saves the SMS gateway, checked as the configuration file's `sms_*` keys are; an empty headers box keeps the
+/// headers in use (so their secrets need not be typed again).
+async fn save_sms(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let keys = [
+        "sms_gateway",
+        "sms_email_domain",
+        "sms_http_url",
+        "sms_http_method",
+        "sms_http_body",
+        "sms_http_success_contains",
+    ];
+    let mut given: Vec<(&str, String)> =
+        keys.iter().map(|key| (*key, fields.get(key).unwrap_or_default().to_owned())).collect();
+    let typed_headers = fields.get("sms_http_headers").unwrap_or_default().trim().to_owned();
+    let headers = match (typed_headers.is_empty(), state.mail.sms().as_deref()) {
+        (true, Some(SmsGateway::Http(http))) => {
+            http.headers.iter().map(|(name, value)| format!("{name}: {value}")).collect::<Vec<_>>().join("\n")
+        }
+        _ => typed_headers,
+    };
+    given.push(("sms_http_headers", headers));
+    let borrowed: Vec<(&str, &str)> = given.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gateway = match crate::config::sms_gateway_from(&borrowed) {
+        Ok(gateway) => gateway,
+        Err((field, reason)) => {
+            let mut values = fields_map(&fields);
+            values.remove("sms_http_headers");
+            let extra =
+                minijinja::context! { sms_field => field, sms_error => reason, sms_values => super::ser(&values) };
+            return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+        }
+    };
+    let (mail, domain, actor) = (state.mail.clone(), state.enrollment.clone(), admin.actor.clone());
+    let off = gateway.is_none();
+    match tokio::task::spawn_blocking(move || mail.save_sms(&domain, &actor, gateway)).await {
+        Ok(Ok(())) => {
+            let notice =
+                if off { "Text messages are off." } else { "The SMS gateway is saved; invites by SMS use it now." };
+            settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => notice }).await
+        }
+        Ok(Err(error)) => {
+            settings_page(
+                &state,
+                &admin,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                minijinja::context! { sms_error => error.to_string() },
+            )
+            .await
+        }
+        Err(_) => message(
+            &state,
+            Some(&admin),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Something went wrong",
+            "Try again in a minute.",
+        ),
+    }
+}
