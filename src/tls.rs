@@ -121,18 +121,61 @@ pub struct CertificateKeeper {
     renewer: Renewer,
 }
 
-/// Asks the keeper for a new self-issued certificate now (an admin's "regenerate"); cheap to clone.
+/// The admin's say over the HTTPS certificate, handed to the pages: a new self-issued certificate now (an admin's
+/// "regenerate"), or the admin's own certificate in its place (and back). Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Renewer {
     wanted: Arc<std::sync::atomic::AtomicBool>,
     wake: Arc<tokio::sync::Notify>,
-    self_issued: bool,
+    /// Where an uploaded certificate is kept; `None` when the configuration names the files (`tls_cert`).
+    pki_dir: Option<PathBuf>,
 }
 
 impl Renewer {
-    /// Whether the appliance issues its own certificate (only then can it make a new one).
+    /// Whether the appliance manages the certificate (so it can issue a new one or take an upload); not when the
+    /// configuration names the files.
     pub fn self_issued(&self) -> bool {
-        self.self_issued
+        self.pki_dir.is_some()
+    }
+
+    /// Whether the admin's own uploaded certificate is in use (in place of a self-issued one).
+    pub fn own_in_use(&self) -> bool {
+        self.pki_dir.as_deref().is_some_and(|dir| ServerCertificate::own_files(dir).is_some())
+    }
+
+    /// Checks the admin's certificate chain and key (they belong together, the leaf is valid at `now`, it is
+    /// meant for servers) and keeps them to be served in place of self-issued certificates from within moments.
+    pub fn install_own(
+        &self,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        now: time::OffsetDateTime,
+    ) -> Result<pki::CertInfo, (pki::PemPart, String)> {
+        let Some(dir) = &self.pki_dir else {
+            return Err((
+                pki::PemPart::Certificate,
+                "the configuration names the certificate files (tls_cert, tls_key); replace those".into(),
+            ));
+        };
+        let cert = ServerCertificate::from_pem(cert_pem, key_pem)?;
+        if cert.info.not_after <= now || cert.info.not_before > now {
+            return Err((
+                pki::PemPart::Certificate,
+                format!("it is valid from {} to {}, not now", cert.info.not_before.date(), cert.info.not_after.date()),
+            ));
+        }
+        cert.save_own(dir).map_err(|e| (pki::PemPart::Certificate, e.to_string()))?;
+        self.wake.notify_one();
+        Ok(cert.info)
+    }
+
+    /// Stops using the admin's own certificate; the appliance's CA issues one again.
+    pub fn remove_own(&self) -> Result<(), PkiError> {
+        if let Some(dir) = &self.pki_dir {
+            ServerCertificate::remove_own(dir)?;
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Asks for a new certificate; the keeper issues and serves it within moments.
@@ -156,6 +199,8 @@ struct SelfIssued {
     naming: Naming,
     extra: Vec<SubjectName>,
     current: pki::CertInfo,
+    /// The fingerprint of the admin's own files while they are served.
+    own: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for CertificateKeeper {
@@ -197,15 +242,19 @@ impl CertificateKeeper {
                 ca.check_validity(now)?;
                 let existing =
                     ServerCertificate::load_issued(&pki_dir)?.filter(|cert| cert.chain.get(1) == Some(ca.cert_der()));
-                let cert = match existing {
-                    Some(cert) => match pki::reissue_reason(&cert.info, &wanted, ca.info().not_after, now) {
+                let own = load_own(&pki_dir);
+                let own_fingerprint = own.as_ref().map(|(_, fingerprint)| fingerprint.clone());
+                let cert = match (own, existing) {
+                    (Some((own, _)), _) => own,
+                    (None, Some(cert)) => match pki::reissue_reason(&cert.info, &wanted, ca.info().not_after, now) {
                         None => cert,
                         Some(reason) => issue(&ca, &store, &pki_dir, &hostname, &wanted, now, reason)?,
                     },
-                    None => issue(&ca, &store, &pki_dir, &hostname, &wanted, now, "first start".into())?,
+                    (None, None) => issue(&ca, &store, &pki_dir, &hostname, &wanted, now, "first start".into())?,
                 };
                 Ok(CertificateKeeper {
                     serving: Arc::new(ServingCertificate::new(&cert)?),
+                    renewer: Renewer { pki_dir: Some(pki_dir.clone()), ..Renewer::default() },
                     mode: KeeperMode::SelfIssued(Box::new(SelfIssued {
                         ca,
                         store,
@@ -214,9 +263,9 @@ impl CertificateKeeper {
                         naming,
                         extra: config.extra_sans.clone(),
                         current: cert.info,
+                        own: own_fingerprint,
                     })),
                     clock,
-                    renewer: Renewer { self_issued: true, ..Renewer::default() },
                 })
             }
         }
@@ -238,10 +287,29 @@ impl CertificateKeeper {
         let asked = self.renewer.wanted.swap(false, std::sync::atomic::Ordering::SeqCst);
         match &mut self.mode {
             KeeperMode::SelfIssued(keep) => {
-                let SelfIssued { ca, store, addresses, pki_dir, naming, extra, current } = keep.as_mut();
+                let SelfIssued { ca, store, addresses, pki_dir, naming, extra, current, own } = keep.as_mut();
+                let own_now = ServerCertificate::own_files(pki_dir).map(|(c, k)| files_fingerprint(&c, &k));
+                match (&own_now, own.as_ref()) {
+                    (Some(now_on_disk), Some(served)) if now_on_disk == served => return Ok(CheckOutcome::Unchanged),
+                    (Some(now_on_disk), _) => match load_own(pki_dir) {
+                        Some((cert, _)) => {
+                            warn_if_expiring(&cert.info, now);
+                            self.serving.replace(&cert)?;
+                            *current = cert.info;
+                            *own = Some(now_on_disk.clone());
+                            return Ok(CheckOutcome::Replaced("the admin's own certificate".into()));
+                        }
+                        None if own.is_some() => return Ok(CheckOutcome::Unchanged),
+                        None => {}
+                    },
+                    (None, _) => {}
+                }
+                let left_own = own.take().is_some();
                 let hostname = naming.hostname();
                 let wanted = pki::wanted_names(&hostname, extra, &addresses.addresses());
-                let reason = pki::reissue_reason(current, &wanted, ca.info().not_after, now)
+                let reason = left_own
+                    .then(|| "the admin's own certificate was removed".to_owned())
+                    .or_else(|| pki::reissue_reason(current, &wanted, ca.info().not_after, now))
                     .or_else(|| asked.then(|| "an admin asked for a new certificate".to_owned()));
                 let Some(reason) = reason else {
                     return Ok(CheckOutcome::Unchanged);
@@ -337,6 +405,18 @@ fn issue(
     })?;
     tracing::info!(serial = %cert.info.serial, %reason, not_after = %cert.info.not_after.date(), "issued TLS certificate");
     Ok(cert)
+}
+
+/// The admin's own certificate, if one was uploaded and still loads (a broken pair is logged and left out).
+fn load_own(pki_dir: &std::path::Path) -> Option<(ServerCertificate, Vec<u8>)> {
+    let (cert, key) = ServerCertificate::own_files(pki_dir)?;
+    match ServerCertificate::load_files(&cert, &key) {
+        Ok(loaded) => Some((loaded, files_fingerprint(&cert, &key))),
+        Err(error) => {
+            tracing::error!(%error, "the uploaded HTTPS certificate cannot be used; serving a self-issued one");
+            None
+        }
+    }
 }
 
 fn files_fingerprint(cert: &std::path::Path, key: &std::path::Path) -> Vec<u8> {
@@ -466,5 +546,39 @@ mod tests {
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Replaced("an admin asked for a new certificate".into()));
         assert_ne!(pki::parse_certificate(&f.keeper.serving().leaf()).unwrap().serial, before.serial);
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "one request, one certificate");
+    }
+
+    #[test]
+    fn the_admins_own_certificate_is_served_until_removed() {
+        let mut f = fixture();
+        let renewer = f.keeper.renewer();
+        let other = tempfile::tempdir().unwrap();
+        let (their_ca, _) = CertificateAuthority::load_or_create(other.path(), "corp", f.clock.now()).unwrap();
+        let names = std::collections::BTreeSet::from([SubjectName::Dns("enroll.example.com".into())]);
+        let theirs = their_ca.issue_server("enroll.example.com", &names, f.clock.now()).unwrap();
+        theirs.save_issued(other.path()).unwrap();
+        let read = |name: &str| std::fs::read(other.path().join(name)).unwrap();
+        let (cert_pem, key_pem) = (read("server.crt"), read("server.key"));
+
+        let wrong_key = std::fs::read(f._dir.path().join("server.key")).unwrap();
+        let refused = renewer.install_own(&cert_pem, &wrong_key, f.clock.now()).unwrap_err();
+        assert_eq!(refused.0, pki::PemPart::Key, "{refused:?}");
+        let late = f.clock.now() + time::Duration::days(400);
+        assert!(renewer.install_own(&cert_pem, &key_pem, late).unwrap_err().1.contains("not now"));
+        assert!(!renewer.own_in_use(), "nothing refused is kept");
+
+        let info = renewer.install_own(&cert_pem, &key_pem, f.clock.now()).unwrap();
+        assert!(renewer.own_in_use());
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Replaced("the admin's own certificate".into()));
+        assert_eq!(pki::parse_certificate(&f.keeper.serving().leaf()).unwrap().serial, info.serial);
+        f.naming.set(crate::naming::Names::checked("", "front-desk").unwrap());
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "a rename does not replace the admin's own");
+
+        renewer.remove_own().unwrap();
+        let outcome = f.keeper.check().unwrap();
+        assert_eq!(outcome, CheckOutcome::Replaced("the admin's own certificate was removed".into()));
+        let served = f.keeper.serving().certificate();
+        assert_eq!(served.chain[1].as_ref(), f.ca_der.as_slice(), "the appliance's CA issues again");
+        assert!(served_names(&f.keeper).contains(&"front-desk.local".to_owned()));
     }
 }

@@ -39,6 +39,16 @@ const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
 const SERVER_CERT: &str = "server.crt";
 const SERVER_KEY: &str = "server.key";
+/// The admin's own HTTPS certificate and key, uploaded through the Settings page.
+const OWN_CERT: &str = "own.crt";
+const OWN_KEY: &str = "own.key";
+
+/// Which of a certificate and its key a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PemPart {
+    Certificate,
+    Key,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -266,40 +276,71 @@ impl ServerCertificate {
 
     /// Loads a PEM certificate chain and private key, checking that they belong together.
     pub fn load_files(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
-        let unusable = |path: &Path, reason: String| PkiError::Unusable { path: path.to_owned(), reason };
-        let cert_pem = std::fs::read(cert_path).map_err(|source| PkiError::Io {
-            action: "read",
-            path: cert_path.to_owned(),
-            source,
-        })?;
-        let key_pem = std::fs::read(key_path).map_err(|source| PkiError::Io {
-            action: "read",
-            path: key_path.to_owned(),
-            source,
-        })?;
-        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| PkiError::Io { action: "read", path: path.to_owned(), source })
+        };
+        let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
+        Self::from_pem(&cert_pem, &key_pem).map_err(|(part, reason)| PkiError::Unusable {
+            path: match part {
+                PemPart::Certificate => cert_path.to_owned(),
+                PemPart::Key => key_path.to_owned(),
+            },
+            reason,
+        })
+    }
+
+    /// Reads a PEM certificate chain (leaf first) and its PKCS#8 private key, checking that they belong together.
+    /// A refusal says which of the two is wrong and why.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, (PemPart, String)> {
+        let chain = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| unusable(cert_path, format!("not a PEM certificate chain ({e})")))?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| unusable(key_path, format!("not a PEM private key ({e})")))?;
+            .map_err(|e| (PemPart::Certificate, format!("not a PEM certificate chain ({e})")))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| (PemPart::Key, format!("not a PEM private key ({e})")))?;
         let key_pkcs8 = match &key {
             PrivateKeyDer::Pkcs8(pkcs8) => pkcs8.secret_pkcs8_der().to_vec(),
             _ => {
-                return Err(unusable(
-                    key_path,
+                return Err((
+                    PemPart::Key,
                     "the key is not PKCS#8; convert it with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`"
                         .into(),
                 ));
             }
         };
-        let cert = Self::new(chain, key_pkcs8).map_err(|reason| unusable(cert_path, reason))?;
+        let cert = Self::new(chain, key_pkcs8).map_err(|reason| (PemPart::Certificate, reason))?;
         let signing = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| unusable(key_path, format!("unsupported key type ({e})")))?;
+            .map_err(|e| (PemPart::Key, format!("unsupported key type ({e})")))?;
         let certified = rustls::sign::CertifiedKey::new(cert.chain.clone(), signing);
-        certified
-            .keys_match()
-            .map_err(|_| unusable(key_path, format!("it is not the private key of {}", cert_path.display())))?;
+        certified.keys_match().map_err(|_| {
+            (PemPart::Key, "it is not the private key of the certificate (the first in the chain)".into())
+        })?;
         Ok(cert)
+    }
+
+    /// The admin's own certificate and key as uploaded through the Settings page, if there are both.
+    pub fn own_files(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+        let (cert, key) = (dir.join(OWN_CERT), dir.join(OWN_KEY));
+        (cert.exists() && key.exists()).then_some((cert, key))
+    }
+
+    /// Keeps this as the admin's own certificate (key first), for the keeper to serve in place of self-issued ones.
+    pub fn save_own(&self, dir: &Path) -> Result<(), PkiError> {
+        write_file(&dir.join(OWN_KEY), pem("PRIVATE KEY", &self.key_pkcs8).as_bytes(), 0o600)?;
+        let chain: String = self.chain.iter().map(|der| pem("CERTIFICATE", der)).collect();
+        write_file(&dir.join(OWN_CERT), chain.as_bytes(), 0o644)
+    }
+
+    /// Forgets the admin's own certificate (certificate first, so a half-done removal leaves no pair behind).
+    pub fn remove_own(dir: &Path) -> Result<(), PkiError> {
+        for name in [OWN_CERT, OWN_KEY] {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(PkiError::Io { action: "remove", path, source }),
+            }
+        }
+        Ok(())
     }
 
     /// Saves the certificate chain and key into the state directory, key first.

@@ -24,6 +24,8 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/settings/sms", post(save_sms))
         .route("/admin/settings/policy", post(save_policy))
         .route("/admin/settings/renew-tls", post(renew_tls))
+        .route("/admin/settings/tls", post(install_tls))
+        .route("/admin/settings/tls/remove", post(remove_tls))
         .route("/admin/settings/push-p12", post(upload_p12))
 }
 
@@ -52,6 +54,7 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
         title => "Settings",
         tls => tls,
         tls_self_issued => state.tls_renewer.self_issued(),
+        tls_own => state.tls_renewer.own_in_use(),
         validity_days => policy.invite_validity.whole_days(),
         confirmation_to => policy.confirmation_to.join("\n"),
         confirmation_to_user => policy.confirmation_to_user,
@@ -254,6 +257,10 @@ async fn renew_tls(State(state): State<AppState>, Posted { admin, .. }: Posted) 
         let extra = minijinja::context! { tls_error => "The HTTPS certificate is your own (tls_cert/tls_key); replace its files and enrolld serves them by itself." };
         return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
     }
+    if state.tls_renewer.own_in_use() {
+        let extra = minijinja::context! { tls_error => "Your own certificate is in use; remove it to go back to certificates the appliance issues." };
+        return settings_page(&state, &admin, StatusCode::CONFLICT, extra).await;
+    }
     state.tls_renewer.request();
     tracing::info!(admin = %admin.username, "a new HTTPS certificate was asked for");
     let extra = minijinja::context! { notice => "A new HTTPS certificate is being issued; it is served within seconds (open connections keep the old one)." };
@@ -392,4 +399,85 @@ async fn save_sms(State(state): State<AppState>, Posted { admin, fields }: Poste
             "Try again in a minute.",
         ),
     }
+}
+
+/// Serves the admin's own certificate chain and key (pasted as PEM) in place of self-issued ones, once they are
+/// checked; says so when it does not name the host devices use.
+async fn install_tls(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let cert = fields.get("tls_cert").unwrap_or_default().as_bytes().to_vec();
+    let key = fields.get("tls_key").unwrap_or_default().as_bytes().to_vec();
+    let (renewer, now) = (state.tls_renewer.clone(), state.clock.now());
+    let installed = match tokio::task::spawn_blocking(move || renewer.install_own(&cert, &key, now)).await {
+        Ok(installed) => installed,
+        Err(_) => {
+            return message(
+                &state,
+                Some(&admin),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Something went wrong",
+                "Try again in a minute.",
+            );
+        }
+    };
+    let info = match installed {
+        Ok(info) => info,
+        Err((part, reason)) => {
+            let field = match part {
+                crate::pki::PemPart::Certificate => "tls_cert",
+                crate::pki::PemPart::Key => "tls_key",
+            };
+            let extra = minijinja::context! { tls_field => field, tls_error => reason };
+            return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+        }
+    };
+    let names: Vec<String> = info.names.iter().map(ToString::to_string).collect();
+    let host = state.naming.public_url();
+    let host = host.trim_start_matches("https://").split([':', '/']).next().unwrap_or_default().to_ascii_lowercase();
+    let covers = names.iter().any(|name| {
+        name.eq_ignore_ascii_case(&host)
+            || name
+                .strip_prefix("*.")
+                .is_some_and(|parent| host.split_once('.').is_some_and(|(_, rest)| rest == parent))
+    });
+    let domain = state.enrollment.clone();
+    let (actor, detail) = (admin.actor.clone(), format!("serial {}, for {}", info.serial, names.join(", ")));
+    if let Err(error) = blocking(move || domain.record(&actor, "tls.own", None, &detail)).await {
+        tracing::error!(%error, "cannot record the new certificate in the audit log");
+    }
+    let mut notice = format!(
+        "Your certificate (for {}, valid until {}) is served within seconds.",
+        names.join(", "),
+        info.not_after.date()
+    );
+    if !covers {
+        notice.push_str(&format!(" It does not name {host}, which links and devices use: they will not trust it. Set public_url to a name it carries, or upload one that names {host}."));
+    }
+    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => notice }).await
+}
+
+/// Goes back to certificates the appliance's CA issues.
+async fn remove_tls(State(state): State<AppState>, Posted { admin, .. }: Posted) -> Response {
+    let renewer = state.tls_renewer.clone();
+    match tokio::task::spawn_blocking(move || renewer.remove_own()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            let extra = minijinja::context! { tls_error => error.to_string() };
+            return settings_page(&state, &admin, StatusCode::INTERNAL_SERVER_ERROR, extra).await;
+        }
+        Err(_) => {
+            return message(
+                &state,
+                Some(&admin),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Something went wrong",
+                "Try again in a minute.",
+            );
+        }
+    }
+    let (domain, actor) = (state.enrollment.clone(), admin.actor.clone());
+    if let Err(error) = blocking(move || domain.record(&actor, "tls.own_removed", None, "back to self-issued")).await {
+        tracing::error!(%error, "cannot record the change in the audit log");
+    }
+    let extra = minijinja::context! { notice => "Your certificate is no longer used; the appliance's CA issues one, served within seconds." };
+    settings_page(&state, &admin, StatusCode::OK, extra).await
 }
