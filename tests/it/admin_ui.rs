@@ -59,8 +59,34 @@ async fn an_admin_runs_the_appliance_from_the_browser() {
     b.fill("#password", PASSWORD).await;
     b.fill("#confirm", PASSWORD).await;
     b.click("button[type=submit]").await;
+    // Step 2: the names, how users authenticate, how long invites last; a bad host name refused next to its field.
+    b.wait_for_text("Step 2 of 3").await;
+    assert_eq!(b.url().await, format!("{origin}/admin/setup/appliance"));
+    let step = b.source().await;
+    assert!(step.contains("value=\"Example Ltd\"") && step.contains("value=\"enroll\""), "the configuration's names");
+    b.fill("#organisation", "Example Group").await;
+    b.fill("#hostname", "front desk").await;
+    b.select("#auth", "passcode").await;
+    b.fill("#validity_days", "7").await;
+    b.click("form[action='/admin/setup/appliance'] button[type=submit]").await;
+    let refused = b.wait_for_text("id=\"setup-error\"").await;
+    assert!(
+        refused.contains("letters, digits and hyphens") && refused.contains("value=\"Example Group\""),
+        "{refused}"
+    );
+    b.screenshot("setup-appliance").await;
+    b.fill("#hostname", "enroll").await;
+    b.click("form[action='/admin/setup/appliance'] button[type=submit]").await;
+    // Step 3: the relay (here from the configuration), with a test mail to hand; then the dashboard.
+    let step = b.wait_for_text("Step 3 of 3").await;
+    assert!(step.contains(&format!("Relay in use: 127.0.0.1:{smtp_port}")), "{step}");
+    assert!(step.contains("enrolld · Example Group"), "the new name is in use at once");
+    b.screenshot("setup-mail").await;
+    loaded.extend(b.loaded().await);
+    b.click("a.button.primary").await;
+    b.wait_for_text("Outbox").await;
+    b.goto(&format!("{origin}/admin/settings")).await;
     b.wait_for_text("How users prove who they are").await;
-    assert_eq!(b.url().await, format!("{origin}/admin/settings"));
     b.screenshot("settings").await;
     loaded.extend(b.loaded().await);
 
@@ -313,6 +339,83 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     }
     assert!(renewed, "a new certificate is served, trusted through the same CA");
 
+    // The admin's own certificate (here one the test makes from the box's CA, so the browser goes on trusting
+    // the box): a key that is not its own refused next to the field; then served until removed.
+    let own_dir = dir.path().join("own");
+    std::fs::create_dir_all(&own_dir).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let (box_ca, _) =
+        enrolld::pki::CertificateAuthority::load_or_create(&dir.path().join("state/pki"), "enroll", now).unwrap();
+    let names = std::collections::BTreeSet::from([enrolld::config::SubjectName::Dns("enroll.local".into())]);
+    let own = box_ca.issue_server("Example own certificate", &names, now).unwrap();
+    own.save_issued(&own_dir).unwrap();
+    let own_cert = std::fs::read_to_string(own_dir.join("server.crt")).unwrap();
+    let own_serial = serial(&own.chain);
+    let wrong_key = std::fs::read_to_string(dir.path().join("state/pki/ca.key")).unwrap();
+    b.goto(&format!("{origin}/admin/settings")).await;
+    b.fill("#tls_cert", &own_cert).await;
+    b.fill("#tls_key", &wrong_key).await;
+    b.click("form[action='/admin/settings/tls'] button[type=submit]").await;
+    let refused = b.wait_for_text("id=\"tls-error\"").await;
+    assert!(refused.contains("not the private key of the certificate"), "{refused}");
+    b.fill("#tls_cert", &own_cert).await;
+    b.fill("#tls_key", &std::fs::read_to_string(own_dir.join("server.key")).unwrap()).await;
+    b.click("form[action='/admin/settings/tls'] button[type=submit]").await;
+    b.wait_for_text("Your certificate (for enroll.local").await;
+    let mut served = false;
+    for _ in 0..100 {
+        let now = get_tls(daemon.https, name.clone(), std::slice::from_ref(&ca), "/healthz").await.unwrap();
+        if serial(&now.peer_chain) == own_serial {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(served, "the uploaded certificate is served");
+    b.goto(&format!("{origin}/admin/settings")).await;
+    b.click("form[action='/admin/settings/tls/remove'] button").await;
+    b.wait_for_text("Your certificate is no longer used").await;
+    let mut back = false;
+    for _ in 0..100 {
+        let now = get_tls(daemon.https, name.clone(), std::slice::from_ref(&ca), "/healthz").await.unwrap();
+        if serial(&now.peer_chain) != own_serial {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(back, "the appliance's CA issues again");
+
+    // The SMS gateway: an HTTP gateway without a usable URL refused next to the form; mail-to-SMS saved.
+    b.select("#sms_gateway", "http").await;
+    b.fill("#sms_http_url", "ftp://sms.example.net").await;
+    b.click("form[action='/admin/settings/sms'] button[type=submit]").await;
+    let refused = b.wait_for_text("id=\"sms-error\"").await;
+    assert!(refused.contains("sms_http_url: give the gateway's URL"), "{refused}");
+    b.select("#sms_gateway", "email").await;
+    b.fill("#sms_email_domain", "sms.example.net").await;
+    b.click("form[action='/admin/settings/sms'] button[type=submit]").await;
+    let saved = b.wait_for_text("The SMS gateway is saved").await;
+    assert!(saved.contains("value=\"sms.example.net\""), "{saved}");
+
+    // Groups: a name another group has is refused on its row; a rename is saved.
+    b.goto(&format!("{origin}/admin/users")).await;
+    for group in ["Field", "Office"] {
+        b.fill("#g-name", group).await;
+        b.click("form[action='/admin/groups'] button[type=submit]").await;
+        b.wait_for_text(&format!("The group {group} was added.")).await;
+    }
+    let office = b.script("return document.querySelector('input[value=Office]').id", vec![]).await;
+    let office = format!("#{}", office.as_str().unwrap());
+    b.fill(&office, "field").await;
+    b.click(&format!("form:has({office}) button[type=submit]")).await;
+    let refused = b.wait_for_text("class=\"error\" role=\"alert\"").await;
+    assert!(refused.contains("exists already"), "{refused}");
+    b.fill(&office, "Back Office").await;
+    b.click(&format!("form:has({office}) button[type=submit]")).await;
+    b.wait_for_text("The group is saved as Back Office.").await;
+    b.screenshot("groups").await;
+
     // Staged devices from CSV, then one invited to enroll (its user gets the invite by mail).
     let csv = dir.path().join("staged.csv");
     std::fs::write(
@@ -377,5 +480,34 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.wait_for_text("The user was deleted.").await;
     b.goto(&format!("{origin}/admin/enrollment")).await;
     assert!(!b.source().await.contains("andrew@example.com"), "their pending invite went with them");
+
+    // Renaming the box, after a confirmation that says what it means for links and devices: the new name is
+    // served a certificate of its own, and the pages answer there.
+    b.goto(&format!("{origin}/admin/settings")).await;
+    b.fill("#organisation", "Example Group").await;
+    b.fill("#hostname", "Front-Desk").await;
+    b.click("form[action='/admin/settings/names'] button[type=submit]").await;
+    let confirm = b.wait_for_text("Rename the box to front-desk.local?").await;
+    assert!(confirm.contains("Links already sent, and Apple devices enrolled so far, use enroll.local"), "{confirm}");
+    b.click("button.danger").await;
+    b.wait_for_text("The box now announces itself as front-desk.local").await;
+    let renamed = rustls_pki_types::ServerName::try_from("front-desk.local").unwrap();
+    let mut trusted = false;
+    for _ in 0..100 {
+        if get_tls(daemon.https, renamed.clone(), std::slice::from_ref(&ca), "/healthz").await.is_ok() {
+            trusted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(trusted, "the certificate names front-desk.local");
+    let new_origin = format!("https://front-desk.local:{}", daemon.https.port());
+    b.goto(&format!("{new_origin}/admin/login")).await;
+    b.fill("#password", PASSWORD).await;
+    b.click("button[type=submit]").await;
+    let dashboard = b.wait_for_text("Outbox").await;
+    assert!(dashboard.contains("enrolld · Example Group"), "{dashboard}");
+    b.goto(&format!("{new_origin}/admin/settings")).await;
+    assert!(b.source().await.contains("Devices reach it at https://front-desk.local:"), "new links use the new name");
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }

@@ -92,7 +92,7 @@ impl Browser {
             "browserName": "chrome",
             "goog:chromeOptions": {"args": [
                 "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--host-resolver-rules=MAP enroll.local 127.0.0.1",
+                "--host-resolver-rules=MAP *.local 127.0.0.1",
                 "--window-size=1280,1000", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--disable-default-apps",
                 format!("--user-data-dir={}", profile.display()),

@@ -28,6 +28,9 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("layout.html", include_str!("templates/layout.html")),
     ("login.html", include_str!("templates/login.html")),
     ("setup.html", include_str!("templates/setup.html")),
+    ("setup_appliance.html", include_str!("templates/setup_appliance.html")),
+    ("setup_mail.html", include_str!("templates/setup_mail.html")),
+    ("relay_form.html", include_str!("templates/relay_form.html")),
     ("dashboard.html", include_str!("templates/dashboard.html")),
     ("enrollment.html", include_str!("templates/enrollment.html")),
     ("confirm.html", include_str!("templates/confirm.html")),
@@ -390,7 +393,7 @@ async fn setup(
     let outcome = tokio::task::spawn_blocking(move || auth.setup(&code, &username, &password, client)).await;
     let problem = match outcome {
         Ok(Ok(signed_in)) => {
-            return with_session_cookie(&state, &signed_in.token, signed_in.expires_at, "/admin/settings");
+            return with_session_cookie(&state, &signed_in.token, signed_in.expires_at, "/admin/setup/appliance");
         }
         Ok(Err(AuthError::AlreadySetUp)) => return Redirect::to("/admin/login").into_response(),
         Ok(Err(error)) => sign_in_problem(error, "setup"),

@@ -5,7 +5,7 @@
 use axum::Router;
 use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use minijinja::Value;
 
@@ -18,6 +18,8 @@ use crate::model::EnrollAuth;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/admin/settings", get(settings).post(save_settings))
+        .route("/admin/setup/appliance", get(setup_appliance_page).post(setup_appliance))
+        .route("/admin/setup/mail", get(setup_mail))
         .route("/admin/settings/names", post(save_names))
         .route("/admin/settings/test-mail", post(test_mail))
         .route("/admin/settings/relay", post(save_relay))
@@ -36,16 +38,7 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
         Ok(gathered) => gathered,
         Err(error) => return failure(state, admin, error),
     };
-    let relay = state.mail.relay().map(|relay| {
-        let settings = relay.settings();
-        format!(
-            "{}:{} ({}), sending as {}",
-            settings.host,
-            settings.port,
-            settings.security.as_str(),
-            settings.from_address
-        )
-    });
+    let relay = relay_text(state);
     let policy = state.enrollment.policy();
     let tls = state.mdm.serving_info().map(|info| {
         minijinja::context! { serial => info.serial, not_after => info.not_after.date().to_string(), names => info.names.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") }
@@ -114,7 +107,7 @@ async fn test_mail(State(state): State<AppState>, Posted { admin, fields }: Post
         Ok(other) => format!("Not sent: {}", other.reply()),
         Err(error) => format!("Not sent: {error}"),
     };
-    settings_page(&state, &admin, StatusCode::OK, minijinja::context! { test_result => outcome }).await
+    mail_form_page(&state, &admin, &fields, StatusCode::OK, minijinja::context! { test_result => outcome }).await
 }
 
 /// Saves the SMTP relay the admin entered (checked as the API checks it); it is used at once, and mail that waited
@@ -139,15 +132,16 @@ async fn save_relay(State(state): State<AppState>, Posted { admin, fields }: Pos
         Ok(settings) => settings,
         Err(error) => {
             let extra = minijinja::context! { relay_field => error.field, relay_error => error.message, values => super::ser(&fields_map(&fields)) };
-            return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+            return mail_form_page(&state, &admin, &fields, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
         }
     };
     let (mail, domain, actor) = (state.mail.clone(), state.enrollment.clone(), admin.actor.clone());
     match tokio::task::spawn_blocking(move || mail.save_relay(&domain, &actor, &settings)).await {
         Ok(Ok(())) => {
-            settings_page(
+            mail_form_page(
                 &state,
                 &admin,
+                &fields,
                 StatusCode::OK,
                 minijinja::context! { notice => "The relay is saved; send a test mail to check it." },
             )
@@ -156,7 +150,7 @@ async fn save_relay(State(state): State<AppState>, Posted { admin, fields }: Pos
         Ok(Err(error)) => {
             let extra =
                 minijinja::context! { relay_error => error.to_string(), values => super::ser(&fields_map(&fields)) };
-            settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await
+            mail_form_page(&state, &admin, &fields, StatusCode::UNPROCESSABLE_ENTITY, extra).await
         }
         Err(_) => message(
             &state,
@@ -480,4 +474,115 @@ async fn remove_tls(State(state): State<AppState>, Posted { admin, .. }: Posted)
     }
     let extra = minijinja::context! { notice => "Your certificate is no longer used; the appliance's CA issues one, served within seconds." };
     settings_page(&state, &admin, StatusCode::OK, extra).await
+}
+
+/// The relay and test-mail forms are on the Settings page and are the setup's last step; the answer goes back to
+/// the page the form was on.
+async fn mail_form_page(
+    state: &AppState,
+    admin: &Admin,
+    fields: &super::Fields,
+    status: StatusCode,
+    extra: Value,
+) -> Response {
+    if fields.get("then") == Some("setup") {
+        setup_mail_page(state, admin, status, extra)
+    } else {
+        settings_page(state, admin, status, extra).await
+    }
+}
+
+fn relay_text(state: &AppState) -> Option<String> {
+    state.mail.relay().map(|relay| {
+        let settings = relay.settings();
+        format!(
+            "{}:{} ({}), sending as {}",
+            settings.host,
+            settings.port,
+            settings.security.as_str(),
+            settings.from_address
+        )
+    })
+}
+
+fn setup_mail_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
+    let values =
+        minijinja::context! { title => "Set up enrolld: mail", then => "setup", relay => relay_text(state), ..extra };
+    render(state, Some(admin), status, "setup_mail.html", values)
+}
+
+async fn setup_mail(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
+    setup_mail_page(&state, &admin, StatusCode::OK, Value::from(()))
+}
+
+async fn setup_appliance_form(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
+    let domain = state.enrollment.clone();
+    let auth = match blocking(move || domain.enroll_auth()).await {
+        Ok(auth) => auth,
+        Err(error) => return failure(state, admin, error),
+    };
+    // What the admin typed, when it comes back refused; else what is in use.
+    let typed = extra.get_attr("values").ok().filter(|v| !v.is_undefined());
+    let values = minijinja::context! {
+        title => "Set up enrolld: this appliance",
+        auths => options(EnrollAuth::ALL),
+        values => typed.unwrap_or_else(|| minijinja::context! {
+            organisation => state.naming.organisation(),
+            hostname => state.naming.hostname(),
+            auth => auth.as_str(),
+            validity_days => state.enrollment.policy().invite_validity.whole_days(),
+        }),
+        ..extra
+    };
+    render(state, Some(admin), status, "setup_appliance.html", values)
+}
+
+async fn setup_appliance_page(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
+    setup_appliance_form(&state, &admin, StatusCode::OK, Value::from(())).await
+}
+
+/// The setup's second step: the names, how users authenticate and how long invites last, saved together (each
+/// checked before anything is saved).
+async fn setup_appliance(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let refuse = |field: &'static str, error: String| {
+        let values = super::ser(&fields_map(&fields));
+        minijinja::context! { field => field, error => error, values => values }
+    };
+    let names = match crate::naming::Names::checked(
+        fields.get("organisation").unwrap_or_default(),
+        fields.get("hostname").unwrap_or_default(),
+    ) {
+        Ok(names) => names,
+        Err(error) => {
+            let extra = refuse(error.field, error.reason);
+            return setup_appliance_form(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+        }
+    };
+    let auth = fields.get("auth").and_then(|a| a.parse::<EnrollAuth>().ok());
+    let policy = state.enrollment.policy();
+    let change = crate::domain::PolicyChange {
+        invite_validity_days: fields.get("validity_days").and_then(|d| d.trim().parse().ok()).unwrap_or(0),
+        confirmation_to: policy.confirmation_to.clone(),
+        confirmation_to_user: policy.confirmation_to_user,
+    };
+    let (domain, actor, saving) = (state.enrollment.clone(), admin.actor.clone(), names.clone());
+    let saved = blocking(move || {
+        domain.save_policy(&actor, &change)?;
+        if auth.is_some() {
+            domain.set_enroll_auth(&actor, auth)?;
+        }
+        domain.save_names(&actor, &saving.organisation, &saving.hostname)
+    })
+    .await;
+    match saved {
+        Ok(names) => {
+            state.naming.set(names);
+            axum::response::Redirect::to("/admin/setup/mail").into_response()
+        }
+        Err(crate::domain::DomainError::Invalid { field, message }) => {
+            let extra = refuse(field, message);
+            setup_appliance_form(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await
+        }
+        Err(error) => failure(&state, &admin, error),
+    }
 }
