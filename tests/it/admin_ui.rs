@@ -122,6 +122,16 @@ async fn an_admin_runs_the_appliance_from_the_browser() {
     b.goto(&format!("{origin}/admin/invite")).await;
     b.fill("#email", "ann.lee@example.com").await;
     b.select("#platform", "ios").await;
+    // The mail as Ann would get it, before anything is sent: her name, the organisation, the iOS steps.
+    b.click("button[name=preview]").await;
+    let preview = b.wait_for_text("What ann.lee@example.com receives").await;
+    assert!(preview.contains("Ann Lee") && preview.contains("Example Group"), "{preview}");
+    assert!(
+        preview.contains("Nothing was sent") && preview.contains("<option selected=\"\">ios</option>"),
+        "{preview}"
+    );
+    assert!(sink.messages().is_empty(), "a preview sends nothing");
+    b.screenshot("invite-preview").await;
     b.screenshot("invite").await;
     b.click("form[action='/admin/invite'] button[type=submit]").await;
     let pending = b.wait_for_text("The invite is on its way").await;

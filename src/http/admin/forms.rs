@@ -74,6 +74,9 @@ async fn invite(State(state): State<AppState>, Posted { admin, fields }: Posted)
     let channels: Channels = fields.get("channels").and_then(|p| p.parse().ok()).unwrap_or(Channels::Email);
     let group_id: Option<Id> = fields.get("group").and_then(|g| g.parse().ok());
     let by_myself = fields.get("by_myself").is_some();
+    if fields.get("preview").is_some() {
+        return invite_preview(&state, &admin, &fields, (email, name), (platform, ownership, channels)).await;
+    }
     let domain = state.enrollment.clone();
     let actor = admin.actor.clone();
     let created = blocking(move || {
@@ -109,6 +112,47 @@ async fn invite(State(state): State<AppState>, Posted { admin, fields }: Posted)
         }
         _ => Redirect::to("/admin/enrollment?notice=invited").into_response(),
     }
+}
+
+/// The invite as the user would receive it, made from the form (the user's name, the platform, the ownership, the
+/// templates in use, the validity) without creating anything; the link and passcode are made when it is sent.
+async fn invite_preview(
+    state: &AppState,
+    admin: &Admin,
+    fields: &Fields,
+    (email, name): (String, String),
+    (platform, ownership, channels): (Platform, Ownership, Channels),
+) -> Response {
+    let domain = state.enrollment.clone();
+    let lookup = email.clone();
+    let known = blocking(move || domain.user_by_email(&lookup)).await.ok().flatten();
+    let user_name = match (known, name.is_empty()) {
+        (Some(user), _) => user.name,
+        (None, false) => name,
+        (None, true) => email.split('@').next().filter(|n| !n.is_empty()).unwrap_or("the user").to_owned(),
+    };
+    let expires_at = state.clock.now() + state.enrollment.policy().invite_validity;
+    let context = crate::mail::templates::InviteContext::new(
+        &user_name,
+        &state.naming.organisation(),
+        format!("{}/e/(a link made when it is sent)", state.naming.public_url()),
+        "(made when it is sent)",
+        expires_at,
+        platform,
+        ownership,
+        "cid:enroll-qr",
+    );
+    let preview = match state.mail.templates().render(&context) {
+        Ok(rendered) => minijinja::context! {
+            subject => rendered.subject,
+            text => channels.email().then_some(rendered.text),
+            html => channels.email().then_some(rendered.html),
+            sms => channels.sms().then(|| crate::mail::sms::invite_text(&context)),
+        },
+        Err(error) => minijinja::context! { error => error.to_string() },
+    };
+    let extra = minijinja::context! { preview => preview, values => super::ser(&fields_map(fields)) };
+    invite_form(state, admin, StatusCode::OK, extra).await
 }
 
 pub(super) fn fields_map(fields: &Fields) -> std::collections::BTreeMap<String, String> {
