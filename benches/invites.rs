@@ -1,5 +1,6 @@
 //! Creating 100,000 invites (each with its delivery job and audit entry, one transaction each) in an on-disk store,
-//! then listing the first page of pending invites and counting with that many stored.
+//! then listing the first page of pending invites and counting with that many stored, and the admin's Enrollment
+//! page (the whole HTTP handler: session, query, template) over them.
 //!
 //! Run: `cargo bench --bench invites` (results go in BENCHMARKS.md).
 
@@ -89,10 +90,55 @@ fn main() {
     time_queries("dashboard counts", 200, || {
         assert_eq!(domain.dashboard().expect("counts").pending, INVITES as u64);
     });
+    admin_pages(&store, &domain);
     let size: u64 = walk_size(&dir);
     println!("database size on disk: {:.1} MiB", size as f64 / 1048576.0);
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The Enrollment page through the HTTPS router as a signed-in admin's browser asks for it: the first page, a
+/// later page (its next link followed ten times), and a search with a filter.
+fn admin_pages(store: &Store, domain: &Enrollment) {
+    use tower::ServiceExt as _;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let auth = enrolld::domain::auth::Auth::new(domain.clone(), time::Duration::hours(1)).expect("auth");
+    auth.bootstrap("admin", Some("bench password 1234")).expect("admin");
+    let token = auth.login("admin", "bench password 1234", None).expect("sign in").token;
+    let state = enrolld::http::AppState::new(store.clone(), "".into(), Arc::new(SystemClock), domain.clone(), auth);
+    let limits = enrolld::http::Limits {
+        request_timeout: Duration::from_secs(30),
+        max_body_bytes: 1 << 20,
+        import_max_bytes: 1 << 20,
+    };
+    let router = enrolld::http::https_router(state, limits);
+    let get = |path: &str| {
+        let request = axum::http::Request::get(path)
+            .header("cookie", format!("__Host-enrolld_session={token}"))
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let response = runtime.block_on(router.clone().oneshot(request)).expect("response");
+        assert_eq!(response.status(), 200, "{path}");
+        let body = runtime.block_on(http_body_util::BodyExt::collect(response.into_body())).expect("body").to_bytes();
+        String::from_utf8(body.to_vec()).expect("utf-8")
+    };
+    time_queries("Enrollment page (HTTP handler, 50 rows), first page", 100, || {
+        assert!(get("/admin/enrollment").matches("<tr").count() > 50);
+    });
+    let mut later = "/admin/enrollment".to_owned();
+    for _ in 0..10 {
+        let page = get(&later);
+        let next = page.find(">Next page<").expect("a next link");
+        let start = page[..next].rfind("href=\"").expect("its href") + 6;
+        let end = start + page[start..].find('"').expect("link end");
+        later = page[start..end].replace("&amp;", "&").replace("&#x2f;", "/").replace("&#x3d;", "=");
+    }
+    time_queries("Enrollment page, the 11th page (cursor)", 100, || {
+        assert!(get(&later).matches("<tr").count() > 50);
+    });
+    time_queries("Enrollment page, Android invites of users matching \"user42\"", 20, || {
+        get("/admin/enrollment?tab=pending&q=user42&platform=android");
+    });
 }
 
 fn walk_size(path: &std::path::Path) -> u64 {
