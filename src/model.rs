@@ -362,6 +362,18 @@ pub struct Device {
     pub problem: Option<String>,
 }
 
+/// An Android device's identity: the secret its agent was handed at enrollment, kept only as a hash. The agent
+/// sends the secret with every check-in; a device that enrolls again gets a new one and the old one stops working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AndroidIdentity {
+    /// SHA-256 of the secret, lower-case hex (the key).
+    pub secret_hash: String,
+    pub invite_id: Id,
+    pub device_id: Id,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+}
+
 /// A device identity issued over SCEP to an Apple device enrolling with an invite, and what the device has said
 /// over check-in since. Keyed by the certificate's SHA-256; the device record points back with `identity`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 //! at all.
 
 mod accounts;
+mod android;
 mod apple;
 pub mod auth;
 mod devices;
@@ -24,6 +25,10 @@ use utoipa::ToSchema;
 pub use crate::model::AppleFacts;
 pub use accounts::{
     AccountLinkProblem, CreatedAccountLink, Credentials, Directory, ENROLL_AUTH_SETTING, LinkRefusal, LocalAccounts,
+};
+pub use android::{
+    AndroidApp, AndroidCheckinProblem, AndroidEnrolled, AndroidFacts, AndroidRefusal, ChecksumKind, CommandOutcome,
+    ProvisioningWifi, normalise_checksum, package_checksum,
 };
 pub use apple::StoredPushCertificate;
 pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment, StagedQuery};

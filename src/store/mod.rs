@@ -68,8 +68,9 @@ pub mod tree {
     pub const APPLE_IDENTITIES: usize = 31;
     pub const USER_ACCOUNTS: usize = 32;
     pub const ACCOUNT_LINKS: usize = 33;
+    pub const ANDROID_IDENTITIES: usize = 34;
 
-    pub(super) const NAMES: [&str; 34] = [
+    pub(super) const NAMES: [&str; 35] = [
         "meta",
         "certificates",
         "users",
@@ -104,6 +105,7 @@ pub mod tree {
         "apple_identities",
         "user_accounts",
         "account_links",
+        "android_identities",
     ];
 }
 

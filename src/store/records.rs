@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::tree;
 use crate::model::{
-    AccountLink, Admin, AppleIdentity, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus,
-    JobKind, JobState, ScepChallenge, Session, Setting, StagedDevice, User, UserAccount,
+    AccountLink, Admin, AndroidIdentity, AppleIdentity, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id,
+    Invite, InviteStatus, JobKind, JobState, ScepChallenge, Session, Setting, StagedDevice, User, UserAccount,
 };
 
 /// A certificate the appliance's CA issued.
@@ -239,6 +239,13 @@ impl Record for AppleIdentity {
     const TREE: usize = tree::APPLE_IDENTITIES;
     fn key(&self) -> Vec<u8> {
         self.sha256.as_bytes().to_vec()
+    }
+}
+
+impl Record for AndroidIdentity {
+    const TREE: usize = tree::ANDROID_IDENTITIES;
+    fn key(&self) -> Vec<u8> {
+        self.secret_hash.as_bytes().to_vec()
     }
 }
 
