@@ -125,6 +125,7 @@ fn main() {
             max_connections: connections,
             max_per_second: 10_000,
             retry: RetryPolicy::default(),
+            ca_sha256: String::new(),
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let started = Instant::now();

@@ -208,6 +208,7 @@ pub async fn run(
     let serving = listeners.https.is_some().then(|| keeper.serving());
     state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher);
     state.tls_renewer = keeper.renewer();
+    state.android = http::android::Android::new(state_dir.path().join("android"));
     let limits = Limits {
         request_timeout: config.request_timeout,
         max_body_bytes: config.max_body_bytes,
@@ -257,6 +258,7 @@ pub async fn run(
         max_connections: config.mail.max_connections,
         max_per_second: config.mail.max_per_second,
         retry: RetryPolicy { first: config.mail.retry_first, horizon: config.mail.retry_horizon },
+        ca_sha256: ca.info().sha256.clone(),
     };
     tasks.spawn("outbox", mail::outbox::run(enrollment, outbox, token.clone()));
 

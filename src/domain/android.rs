@@ -143,6 +143,9 @@ pub struct ProvisioningWifi {
     pub hidden: bool,
 }
 
+/// Where the box serves an uploaded device-policy app.
+pub const SERVED_APP_PATH: &str = "/android/dpc.apk";
+
 /// Where the admin's Android app settings are kept.
 const ANDROID_APP_SETTING: &str = "android.app";
 
@@ -216,7 +219,10 @@ impl AndroidApp {
             payload.insert(format!("{EXTRA}{key}"), value);
         };
         put("PROVISIONING_DEVICE_ADMIN_COMPONENT_NAME", self.component_name.clone().into());
-        put("PROVISIONING_DEVICE_ADMIN_PACKAGE_DOWNLOAD_LOCATION", self.download_url.clone().into());
+        // An app the box serves is at the box's current address (the host name may have changed since upload).
+        let location =
+            if self.served_here { format!("{public_url}{SERVED_APP_PATH}") } else { self.download_url.clone() };
+        put("PROVISIONING_DEVICE_ADMIN_PACKAGE_DOWNLOAD_LOCATION", location.into());
         let checksum_key = match self.checksum_kind {
             ChecksumKind::Package => "PROVISIONING_DEVICE_ADMIN_PACKAGE_CHECKSUM",
             ChecksumKind::Signature => "PROVISIONING_DEVICE_ADMIN_SIGNATURE_CHECKSUM",

@@ -28,7 +28,7 @@ pub use accounts::{
 };
 pub use android::{
     AndroidApp, AndroidCheckinProblem, AndroidEnrolled, AndroidFacts, AndroidRefusal, ChecksumKind, CommandOutcome,
-    ProvisioningWifi, normalise_checksum, package_checksum,
+    ProvisioningWifi, SERVED_APP_PATH, normalise_checksum, package_checksum,
 };
 pub use apple::StoredPushCertificate;
 pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment, StagedQuery};

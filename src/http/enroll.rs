@@ -18,7 +18,7 @@ use time::{Duration, OffsetDateTime};
 use super::AppState;
 use super::mdm::profile;
 use crate::domain::{Actor, Credentials, LinkProblem, LinkRefusal, PasscodeCheck, random_bytes};
-use crate::model::{EnrollAuth, Id, Invite, Platform};
+use crate::model::{EnrollAuth, Id, Invite, Ownership, Platform};
 
 /// How long a passcode, once accepted, keeps the enrollment page open.
 const SESSION_MINUTES: i64 = 15;
@@ -67,6 +67,8 @@ pub fn routes() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/e/{token}", get(page).post(passcode))
         .route("/e/{token}/profile", get(enrollment_profile))
+        .route("/e/{token}/android.png", get(super::android::enroll_qr))
+        .route("/android/dpc.apk", get(super::android::apk))
         .route("/e/{token}/account-link", post(request_account_link))
         .route("/account/{token}", get(account_page).post(set_password))
         .route("/enroll.css", get(stylesheet))
@@ -196,6 +198,19 @@ async fn open_with_session(state: &AppState, token: &str, headers: &HeaderMap) -
     Ok((invite, authenticated))
 }
 
+/// The invite a link opens for a browser that has authenticated on its page, or the page saying what to do.
+pub(crate) async fn open_authenticated(state: &AppState, token: &str, headers: &HeaderMap) -> Result<Invite, Response> {
+    match open_with_session(state, token, headers).await? {
+        (invite, true) => Ok(invite),
+        (_, false) => Err(problem_page(
+            state,
+            StatusCode::UNAUTHORIZED,
+            "Enter the passcode first",
+            "Open the link from your invite again and enter its passcode; the code is shown after that.",
+        )),
+    }
+}
+
 /// The invite a link opens, or the page saying why it cannot be used.
 async fn open(state: &AppState, token: &str) -> Result<Invite, Response> {
     let domain = state.enrollment.clone();
@@ -281,6 +296,7 @@ fn render(
     let auth = state.enrollment.enroll_auth().unwrap_or(EnrollAuth::Passcode);
     let ask_password = matches!(auth, EnrollAuth::Password | EnrollAuth::Both);
     let needs_password = ask_password && !state.enrollment.has_password(&invite.user_id).unwrap_or(true);
+    let android_app = if platform == Platform::Android { state.enrollment.android_app().ok().flatten() } else { None };
     let values = Value::from_pairs([
         ("title", Value::from(format!("Enroll your {}", device_words(platform)))),
         ("organisation", Value::from(state.naming.organisation())),
@@ -302,6 +318,10 @@ fn render(
         ("needs_password", Value::from(needs_password)),
         ("account_link_url", Value::from(format!("/e/{token}/account-link"))),
         ("profile_url", Value::from(format!("/e/{token}/profile?platform={platform}"))),
+        ("android", Value::from(platform == Platform::Android)),
+        ("android_qr_url", Value::from(format!("/e/{token}/android.png"))),
+        ("android_provisioning", Value::from(android_app.is_some() && invite.ownership == Ownership::Corporate)),
+        ("agent_url", Value::from(android_app.and_then(|app| app.agent_url))),
     ]);
     html(status, render_page(values))
 }
@@ -371,7 +391,7 @@ async fn ca_profile(State(state): State<AppState>) -> Response {
     mobileconfig(body, "enrolld-ca.mobileconfig")
 }
 
-fn ca_der(state: &AppState) -> Option<Vec<u8>> {
+pub(crate) fn ca_der(state: &AppState) -> Option<Vec<u8>> {
     use rustls_pki_types::pem::PemObject as _;
     rustls_pki_types::CertificateDer::from_pem_slice(state.ca_pem.as_bytes()).ok().map(|der| der.to_vec())
 }

@@ -2,6 +2,7 @@
 //! (request timeout, body-size limit, tracing, `nosniff`), and the shared [`AppState`].
 
 mod admin;
+pub mod android;
 pub mod api;
 mod enroll;
 mod error;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub enroll_sessions: enroll::EnrollSessions,
     /// Apple device management: the SCEP CA, profile signing, pushes.
     pub mdm: mdm::Mdm,
+    /// Android: where the uploaded device-policy app is kept.
+    pub android: android::Android,
     /// Asks for a new HTTPS certificate now (Settings → regenerate).
     pub tls_renewer: crate::tls::Renewer,
     /// The admin pages' templates, parsed once.
@@ -77,6 +80,7 @@ impl AppState {
             naming: crate::naming::Naming::fixed(),
             enroll_sessions: enroll::EnrollSessions::default(),
             mdm: mdm::Mdm::default(),
+            android: android::Android::default(),
             tls_renewer: crate::tls::Renewer::default(),
             admin_templates: Arc::new(admin::templates()),
             jobs: tokio_util::task::TaskTracker::new(),

@@ -31,6 +31,8 @@ pub struct OutboxSettings {
     pub max_connections: usize,
     pub max_per_second: u32,
     pub retry: RetryPolicy,
+    /// SHA-256 of the appliance's CA (hex), for the Android provisioning QR code.
+    pub ca_sha256: String,
 }
 
 /// Delivers the outbox until `shutdown`.
@@ -249,6 +251,27 @@ impl Worker {
         ))
     }
 
+    /// What the invite's QR code holds: for a company-owned Android device, once the admin configured the
+    /// device-policy app, the provisioning JSON the device's setup screen reads; otherwise the link.
+    fn qr_content(&self, claimed: &Claimed, link: &str) -> String {
+        let invite = &claimed.invite;
+        if invite.platform != crate::model::Platform::Android || invite.ownership != crate::model::Ownership::Corporate
+        {
+            return link.to_owned();
+        }
+        let Some(token) = claimed.job.link_token.as_deref() else { return link.to_owned() };
+        match self.domain.android_app() {
+            Ok(Some(app)) => {
+                app.provisioning_payload(&self.settings.mail.public_url(), token, &self.settings.ca_sha256).to_string()
+            }
+            Ok(None) => link.to_owned(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the Android app settings; the invite's QR code holds the link");
+                link.to_owned()
+            }
+        }
+    }
+
     fn invite_text(&self, claimed: &Claimed) -> Option<String> {
         self.invite_context(claimed).map(|context| super::sms::invite_text(&context))
     }
@@ -262,7 +285,8 @@ impl Worker {
                     .invite_context(claimed)
                     .ok_or_else(|| super::MailError::Message("the job has no link left to send".into()))?;
                 let rendered = self.settings.mail.templates().render(&context)?;
-                relay.invite_message(&job.to, &message_id, &rendered, &context.link)
+                let qr = self.qr_content(claimed, &context.link);
+                relay.invite_message(&job.to, &message_id, &rendered, &qr)
             }
             JobKind::Reminder => {
                 let (subject, text) = reminder_text(&self.settings.mail.organisation(), claimed);

@@ -10,11 +10,9 @@ use serde_json::json;
 
 use crate::apple_device::Device;
 use crate::browser::Browser;
-use crate::common::{Daemon, fetch_bytes, free_port, get_plain, get_tls, parse_pem_certs};
+use crate::common::{Daemon, PASSWORD, fetch_bytes, free_port, get_plain, get_tls, parse_pem_certs};
 use crate::mail::Sink;
 use crate::mdm::{Apns, Appliance};
-
-const PASSWORD: &str = "staple battery horse";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_admin_runs_the_appliance_from_the_browser() {

@@ -4,9 +4,7 @@
 use hyper::Method;
 use serde_json::json;
 
-use crate::common::{Daemon, api, get_plain, parse_pem_certs};
-
-const PASSWORD: &str = "staple battery horse";
+use crate::common::{Daemon, PASSWORD, api, get_plain, parse_pem_certs};
 
 fn setup_code(log: &str) -> String {
     let line =

@@ -7,9 +7,8 @@
 use hyper::Method;
 use serde_json::{Value, json};
 
-use crate::common::{Daemon, api, get_plain, parse_pem_certs};
+use crate::common::{Daemon, PASSWORD, api, get_plain, parse_pem_certs};
 
-const PASSWORD: &str = "staple battery horse";
 pub const TOPIC: &str = "com.apple.mgmt.External.5f2c7b3e-1d2a-4c5b-9e8f-0a1b2c3d4e5f";
 
 /// A certificate and key in the shape of Apple's MDM push certificates.

@@ -17,6 +17,9 @@ use tokio::net::TcpStream;
 pub const BIN: &str = env!("CARGO_BIN_EXE_enrolld");
 
 /// A port nobody listens on right now.
+/// The admin password every test appliance is started with.
+pub const PASSWORD: &str = "staple battery horse";
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

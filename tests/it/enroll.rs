@@ -5,9 +5,7 @@
 use hyper::Method;
 use serde_json::json;
 
-use crate::common::{Daemon, api, browse, get_plain, parse_pem_certs};
-
-const PASSWORD: &str = "staple battery horse";
+use crate::common::{Daemon, PASSWORD, api, browse, get_plain, parse_pem_certs};
 
 struct Box {
     daemon: Daemon,

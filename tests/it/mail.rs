@@ -12,9 +12,7 @@ use hyper::Method;
 use rustls_pki_types::CertificateDer;
 use serde_json::{Value, json};
 
-use crate::common::{Daemon, api, free_port, get_plain, parse_pem_certs};
-
-const PASSWORD: &str = "staple battery horse";
+use crate::common::{Daemon, PASSWORD, api, free_port, get_plain, parse_pem_certs};
 
 /// aiosmtpd in a child process, killed when dropped.
 pub struct Sink {
@@ -143,7 +141,7 @@ fn header(mail: &mailparse::ParsedMail<'_>, name: &str) -> String {
 }
 
 /// Decodes a QR code in a PNG image.
-fn decode_qr(png_bytes: &[u8]) -> String {
+pub fn decode_qr(png_bytes: &[u8]) -> String {
     let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
     let mut reader = decoder.read_info().unwrap();
     let mut pixels = vec![0; reader.output_buffer_size().unwrap()];

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin_ui;
+mod android;
 mod api;
 mod apple;
 mod apple_device;

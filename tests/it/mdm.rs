@@ -21,9 +21,8 @@ use plist::Value as P;
 use serde_json::{Value, json};
 
 use crate::apple_device::{Device, check, payload_keys, plist_xml, schema};
-use crate::common::{Daemon, api, browse, fetch_bytes, get_plain, parse_pem_certs};
+use crate::common::{Daemon, PASSWORD, api, browse, fetch_bytes, get_plain, parse_pem_certs};
 
-const PASSWORD: &str = "staple battery horse";
 const TOPIC: &str = "com.apple.mgmt.External.5f2c7b3e-1d2a-4c5b-9e8f-0a1b2c3d4e5f";
 
 /// One push the stand-in for APNs received.

@@ -25,6 +25,8 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/settings/relay", post(save_relay))
         .route("/admin/settings/sms", post(save_sms))
         .route("/admin/settings/policy", post(save_policy))
+        .route("/admin/settings/android", post(save_android).layer(axum::extract::DefaultBodyLimit::disable()))
+        .route("/admin/settings/android/remove", post(remove_android))
         .route("/admin/settings/renew-tls", post(renew_tls))
         .route("/admin/settings/tls", post(install_tls))
         .route("/admin/settings/tls/remove", post(remove_tls))
@@ -33,8 +35,9 @@ pub fn routes() -> Router<AppState> {
 
 async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
     let domain = state.enrollment.clone();
-    let gathered = blocking(move || Ok((domain.enroll_auth()?, domain.push_certificate()?))).await;
-    let (auth, push) = match gathered {
+    let gathered =
+        blocking(move || Ok((domain.enroll_auth()?, domain.push_certificate()?, domain.android_app()?))).await;
+    let (auth, push, android) = match gathered {
         Ok(gathered) => gathered,
         Err(error) => return failure(state, admin, error),
     };
@@ -59,6 +62,7 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
         names => minijinja::context! { organisation => state.naming.organisation(), hostname => state.naming.hostname() },
         url_is_configured => state.naming.url_is_configured(),
         sms => sms_view(state.mail.sms().as_deref()),
+        android => android.map(|app| super::ser(&app)),
         ..extra
     };
     render(state, Some(admin), status, "settings.html", values)
@@ -585,4 +589,88 @@ async fn setup_appliance(State(state): State<AppState>, Posted { admin, fields }
         }
         Err(error) => failure(&state, &admin, error),
     }
+}
+
+/// The device-policy app for company-owned Android devices: its settings, and the app itself when uploaded (the
+/// box then serves it and computes its checksum).
+async fn save_android(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    SignedIn(admin): SignedIn,
+    multipart: Multipart,
+) -> Response {
+    let (fields, file) = match read_form(&state, &headers, &admin, multipart).await {
+        Ok((fields, file)) => (fields, file.map(|(_, bytes)| bytes).filter(|b| !b.is_empty())),
+        Err(response) => return response,
+    };
+    let text = |name: &str| fields.get(name).map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+    let wifi = text("wifi_ssid").map(|ssid| crate::domain::ProvisioningWifi {
+        ssid,
+        security: text("wifi_security").unwrap_or_else(|| "WPA".into()),
+        password: text("wifi_password"),
+        hidden: fields.get("wifi_hidden").is_some(),
+    });
+    let refused = |field: Option<&'static str>, message: String| {
+        let mut values = fields_map(&fields);
+        values.remove("wifi_password");
+        minijinja::context! { android_field => field, android_error => message, android_values => super::ser(&values) }
+    };
+    let saved = match file {
+        Some(bytes) => {
+            let changes = crate::http::api::android::AppChanges {
+                component_name: text("component_name"),
+                wifi: Some(wifi),
+                agent_url: Some(text("agent_url")),
+            };
+            crate::http::api::android::install_apk(&state, &admin.actor, bytes, changes).await
+        }
+        None => {
+            let app = crate::domain::AndroidApp {
+                component_name: text("component_name").unwrap_or_default(),
+                download_url: text("download_url").unwrap_or_default(),
+                checksum_kind: if fields.get("checksum_kind") == Some("package") {
+                    crate::domain::ChecksumKind::Package
+                } else {
+                    crate::domain::ChecksumKind::Signature
+                },
+                checksum: text("checksum").unwrap_or_default(),
+                served_here: false,
+                wifi,
+                agent_url: text("agent_url"),
+            };
+            let (domain, actor) = (state.enrollment.clone(), admin.actor.clone());
+            crate::http::api::blocking(move || domain.save_android_app(&actor, Some(app)))
+                .await
+                .and_then(|saved| saved.ok_or_else(|| crate::http::HttpError::unavailable("not saved; try again")))
+        }
+    };
+    match saved {
+        Ok(app) => {
+            let how = if app.served_here {
+                format!("served here, checksum {}", app.checksum)
+            } else {
+                "downloaded from your URL".to_owned()
+            };
+            let notice = format!(
+                "The Android app is saved ({how}); new invites for company-owned Android devices carry its provisioning QR code."
+            );
+            settings_page(&state, &admin, StatusCode::OK, minijinja::context! { notice => notice }).await
+        }
+        Err(error) => {
+            let extra = refused(error.field, error.message);
+            settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await
+        }
+    }
+}
+
+async fn remove_android(State(state): State<AppState>, Posted { admin, .. }: Posted) -> Response {
+    let (domain, actor) = (state.enrollment.clone(), admin.actor.clone());
+    if let Err(error) = blocking(move || domain.save_android_app(&actor, None)).await {
+        return failure(&state, &admin, error);
+    }
+    if let Some(path) = state.android.apk_path() {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+    let extra = minijinja::context! { notice => "The Android app settings are removed; invites carry the plain link." };
+    settings_page(&state, &admin, StatusCode::OK, extra).await
 }

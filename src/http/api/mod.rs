@@ -7,6 +7,7 @@
 
 pub(crate) mod access;
 mod accounts;
+pub(crate) mod android;
 mod apple;
 mod devices;
 pub(crate) mod imports;
@@ -67,6 +68,8 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(devices::remove_staged))
         .routes(routes!(devices::assign_staged))
         .routes(routes!(devices::reenroll_staged))
+        .routes(routes!(android::app, android::save_app, android::remove_app))
+        .routes(routes!(android::upload_apk))
         .routes(routes!(imports::upload, imports::imports))
         .routes(routes!(imports::import))
         .routes(routes!(imports::sample))
@@ -87,20 +90,29 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(system::audit))
         .routes(routes!(system::openapi_document))
         .route_layer(middleware::from_fn_with_state(state, require_admin));
-    let public =
-        OpenApiRouter::new().routes(routes!(access::login)).routes(routes!(access::setup_status, access::setup));
+    let public = OpenApiRouter::new()
+        .routes(routes!(access::login))
+        .routes(routes!(access::setup_status, access::setup))
+        .routes(routes!(crate::http::android::enroll))
+        .routes(routes!(crate::http::android::checkin))
+        .layer(axum::extract::DefaultBodyLimit::max(crate::http::android::MAX_BODY_BYTES));
     protected.merge(public).split_for_parts()
 }
 
 /// Routes that answer without a signed-in admin.
-pub const PUBLIC_ROUTES: &[(&str, &str)] =
-    &[("post", "/api/v1/login"), ("get", "/api/v1/setup"), ("post", "/api/v1/setup")];
+pub const PUBLIC_ROUTES: &[(&str, &str)] = &[
+    ("post", "/api/v1/login"),
+    ("get", "/api/v1/setup"),
+    ("post", "/api/v1/setup"),
+    ("post", "/android/v1/enroll"),
+    ("post", "/android/v1/checkin"),
+];
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "enrolld admin API",
-        description = "Invite users to enroll devices, and track invites and devices. Sign in with POST /api/v1/login; send the token as `Authorization: Bearer <token>`, or use the session cookie with an `X-CSRF-Token` header on changes."
+        description = "Invite users to enroll devices, and track invites and devices. Sign in with POST /api/v1/login; send the token as `Authorization: Bearer <token>`, or use the session cookie with an `X-CSRF-Token` header on changes. The `android` routes are the device side, for a device-policy app (the agent): it enrolls with an invite's token and the user's answer, then checks in with the device secret it got."
     ),
     modifiers(&Security),
     security(("bearer" = []), ("session" = []))
@@ -118,6 +130,15 @@ impl utoipa::Modify for Security {
         );
         components
             .add_security_scheme("session", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(SESSION_COOKIE))));
+        components.add_security_scheme(
+            "device_secret",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The device_secret an Android agent got from POST /android/v1/enroll"))
+                    .build(),
+            ),
+        );
     }
 }
 
