@@ -206,7 +206,10 @@ pub async fn run(
     state.naming = naming.clone();
     let pusher = crate::push::Pusher::new(&config.apns).map_err(|e| DaemonError::Push(e.to_string()))?;
     let serving = listeners.https.is_some().then(|| keeper.serving());
-    state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher);
+    // The device-identity CA (RSA, under the appliance CA) issues Apple identities over SCEP and Windows client
+    // certificates; made now because HTTPS asks Windows devices for a certificate it issued.
+    let device_ca = Arc::new(crate::pki::scep::ScepAuthority::load_or_create(&state_dir.pki(), &ca, env.clock.now())?);
+    state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher, Some(device_ca.clone()));
     state.tls_renewer = keeper.renewer();
     state.android = http::android::Android::new(state_dir.path().join("android"));
     let limits = Limits {
@@ -220,7 +223,7 @@ pub async fn run(
         Some(listener) => {
             let listener = tokio_listener(listener, "https_listen")?;
             let addr = listener.local_addr().ok();
-            let tls = tls::server_config(keeper.serving())?;
+            let tls = tls::server_config(keeper.serving(), Some(device_ca.cert_der()))?;
             let app = http::https_router(state.clone(), limits);
             let serving = http::serve::serve(listener, Some(tls), app, token.clone(), config.shutdown_grace);
             tasks.spawn("https", serving);

@@ -362,6 +362,25 @@ pub struct Device {
     pub problem: Option<String>,
 }
 
+/// A Windows device's identity: the client certificate issued to it over MS-WSTEP, which authenticates its
+/// OMA-DM sessions. The device is enrolled at its first session (as an Apple device at its first `TokenUpdate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowsIdentity {
+    /// SHA-256 of the certificate, lower-case hex (the key).
+    pub sha256: String,
+    pub invite_id: Id,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Windows' own device id (`DeviceID` at enrollment, `DevId` in sessions).
+    pub device_hwid: Option<String>,
+    pub device_name: Option<String>,
+    pub os_version: Option<String>,
+    /// Set at the first management session.
+    pub device_id: Option<Id>,
+}
+
 /// An Android device's identity: the secret its agent was handed at enrollment, kept only as a hash. The agent
 /// sends the secret with every check-in; a device that enrolls again gets a new one and the old one stops working.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -91,14 +91,30 @@ fn certified_key(cert: &ServerCertificate) -> Result<CertifiedKey, TlsError> {
     Ok(CertifiedKey::new(cert.chain.clone(), key))
 }
 
-/// A rustls server configuration on the ring provider, TLS 1.2 and 1.3, offering HTTP/2 and HTTP/1.1.
-pub fn server_config(resolver: Arc<ServingCertificate>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// A rustls server configuration on the ring provider, TLS 1.2 and 1.3, offering HTTP/2 and HTTP/1.1. With
+/// `device_ca`, clients may present a certificate that CA issued (Windows devices authenticate their management
+/// sessions so); a client without one is served as before, and what a certificate proves is up to the route.
+pub fn server_config(
+    resolver: Arc<ServingCertificate>,
+    device_ca: Option<&rustls_pki_types::CertificateDer<'_>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsError::Key)?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .map_err(TlsError::Key)?;
+    let builder = match device_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.clone().into_owned()).map_err(TlsError::Key)?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|error| TlsError::Key(rustls::Error::General(error.to_string())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

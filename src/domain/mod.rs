@@ -14,6 +14,7 @@ mod mdm;
 mod outbox;
 mod settings;
 mod users;
+mod windows;
 
 use std::sync::Arc;
 
@@ -41,6 +42,7 @@ pub use mdm::ChallengeProblem;
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
 pub use settings::PolicyChange;
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
+pub use windows::{DevInfo, WindowsFacts, WindowsRefusal, WindowsSessionProblem};
 
 use crate::clock::Clock;
 use crate::model::{AuditEvent, Id, IdSequence};

@@ -281,7 +281,9 @@ fn render(
     authenticated: bool,
     wrong: Option<String>,
 ) -> Response {
-    let user_name = state.enrollment.user(&invite.user_id).map(|u| u.name).unwrap_or_default();
+    let user = state.enrollment.user(&invite.user_id).ok();
+    let user_name = user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+    let user_email = user.map(|u| u.email).unwrap_or_default();
     let platforms: Vec<Value> = if invite.platform == Platform::Any {
         [Platform::Ios, Platform::Ipados, Platform::Macos, Platform::Android, Platform::Windows]
             .iter()
@@ -318,12 +320,23 @@ fn render(
         ("needs_password", Value::from(needs_password)),
         ("account_link_url", Value::from(format!("/e/{token}/account-link"))),
         ("profile_url", Value::from(format!("/e/{token}/profile?platform={platform}"))),
+        ("windows", Value::from(platform == Platform::Windows)),
+        ("windows_link", Value::from(windows_link(state, &user_email))),
+        ("windows_server", Value::from(format!("{}/EnrollmentServer/Discovery.svc", state.naming.public_url()))),
         ("android", Value::from(platform == Platform::Android)),
         ("android_qr_url", Value::from(format!("/e/{token}/android.png"))),
         ("android_provisioning", Value::from(android_app.is_some() && invite.ownership == Ownership::Corporate)),
         ("agent_url", Value::from(android_app.and_then(|app| app.agent_url))),
     ]);
     html(status, render_page(values))
+}
+
+/// The link that opens Windows' "Enroll only in device management" with the user's email and this server filled
+/// in.
+fn windows_link(state: &AppState, email: &str) -> String {
+    let encode = |text: &str| form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
+    let discovery = format!("{}/EnrollmentServer/Discovery.svc", state.naming.public_url());
+    format!("ms-device-enrollment:?mode=mdm&username={}&servername={}", encode(email), encode(&discovery))
 }
 
 fn render_page(values: Value) -> String {
@@ -684,8 +697,8 @@ pub(crate) fn enroll_steps(platform: Platform) -> Vec<&'static str> {
             "Otherwise: install the device management agent, open this link in it (or scan the QR code) and enter the passcode.",
         ],
         Platform::Windows => vec![
-            "Enter the passcode from your invite and trust the appliance's certificate.",
-            "Settings › Accounts › Access work or school › Enroll only in device management, and sign in with your email address and the passcode.",
+            "Trust the appliance's certificate first (step 1).",
+            "Then use the button above, or open Settings › Accounts › Access work or school › Enroll only in device management yourself: enter your email address, the server address shown there, and the passcode from your invite as the password.",
         ],
         Platform::Any => vec!["Pick the kind of device above; the steps for it appear here."],
     }

@@ -9,6 +9,7 @@ mod error;
 pub mod mdm;
 mod ops;
 pub mod serve;
+pub mod windows;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,7 +123,7 @@ pub(crate) fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<Stri
 
 /// What devices open over HTTPS: the invite pages and the CA profile.
 fn device_routes() -> Router<AppState> {
-    enroll::routes().merge(mdm::routes()).merge(admin::routes())
+    enroll::routes().merge(mdm::routes()).merge(windows::routes()).merge(admin::routes())
 }
 
 /// The application served over HTTPS.

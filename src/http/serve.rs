@@ -22,6 +22,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client has this long to send the request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The certificate the client presented in the TLS handshake (DER), verified against the device CA; put in each
+/// request's extensions.
+#[derive(Clone, Debug)]
+pub struct ClientCertificate(pub Arc<[u8]>);
+
 /// Serves `app` on `listener` until `shutdown`, then waits up to `grace` for open requests to finish.
 pub async fn serve(
     listener: TcpListener,
@@ -66,11 +71,19 @@ pub async fn serve(
         connections.spawn(async move {
             match acceptor {
                 Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_connection(&builder, watcher, tls, peer, app).await,
+                    Ok(Ok(tls)) => {
+                        let client = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .map(|leaf| ClientCertificate(Arc::from(leaf.as_ref())));
+                        serve_connection(&builder, watcher, tls, peer, client, app).await
+                    }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
-                None => serve_connection(&builder, watcher, stream, peer, app).await,
+                None => serve_connection(&builder, watcher, stream, peer, None, app).await,
             }
         });
     }
@@ -91,12 +104,16 @@ async fn serve_connection<S>(
     watcher: hyper_util::server::graceful::Watcher,
     stream: S,
     peer: SocketAddr,
+    client: Option<ClientCertificate>,
     app: Router,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(client) = &client {
+            request.extensions_mut().insert(client.clone());
+        }
         app.clone().oneshot(request)
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -151,7 +168,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
         let token = CancellationToken::new();
-        let tls = server_config(serving.clone()).unwrap();
+        let tls = server_config(serving.clone(), None).unwrap();
         let server = tokio::spawn(serve(listener, Some(tls), app, token.clone(), Duration::from_secs(1)));
 
         let (mut open, leaf) = connect(addr, ca.cert_der()).await;

@@ -245,10 +245,23 @@ impl ScepAuthority {
         organisation: &str,
         now: OffsetDateTime,
     ) -> Result<CertificateDer<'static>, PkiError> {
+        self.issue_csr(&request.csr, common_name, organisation, now)
+    }
+
+    /// A device identity (clientAuth) for the key in a PKCS#10 request whose signature checks out; the subject is
+    /// ours (`common_name`, `organisation`), not the request's. Also how Windows devices get theirs (MS-WSTEP).
+    pub fn issue_csr(
+        &self,
+        csr: &[u8],
+        common_name: &str,
+        organisation: &str,
+        now: OffsetDateTime,
+    ) -> Result<CertificateDer<'static>, PkiError> {
         use x509_parser::prelude::FromDer as _;
         let unusable = |reason: String| PkiError::Unusable { path: "the device's certificate request".into(), reason };
-        let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&request.csr)
+        let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(csr)
             .map_err(|e| unusable(e.to_string()))?;
+        parsed.verify_signature().map_err(|e| unusable(format!("its signature does not verify ({e})")))?;
         let public = SubjectPublicKeyInfo::from_der(parsed.certification_request_info.subject_pki.raw)
             .map_err(|e| unusable(format!("its key cannot be used ({e})")))?;
         let mut params = CertificateParams::default();

@@ -69,8 +69,9 @@ pub mod tree {
     pub const USER_ACCOUNTS: usize = 32;
     pub const ACCOUNT_LINKS: usize = 33;
     pub const ANDROID_IDENTITIES: usize = 34;
+    pub const WINDOWS_IDENTITIES: usize = 35;
 
-    pub(super) const NAMES: [&str; 35] = [
+    pub(super) const NAMES: [&str; 36] = [
         "meta",
         "certificates",
         "users",
@@ -106,6 +107,7 @@ pub mod tree {
         "user_accounts",
         "account_links",
         "android_identities",
+        "windows_identities",
     ];
 }
 

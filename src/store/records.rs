@@ -8,6 +8,7 @@ use super::tree;
 use crate::model::{
     AccountLink, Admin, AndroidIdentity, AppleIdentity, AuditEvent, DeliveryJob, Device, DeviceStatus, Group, Id,
     Invite, InviteStatus, JobKind, JobState, ScepChallenge, Session, Setting, StagedDevice, User, UserAccount,
+    WindowsIdentity,
 };
 
 /// A certificate the appliance's CA issued.
@@ -246,6 +247,13 @@ impl Record for AndroidIdentity {
     const TREE: usize = tree::ANDROID_IDENTITIES;
     fn key(&self) -> Vec<u8> {
         self.secret_hash.as_bytes().to_vec()
+    }
+}
+
+impl Record for WindowsIdentity {
+    const TREE: usize = tree::WINDOWS_IDENTITIES;
+    fn key(&self) -> Vec<u8> {
+        self.sha256.as_bytes().to_vec()
     }
 }
 

@@ -16,3 +16,4 @@ mod enroll;
 mod mail;
 mod mdm;
 mod mdns;
+mod windows;

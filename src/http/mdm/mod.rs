@@ -54,12 +54,14 @@ impl Mdm {
         pki_dir: PathBuf,
         serving: Option<Arc<ServingCertificate>>,
         pusher: Pusher,
+        scep: Option<Arc<ScepAuthority>>,
     ) -> Mdm {
-        Mdm { inner: Some(Arc::new(Inner { ca, pki_dir, scep: Default::default(), serving, pusher })) }
+        let scep = tokio::sync::OnceCell::new_with(scep);
+        Mdm { inner: Some(Arc::new(Inner { ca, pki_dir, scep, serving, pusher })) }
     }
 
     /// The SCEP CA, made on first use (RSA key generation runs on the blocking pool).
-    async fn scep(&self, now: time::OffsetDateTime) -> Result<Arc<ScepAuthority>, Response> {
+    pub(crate) async fn scep(&self, now: time::OffsetDateTime) -> Result<Arc<ScepAuthority>, Response> {
         let Some(inner) = self.inner.clone() else {
             return Err(
                 (StatusCode::SERVICE_UNAVAILABLE, "device management is not running on this server").into_response()

@@ -1,0 +1,265 @@
+//! Windows enrollment (MS-MDE2, on-premise authentication): the user's email and their answer (the invite's
+//! passcode, or their password) find and open the invite; the client certificate issued over MS-WSTEP is recorded
+//! as the device's identity; the first OMA-DM session under it enrolls the device, in one transaction.
+
+use super::accounts::Credentials;
+use super::invites::link_state;
+use super::{Actor, DeviceFacts, DomainError, DomainResult, Enrollment, InviteQuery, LinkProblem, PasscodeCheck};
+use crate::model::{
+    CommandKind, Device, DeviceStatus, EnrollAuth, Id, Invite, InviteStatus, Platform, WindowsIdentity,
+};
+use crate::store::tree;
+
+/// Why a Windows enrollment request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WindowsRefusal {
+    /// No user has this email address, or they have no pending invite for a Windows PC.
+    NoInvite,
+    Link(LinkProblem),
+    Wrong {
+        attempts_left: u32,
+    },
+    /// A password is asked for and the user has none yet.
+    NoPassword,
+}
+
+/// What Windows tells about itself when it asks for its certificate (MS-WSTEP `AdditionalContext`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WindowsFacts {
+    pub device_hwid: Option<String>,
+    pub device_name: Option<String>,
+    pub os_version: Option<String>,
+}
+
+/// What a management session reports (`./DevInfo`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DevInfo {
+    pub dev_id: Option<String>,
+    pub manufacturer: Option<String>,
+    pub model: Option<String>,
+    pub software_version: Option<String>,
+    pub language: Option<String>,
+}
+
+/// Why a management session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowsSessionProblem {
+    /// The certificate is not one this appliance issued to a Windows device.
+    Unknown,
+    /// The device enrolled again since with another certificate.
+    Superseded,
+    /// The device is no longer managed (unenrolled or wiped).
+    Unmanaged,
+}
+
+impl Enrollment {
+    /// The pending invite a Windows user's email address stands for (the newest one for a Windows PC or any
+    /// device), checked against the answer they typed in Windows' password box: the passcode or their password,
+    /// as the admin chose; with both asked for, the passcode, a space, then the password. Wrong answers count
+    /// toward the invite's lock.
+    pub fn windows_check(
+        &self,
+        actor: &Actor,
+        email: &str,
+        answer: &str,
+    ) -> DomainResult<Result<Invite, WindowsRefusal>> {
+        let Some(user) = self.user_by_email(email.trim())? else { return Ok(Err(WindowsRefusal::NoInvite)) };
+        let query = InviteQuery {
+            user_id: Some(user.id),
+            status: Some(InviteStatus::Pending),
+            limit: Some(50),
+            ..InviteQuery::default()
+        };
+        let candidates = self.invites(&query)?;
+        let Some(view) = candidates.items.iter().find(|i| matches!(i.platform, Platform::Windows | Platform::Any))
+        else {
+            return Ok(Err(WindowsRefusal::NoInvite));
+        };
+        let invite: Invite =
+            self.store.get(view.id.as_bytes())?.ok_or_else(|| DomainError::not_found("invite", view.id))?;
+        if let Err(problem) = link_state(&invite, self.now()) {
+            return Ok(Err(WindowsRefusal::Link(problem)));
+        }
+        let answer = answer.trim();
+        let credentials = match self.enroll_auth()? {
+            EnrollAuth::Passcode => Credentials { passcode: Some(answer), password: None },
+            EnrollAuth::Password => Credentials { passcode: None, password: Some(answer) },
+            EnrollAuth::Both => {
+                let (passcode, password) = answer.split_once(' ').unwrap_or((answer, ""));
+                Credentials { passcode: Some(passcode), password: Some(password) }
+            }
+        };
+        Ok(match self.check_credentials(actor, &invite.id, credentials)? {
+            PasscodeCheck::Correct => Ok(invite),
+            PasscodeCheck::Wrong { attempts_left } => Err(WindowsRefusal::Wrong { attempts_left }),
+            PasscodeCheck::Locked => Err(WindowsRefusal::Link(LinkProblem::Locked)),
+            PasscodeCheck::NoPassword => Err(WindowsRefusal::NoPassword),
+        })
+    }
+
+    /// Records the certificate issued to a Windows device for `invite_id`, with an audit entry.
+    pub fn windows_identity_issued(
+        &self,
+        actor: &Actor,
+        invite_id: &Id,
+        sha256: &str,
+        not_after: time::OffsetDateTime,
+        facts: &WindowsFacts,
+    ) -> DomainResult<WindowsIdentity> {
+        let identity = WindowsIdentity {
+            sha256: sha256.to_owned(),
+            invite_id: *invite_id,
+            issued_at: self.now(),
+            not_after,
+            device_hwid: facts.device_hwid.clone(),
+            device_name: facts.device_name.clone(),
+            os_version: facts.os_version.clone(),
+            device_id: None,
+        };
+        self.transact(|tx| {
+            tx.put(None, &identity)?;
+            self.audit(
+                tx,
+                actor,
+                "windows.identity",
+                Some(invite_id.to_string()),
+                format!(
+                    "certificate {} for {}",
+                    &sha256[..16.min(sha256.len())],
+                    facts.device_name.as_deref().unwrap_or("a Windows PC")
+                ),
+            )
+        })?;
+        Ok(identity)
+    }
+
+    /// A management session under the certificate `sha256`: the first one enrolls the device (the invite used,
+    /// the device recorded, staged records matched, notices queued) in one transaction; later ones update its
+    /// facts and last contact. A request for facts still queued is answered by `dev_info`.
+    pub fn windows_session(
+        &self,
+        actor: &Actor,
+        sha256: &str,
+        dev_info: &DevInfo,
+    ) -> DomainResult<Result<Device, WindowsSessionProblem>> {
+        let Some(identity) = self.store.get::<WindowsIdentity>(sha256.as_bytes())? else {
+            return Ok(Err(WindowsSessionProblem::Unknown));
+        };
+        if identity.not_after <= self.now() {
+            return Ok(Err(WindowsSessionProblem::Unknown));
+        }
+        let facts = DeviceFacts {
+            platform: Some(Platform::Windows),
+            name: identity.device_name.clone(),
+            model: match (&dev_info.manufacturer, &dev_info.model) {
+                (Some(maker), Some(model)) if !model.to_lowercase().starts_with(&maker.to_lowercase()) => {
+                    Some(format!("{maker} {model}"))
+                }
+                (_, model) => model.clone(),
+            },
+            serial: None,
+            imei: None,
+            hardware_id: dev_info.dev_id.clone().or(identity.device_hwid.clone()),
+            os_version: dev_info.software_version.clone().or(identity.os_version.clone()),
+        };
+        let device = match identity.device_id {
+            Some(id) => {
+                let device = self.device(&id)?;
+                if device.identity.as_deref() != Some(sha256) {
+                    return Ok(Err(WindowsSessionProblem::Superseded));
+                }
+                if matches!(device.status, DeviceStatus::Unmanaged | DeviceStatus::Wiped) {
+                    return Ok(Err(WindowsSessionProblem::Unmanaged));
+                }
+                self.device_checked_in(&id, &facts)?
+            }
+            None => {
+                let waiting = self.store.keys_under(tree::OUTBOX_BY_INVITE, identity.invite_id.as_bytes())?;
+                let ids = [self.new_id(), self.new_id()];
+                self.transact(|tx| {
+                    let old: WindowsIdentity =
+                        tx.get(sha256.as_bytes())?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
+                    let enrolled = self.enroll_in(tx, actor, &old.invite_id, &facts, ids, &waiting)?;
+                    let mut device = enrolled.clone();
+                    device.identity = Some(sha256.to_owned());
+                    tx.put(Some(&enrolled), &device)?;
+                    tx.put(Some(&old), &WindowsIdentity { device_id: Some(device.id), ..old.clone() })?;
+                    Ok(device)
+                })?
+            }
+        };
+        if let Some(info) = device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation) {
+            return self.command_finished(actor, &device.id, &info.id, true, "DevInfo sent with the session").map(Ok);
+        }
+        Ok(Ok(device))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{admin, domain};
+    use super::super::{NewInvite, NewUser};
+    use super::*;
+    use crate::model::{Channels, Ownership};
+
+    #[test]
+    fn the_email_and_passcode_open_the_invite_and_the_first_session_enrolls() {
+        let (d, _) = domain();
+        let device_actor = Actor::device(None);
+        let user = d
+            .create_user(
+                &admin(),
+                &NewUser { name: "Ann".into(), email: "ann@example.com".into(), ..Default::default() },
+            )
+            .unwrap();
+        let new = NewInvite {
+            user_id: user.id,
+            platform: Platform::Windows,
+            ownership: Ownership::Corporate,
+            group_id: None,
+            channels: Channels::Email,
+        };
+        let created = d.create_invite_by_myself(&admin(), &new).unwrap();
+        let passcode = created.passcode.unwrap();
+        assert_eq!(
+            d.windows_check(&device_actor, "nobody@example.com", &passcode).unwrap(),
+            Err(WindowsRefusal::NoInvite)
+        );
+        assert_eq!(
+            d.windows_check(&device_actor, "ann@example.com", "00000000").unwrap(),
+            Err(WindowsRefusal::Wrong { attempts_left: 4 })
+        );
+        let invite = d.windows_check(&device_actor, " Ann@Example.com ", &passcode).unwrap().unwrap();
+        assert_eq!(invite.id, created.invite.id);
+
+        let facts = WindowsFacts { device_name: Some("ANN-LAPTOP".into()), ..Default::default() };
+        let not_after = d.now() + time::Duration::days(365);
+        d.windows_identity_issued(&device_actor, &invite.id, "aa11", not_after, &facts).unwrap();
+        assert_eq!(
+            d.windows_session(&device_actor, "bb22", &DevInfo::default()).unwrap(),
+            Err(WindowsSessionProblem::Unknown)
+        );
+        let info = DevInfo {
+            dev_id: Some("7BA748C8-703E-4DF2-A74A-92984117346A".into()),
+            manufacturer: Some("Contoso".into()),
+            model: Some("Laptop 7".into()),
+            software_version: Some("10.0.26100.1".into()),
+            language: Some("en-US".into()),
+        };
+        let device = d.windows_session(&device_actor, "aa11", &info).unwrap().unwrap();
+        assert_eq!((device.platform, device.status), (Platform::Windows, DeviceStatus::Enrolled));
+        assert_eq!(device.model.as_deref(), Some("Contoso Laptop 7"));
+        assert_eq!(device.name.as_deref(), Some("ANN-LAPTOP"));
+        assert!(device.pending_commands.is_empty(), "DevInfo answers the request for facts");
+        assert_eq!(d.invite(&invite.id).unwrap().status, InviteStatus::Enrolled);
+        assert_eq!(
+            d.windows_check(&device_actor, "ann@example.com", &passcode).unwrap(),
+            Err(WindowsRefusal::NoInvite),
+            "the used invite opens nothing more"
+        );
+        let again = d.windows_session(&device_actor, "aa11", &info).unwrap().unwrap();
+        assert_eq!(again.id, device.id);
+        d.device_checked_out(&device_actor, &device.id).unwrap();
+        assert_eq!(d.windows_session(&device_actor, "aa11", &info).unwrap(), Err(WindowsSessionProblem::Unmanaged));
+    }
+}
