@@ -82,6 +82,14 @@ pub enum LinkRefusal {
     NotNeeded,
 }
 
+/// An answer judged but not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Judged {
+    Answer(bool),
+    Locked,
+    NoPassword,
+}
+
 /// Why a password link cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountLinkProblem {
@@ -135,10 +143,25 @@ impl Enrollment {
         credentials: Credentials<'_>,
         auth: EnrollAuth,
     ) -> DomainResult<PasscodeCheck> {
+        match self.judge_credentials(invite_id, credentials, auth)? {
+            Judged::Locked => Ok(PasscodeCheck::Locked),
+            Judged::NoPassword => Ok(PasscodeCheck::NoPassword),
+            Judged::Answer(right) => self.record_attempt(actor, invite_id, right, auth),
+        }
+    }
+
+    /// Whether the answer is right, without counting it (callers that hold no secret link, such as Windows'
+    /// email sign-in, throttle by other means so a stranger cannot lock a user's invite).
+    pub(super) fn judge_credentials(
+        &self,
+        invite_id: &Id,
+        credentials: Credentials<'_>,
+        auth: EnrollAuth,
+    ) -> DomainResult<Judged> {
         let invite: Invite =
             self.store.get(invite_id.as_bytes())?.ok_or_else(|| DomainError::not_found("invite", invite_id))?;
         if invite.locked {
-            return Ok(PasscodeCheck::Locked);
+            return Ok(Judged::Locked);
         }
         let wants_passcode = matches!(auth, EnrollAuth::Passcode | EnrollAuth::Both);
         let wants_password = matches!(auth, EnrollAuth::Password | EnrollAuth::Both);
@@ -149,16 +172,13 @@ impl Enrollment {
         if wants_password {
             let user = self.user(&invite.user_id)?;
             if !self.directory.has_password(&user)? {
-                if passcode_right {
-                    return Ok(PasscodeCheck::NoPassword);
-                }
-                return self.record_attempt(actor, invite_id, false, auth);
+                return Ok(if passcode_right { Judged::NoPassword } else { Judged::Answer(false) });
             }
             // The password is checked whatever the passcode was, so the time taken does not tell which was wrong.
             let password_right = self.directory.check_password(&user, credentials.password.unwrap_or_default())?;
-            return self.record_attempt(actor, invite_id, passcode_right && password_right, auth);
+            return Ok(Judged::Answer(passcode_right && password_right));
         }
-        self.record_attempt(actor, invite_id, passcode_right, auth)
+        Ok(Judged::Answer(passcode_right))
     }
 
     /// A new one-time link for a user to set their password; the admin hands it over.

@@ -31,6 +31,16 @@ pub struct AndroidFacts {
 }
 
 impl AndroidFacts {
+    /// Longest value a fact may have.
+    pub const MAX_CHARS: usize = 200;
+
+    /// Whether every value is of a sane length.
+    pub fn reasonable(&self) -> bool {
+        [&self.serial, &self.imei, &self.manufacturer, &self.model, &self.os_version, &self.android_id, &self.name]
+            .iter()
+            .all(|v| v.as_deref().is_none_or(|v| v.chars().count() <= Self::MAX_CHARS))
+    }
+
     /// The facts as a device record takes them (the model named with its maker, "Google Pixel 8").
     pub fn device_facts(&self) -> DeviceFacts {
         let model = match (self.manufacturer.as_deref().map(str::trim), self.model.as_deref().map(str::trim)) {
@@ -135,7 +145,7 @@ pub enum ChecksumKind {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 pub struct ProvisioningWifi {
     pub ssid: String,
-    /// `NONE`, `WPA`, `WEP` or `EAP`.
+    /// `NONE`, `WPA` or `WEP`.
     pub security: String,
     #[serde(default)]
     pub password: Option<String>,
@@ -192,8 +202,11 @@ impl AndroidApp {
             if wifi.ssid.is_empty() || wifi.ssid.chars().count() > 32 {
                 return Err(DomainError::invalid("wifi_ssid", "give the network's name (at most 32 characters)"));
             }
-            if !matches!(wifi.security.as_str(), "NONE" | "WPA" | "WEP" | "EAP") {
-                return Err(DomainError::invalid("wifi_security", "use NONE, WPA, WEP or EAP"));
+            if !matches!(wifi.security.as_str(), "NONE" | "WPA" | "WEP") {
+                return Err(DomainError::invalid(
+                    "wifi_security",
+                    "use NONE, WPA or WEP (an EAP network needs settings the QR code does not carry yet; provision over another network)",
+                ));
             }
             wifi.password = wifi.password.take().filter(|p| !p.is_empty());
             if wifi.security != "NONE" && wifi.password.is_none() {
@@ -380,11 +393,12 @@ impl Enrollment {
                 Err(error) => return Err(error),
             }
         }
+        let reported = facts.is_some_and(|f| *f != AndroidFacts::default());
         let facts = facts.map(AndroidFacts::device_facts).unwrap_or_default();
         let device = self.device_checked_in(device_id, &facts)?;
-        // Facts arrive with every check-in, so a pending request for them is answered by this one.
-        if let Some(info) = device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation)
-            && facts != DeviceFacts::default()
+        // Facts arrive with check-ins, so a pending request for them is answered by one that carries some.
+        if reported
+            && let Some(info) = device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation)
         {
             return self.command_finished(actor, device_id, &info.id, true, "facts sent with the check-in");
         }

@@ -2,9 +2,9 @@
 //! passcode, or their password) find and open the invite; the client certificate issued over MS-WSTEP is recorded
 //! as the device's identity; the first OMA-DM session under it enrolls the device, in one transaction.
 
-use super::accounts::Credentials;
+use super::accounts::{Credentials, Judged};
 use super::invites::link_state;
-use super::{Actor, DeviceFacts, DomainError, DomainResult, Enrollment, InviteQuery, LinkProblem, PasscodeCheck};
+use super::{Actor, DeviceFacts, DomainError, DomainResult, Enrollment, InviteQuery, LinkProblem};
 use crate::model::{
     CommandKind, Device, DeviceStatus, EnrollAuth, Id, Invite, InviteStatus, Platform, WindowsIdentity,
 };
@@ -16,9 +16,7 @@ pub enum WindowsRefusal {
     /// No user has this email address, or they have no pending invite for a Windows PC.
     NoInvite,
     Link(LinkProblem),
-    Wrong {
-        attempts_left: u32,
-    },
+    Wrong,
     /// A password is asked for and the user has none yet.
     NoPassword,
 }
@@ -55,14 +53,10 @@ pub enum WindowsSessionProblem {
 impl Enrollment {
     /// The pending invite a Windows user's email address stands for (the newest one for a Windows PC or any
     /// device), checked against the answer they typed in Windows' password box: the passcode or their password,
-    /// as the admin chose; with both asked for, the passcode, a space, then the password. Wrong answers count
-    /// toward the invite's lock.
-    pub fn windows_check(
-        &self,
-        actor: &Actor,
-        email: &str,
-        answer: &str,
-    ) -> DomainResult<Result<Invite, WindowsRefusal>> {
+    /// as the admin chose; with both asked for, the passcode, a space, then the password. Wrong answers do not
+    /// count toward the invite's lock: an email address is no secret, so anyone could lock the invite. The web
+    /// layer throttles these attempts instead.
+    pub fn windows_check(&self, email: &str, answer: &str) -> DomainResult<Result<Invite, WindowsRefusal>> {
         let Some(user) = self.user_by_email(email.trim())? else { return Ok(Err(WindowsRefusal::NoInvite)) };
         let query = InviteQuery {
             user_id: Some(user.id),
@@ -89,11 +83,11 @@ impl Enrollment {
                 Credentials { passcode: Some(passcode), password: Some(password) }
             }
         };
-        Ok(match self.check_credentials(actor, &invite.id, credentials)? {
-            PasscodeCheck::Correct => Ok(invite),
-            PasscodeCheck::Wrong { attempts_left } => Err(WindowsRefusal::Wrong { attempts_left }),
-            PasscodeCheck::Locked => Err(WindowsRefusal::Link(LinkProblem::Locked)),
-            PasscodeCheck::NoPassword => Err(WindowsRefusal::NoPassword),
+        Ok(match self.judge_credentials(&invite.id, credentials, self.enroll_auth()?)? {
+            Judged::Answer(true) => Ok(invite),
+            Judged::Answer(false) => Err(WindowsRefusal::Wrong),
+            Judged::Locked => Err(WindowsRefusal::Link(LinkProblem::Locked)),
+            Judged::NoPassword => Err(WindowsRefusal::NoPassword),
         })
     }
 
@@ -116,7 +110,16 @@ impl Enrollment {
             os_version: facts.os_version.clone(),
             device_id: None,
         };
+        // An earlier certificate for this invite that never held a session is replaced, not kept alongside.
+        let unused = self.store.all::<WindowsIdentity>(|i| i.invite_id == *invite_id && i.device_id.is_none())?;
         self.transact(|tx| {
+            for old in &unused {
+                if let Some(current) = tx.get::<WindowsIdentity, _>(old.sha256.as_bytes())?
+                    && current.device_id.is_none()
+                {
+                    tx.delete(&current)?;
+                }
+            }
             tx.put(None, &identity)?;
             self.audit(
                 tx,
@@ -188,7 +191,9 @@ impl Enrollment {
                 })?
             }
         };
-        if let Some(info) = device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation) {
+        if *dev_info != DevInfo::default()
+            && let Some(info) = device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation)
+        {
             return self.command_finished(actor, &device.id, &info.id, true, "DevInfo sent with the session").map(Ok);
         }
         Ok(Ok(device))
@@ -221,15 +226,12 @@ mod tests {
         };
         let created = d.create_invite_by_myself(&admin(), &new).unwrap();
         let passcode = created.passcode.unwrap();
-        assert_eq!(
-            d.windows_check(&device_actor, "nobody@example.com", &passcode).unwrap(),
-            Err(WindowsRefusal::NoInvite)
-        );
-        assert_eq!(
-            d.windows_check(&device_actor, "ann@example.com", "00000000").unwrap(),
-            Err(WindowsRefusal::Wrong { attempts_left: 4 })
-        );
-        let invite = d.windows_check(&device_actor, " Ann@Example.com ", &passcode).unwrap().unwrap();
+        assert_eq!(d.windows_check("nobody@example.com", &passcode).unwrap(), Err(WindowsRefusal::NoInvite));
+        for _ in 0..10 {
+            assert_eq!(d.windows_check("ann@example.com", "00000000").unwrap(), Err(WindowsRefusal::Wrong));
+        }
+        assert!(!d.invite(&created.invite.id).unwrap().locked, "a stranger with the email cannot lock the invite");
+        let invite = d.windows_check(" Ann@Example.com ", &passcode).unwrap().unwrap();
         assert_eq!(invite.id, created.invite.id);
 
         let facts = WindowsFacts { device_name: Some("ANN-LAPTOP".into()), ..Default::default() };
@@ -253,7 +255,7 @@ mod tests {
         assert!(device.pending_commands.is_empty(), "DevInfo answers the request for facts");
         assert_eq!(d.invite(&invite.id).unwrap().status, InviteStatus::Enrolled);
         assert_eq!(
-            d.windows_check(&device_actor, "ann@example.com", &passcode).unwrap(),
+            d.windows_check("ann@example.com", &passcode).unwrap(),
             Err(WindowsRefusal::NoInvite),
             "the used invite opens nothing more"
         );

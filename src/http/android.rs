@@ -23,6 +23,8 @@ use crate::model::{CommandKind, Id, Ownership};
 pub const CHECKIN_INTERVAL_SECONDS: u32 = 900;
 /// Largest agent request body: a few facts and results.
 pub const MAX_BODY_BYTES: usize = 64 << 10;
+/// Most command results one check-in may report (a device has a few queued at most).
+const MAX_RESULTS: usize = 50;
 
 /// Where the device-policy app is kept when the admin uploads it (the box then serves it); cheap to clone.
 #[derive(Clone, Debug, Default)]
@@ -136,6 +138,13 @@ pub async fn enroll(
 ) -> Result<Json<EnrollResponse>, HttpError> {
     let actor = Actor::device(client);
     let EnrollRequest { token, passcode, password, device } = body;
+    if !device.reasonable() {
+        return Err(too_long());
+    }
+    let ca = ca_der(&state);
+    if ca.is_empty() {
+        return Err(HttpError::unavailable("the appliance CA cannot be read; see the server log"));
+    }
     let domain = state.enrollment.clone();
     let outcome = blocking(move || {
         let credentials = Credentials { passcode: passcode.as_deref(), password: password.as_deref() };
@@ -149,7 +158,7 @@ pub async fn enroll(
         device_secret: enrolled.secret,
         checkin_url: format!("{}/android/v1/checkin", state.naming.public_url()),
         checkin_interval_seconds: CHECKIN_INTERVAL_SECONDS,
-        ca_sha256: crate::pki::sha256_hex(&ca_der(&state)),
+        ca_sha256: crate::pki::sha256_hex(&ca),
     }))
 }
 
@@ -212,6 +221,18 @@ pub async fn checkin(
         HttpError::new(StatusCode::UNAUTHORIZED, "unknown_device", "send the device secret as Authorization: Bearer")
     })?;
     let CheckinRequest { results, device: facts, removed } = body;
+    if results.len() > MAX_RESULTS {
+        return Err(HttpError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_results",
+            format!("report at most {MAX_RESULTS} results a check-in"),
+        ));
+    }
+    if facts.as_ref().is_some_and(|f| !f.reasonable())
+        || results.iter().any(|r| r.detail.as_ref().is_some_and(|d| d.len() > 1000))
+    {
+        return Err(too_long());
+    }
     let domain = state.enrollment.clone();
     let device = blocking(move || {
         let device = match domain.android_device(&secret)? {
@@ -254,6 +275,14 @@ pub async fn checkin(
     Ok(Json(CheckinResponse { commands, checkin_interval_seconds: CHECKIN_INTERVAL_SECONDS }))
 }
 
+fn too_long() -> HttpError {
+    HttpError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "too_long",
+        format!("a device fact is longer than {} characters (or a detail than 1000)", AndroidFacts::MAX_CHARS),
+    )
+}
+
 fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, secret) = value.split_once(' ')?;
@@ -264,17 +293,22 @@ fn ca_der(state: &AppState) -> Vec<u8> {
     super::enroll::ca_der(state).unwrap_or_default()
 }
 
-/// The device-policy app, when the admin uploaded it (devices download it while they are set up).
+/// The device-policy app, when the admin uploaded it (devices download it while they are set up). Streamed from
+/// the file, so many devices downloading at once cost no memory to speak of.
 pub async fn apk(State(state): State<AppState>) -> Response {
     let Some(path) = state.android.apk_path() else { return StatusCode::NOT_FOUND.into_response() };
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => (
-            [(header::CONTENT_TYPE, "application/vnd.android.package-archive"), (header::CACHE_CONTROL, "no-cache")],
-            bytes,
-        )
-            .into_response(),
-        Err(_) => StatusCode::NOT_FOUND.into_response(),
-    }
+    let Ok(file) = tokio::fs::File::open(&path).await else { return StatusCode::NOT_FOUND.into_response() };
+    let length = file.metadata().await.map(|m| m.len()).unwrap_or_default();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    (
+        [
+            (header::CONTENT_TYPE, "application/vnd.android.package-archive".to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
+            (header::CACHE_CONTROL, "no-cache".to_owned()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// What the provisioning QR code (corporate devices, once an app is configured) or, otherwise, the agent's QR

@@ -59,6 +59,8 @@ pub struct AppState {
     pub enroll_sessions: enroll::EnrollSessions,
     /// Apple device management: the SCEP CA, profile signing, pushes.
     pub mdm: mdm::Mdm,
+    /// Windows: failed sign-ins, slowed down per email and client address.
+    pub windows: windows::Throttle,
     /// Android: where the uploaded device-policy app is kept.
     pub android: android::Android,
     /// Asks for a new HTTPS certificate now (Settings → regenerate).
@@ -82,6 +84,7 @@ impl AppState {
             enroll_sessions: enroll::EnrollSessions::default(),
             mdm: mdm::Mdm::default(),
             android: android::Android::default(),
+            windows: windows::Throttle::default(),
             tls_renewer: crate::tls::Renewer::default(),
             admin_templates: Arc::new(admin::templates()),
             jobs: tokio_util::task::TaskTracker::new(),

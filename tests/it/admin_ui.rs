@@ -406,6 +406,28 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     let saved = b.wait_for_text("The SMS gateway is saved").await;
     assert!(saved.contains("value=\"sms.example.net\""), "{saved}");
 
+    // The Android device-policy app: a plain-HTTP download location refused next to the form, then saved.
+    b.goto(&format!("{origin}/admin/settings")).await;
+    b.fill("#component_name", "com.example.dpc/.AdminReceiver").await;
+    b.fill("#download_url", "http://apps.example.com/dpc.apk").await;
+    b.fill("#checksum", "gJD2YwtOiWJHkSMkkIfLRlj-quNqG1fb6v100QmzM9w=").await;
+    b.click("form[action='/admin/settings/android'] button[type=submit]").await;
+    let refused = b.wait_for_text("id=\"android-error\"").await;
+    assert!(refused.contains("download_url: Android downloads the app only over HTTPS"), "{refused}");
+    assert!(refused.contains("value=\"com.example.dpc/.AdminReceiver\""), "what was typed is kept");
+    b.fill("#download_url", "https://apps.example.com/dpc.apk").await;
+    b.fill("#wifi_ssid", "Office").await;
+    b.fill("#wifi_password", "correct horse").await;
+    b.click("form[action='/admin/settings/android'] button[type=submit]").await;
+    let saved = b.wait_for_text("The Android app is saved").await;
+    assert!(
+        saved.contains(
+            "provisioned with com.example.dpc/.AdminReceiver, downloaded from https://apps.example.com/dpc.apk"
+        ),
+        "{saved}"
+    );
+    b.screenshot("settings-android").await;
+
     // Groups: a name another group has is refused on its row; a rename is saved.
     b.goto(&format!("{origin}/admin/users")).await;
     for group in ["Field", "Office"] {

@@ -244,7 +244,20 @@ async fn a_windows_pc_enrolls_with_its_passcode_and_is_managed_over_oma_dm() {
         (400, "s:Sender".to_owned(), Some("s:Authentication")),
         "{fault}"
     );
-    assert!(text(&doc, "Text").contains("4 tries left"), "{fault}");
+    assert!(text(&doc, "Text").contains("not right"), "{fault}");
+    let (_, invite) = b.admin(Method::GET, &format!("/api/v1/invites/{invite_id}"), None).await;
+    assert_eq!(invite["locked"], false, "an email address is no secret: its wrong answers lock nothing");
+
+    // Guessing is slowed down per email address: after five wrong answers even the right one waits.
+    let (_, guessed) = b.invite("guessed@contoso.com", "corporate").await;
+    let policies = |answer: &str| {
+        fixture("get-policies.xml").replace("{{USERNAME}}", "guessed@contoso.com").replace("{{PASSWORD}}", answer)
+    };
+    for _ in 0..5 {
+        assert!(b.soap("/EnrollmentServer/Policy.svc", policies("11111111")).await.1.contains("s:Authentication"));
+    }
+    let (status, fault) = b.soap("/EnrollmentServer/Policy.svc", policies(&guessed)).await;
+    assert!(status >= 400 && fault.contains("s:Authorization") && fault.contains("wait 15 minutes"), "{fault}");
 
     // Malformed bodies: each a clean 4xx, none a crash.
     let laughs = r#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]><s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope"><s:Body>&lol2;</s:Body></s:Envelope>"#;
@@ -312,6 +325,11 @@ async fn a_windows_pc_enrolls_with_its_passcode_and_is_managed_over_oma_dm() {
     let (_, invite) = b.admin(Method::GET, &format!("/api/v1/invites/{invite_id}"), None).await;
     assert_eq!(invite["status"], "enrolled");
 
+    // A session body that is not SyncML, or carries a DTD, is refused without touching the device.
+    for bad in [r#"<!DOCTYPE x [<!ENTITY a "aaaa">]><SyncML>&a;</SyncML>"#, "<SyncML><SyncHdr>", "<html/>"] {
+        assert_eq!(b.syncml(&pc, bad.to_owned(), true).await.0, 400, "{bad}");
+    }
+
     // A factory reset: queued, sent as doWipe at the next session, wiped by its status.
     let device_id = device["id"].as_str().unwrap().to_owned();
     let reset = json!({"kind": "factory_reset"});
@@ -319,7 +337,7 @@ async fn a_windows_pc_enrolls_with_its_passcode_and_is_managed_over_oma_dm() {
     let (_, answer) = b.syncml(&pc, first.clone(), true).await;
     assert!(answer.contains("<Exec>") && answer.contains("./Device/Vendor/MSFT/RemoteWipe/doWipe"), "{answer}");
     let status_message = pc.session(
-        r#"<SyncML xmlns="SYNCML:SYNCML1.2"><SyncHdr><VerDTD>1.2</VerDTD><VerProto>DM/1.2</VerProto><SessionID>2</SessionID><MsgID>2</MsgID><Target><LocURI>{{SERVER}}</LocURI></Target><Source><LocURI>{{DEVICE}}</LocURI></Source></SyncHdr><SyncBody><Status><CmdID>1</CmdID><MsgRef>1</MsgRef><CmdRef>5</CmdRef><Cmd>Exec</Cmd><TargetRef>./Device/Vendor/MSFT/RemoteWipe/doWipe</TargetRef><Data>200</Data></Status><Final/></SyncBody></SyncML>"#
+        r#"<SyncML xmlns="SYNCML:SYNCML1.2"><SyncHdr><VerDTD>1.2</VerDTD><VerProto>DM/1.2</VerProto><SessionID>2</SessionID><MsgID>2</MsgID><Target><LocURI>{{SERVER}}</LocURI></Target><Source><LocURI>{{DEVICE}}</LocURI></Source></SyncHdr><SyncBody><Status><CmdID>1</CmdID><MsgRef>1</MsgRef><CmdRef>9002</CmdRef><Cmd>Exec</Cmd><Data>200</Data></Status><Final/></SyncBody></SyncML>"#
     );
     assert_eq!(b.syncml(&pc, status_message, true).await.0, 200);
     let (_, device) = b.admin(Method::GET, &format!("/api/v1/devices/{device_id}"), None).await;

@@ -240,25 +240,80 @@ fn username_token(doc: &Document<'_>) -> Result<(String, String), Fault> {
     Ok((username, password))
 }
 
-/// Checks the user's answer against their pending invite for a Windows PC.
+/// Failed Windows sign-ins, per email address and per client address. An email address is no secret, so wrong
+/// answers here do not lock the invite (a stranger could); they slow down whoever sends them. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Throttle {
+    failures: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>>,
+}
+
+/// Failures an email address may collect in [`THROTTLE_WINDOW`] (a client address four times as many).
+const EMAIL_FAILURES: u32 = 5;
+const THROTTLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+impl Throttle {
+    fn keys(email: &str, client: Option<&str>) -> [String; 2] {
+        [format!("email:{}", email.trim().to_lowercase()), format!("client:{}", client.unwrap_or("?"))]
+    }
+
+    /// Whether these may try now.
+    fn allows(&self, email: &str, client: Option<&str>) -> bool {
+        let now = std::time::Instant::now();
+        let Ok(failures) = self.failures.lock() else { return true };
+        let [by_email, by_client] = Self::keys(email, client);
+        let count = |key: &str| {
+            failures.get(key).filter(|(_, since)| now.duration_since(*since) < THROTTLE_WINDOW).map_or(0, |(n, _)| *n)
+        };
+        count(&by_email) < EMAIL_FAILURES && count(&by_client) < EMAIL_FAILURES * 4
+    }
+
+    fn failed(&self, email: &str, client: Option<&str>) {
+        let now = std::time::Instant::now();
+        let Ok(mut failures) = self.failures.lock() else { return };
+        if failures.len() > 10_000 {
+            failures.retain(|_, (_, since)| now.duration_since(*since) < THROTTLE_WINDOW);
+        }
+        for key in Self::keys(email, client) {
+            let entry = failures.entry(key).or_insert((0, now));
+            if now.duration_since(entry.1) >= THROTTLE_WINDOW {
+                *entry = (0, now);
+            }
+            entry.0 += 1;
+        }
+    }
+
+    fn succeeded(&self, email: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(&format!("email:{}", email.trim().to_lowercase()));
+        }
+    }
+}
+
+/// Checks the user's answer against their pending invite for a Windows PC. An unknown address and a wrong answer
+/// get the same fault, so the endpoint does not tell who has an invite.
 async fn authenticate(
     state: &AppState,
     client: Option<String>,
     doc: &Document<'_>,
 ) -> Result<crate::model::Invite, Fault> {
     let (email, answer) = username_token(doc)?;
+    if !state.windows.allows(&email, client.as_deref()) {
+        return Err(Fault::authorization("too many wrong sign-ins; wait 15 minutes and try again"));
+    }
     let domain = state.enrollment.clone();
-    let actor = Actor::device(client);
-    let checked = tokio::task::spawn_blocking(move || domain.windows_check(&actor, &email, &answer)).await;
+    let lookup = email.clone();
+    let checked = tokio::task::spawn_blocking(move || domain.windows_check(&lookup, &answer)).await;
+    if matches!(checked, Ok(Ok(Err(WindowsRefusal::NoInvite | WindowsRefusal::Wrong)))) {
+        state.windows.failed(&email, client.as_deref());
+    } else if matches!(checked, Ok(Ok(Ok(_)))) {
+        state.windows.succeeded(&email);
+    }
     match checked {
         Ok(Ok(Ok(invite))) => Ok(invite),
         Ok(Ok(Err(refusal))) => Err(match refusal {
-            WindowsRefusal::NoInvite => Fault::authentication(
-                "there is no invite for a Windows PC under this email address; ask your IT team for one",
+            WindowsRefusal::NoInvite | WindowsRefusal::Wrong => Fault::authentication(
+                "the email address or passcode is not right, or there is no invite for a Windows PC under it",
             ),
-            WindowsRefusal::Wrong { attempts_left } => Fault::authentication(format!(
-                "the email address or passcode is not right ({attempts_left} tries left)"
-            )),
             WindowsRefusal::Link(LinkProblem::Locked) => {
                 Fault::authorization("too many wrong passcodes; ask your IT team to resend the invite")
             }

@@ -22,10 +22,14 @@ const CONTENT_TYPE: &str = "application/vnd.syncml.dm+xml";
 pub const UNENROLL_URI: &str = "./Device/Vendor/MSFT/DMClient/Unenroll";
 /// The node that erases the PC (factory reset).
 pub const WIPE_URI: &str = "./Device/Vendor/MSFT/RemoteWipe/doWipe";
+/// The CmdIDs our commands go out under: fixed per kind, above the statuses' (numbered from 1), so a status's
+/// CmdRef names the command in any later message.
+const UNENROLL_CMD_ID: &str = "9001";
+const WIPE_CMD_ID: &str = "9002";
+const SOFTWARE_VERSION_CMD_ID: &str = "9003";
 /// The OS version, which `./DevInfo` does not carry.
 const SOFTWARE_VERSION_URI: &str = "./DevDetail/SwV";
-/// Alert codes (OMA-DM and Microsoft's): a client-initiated session, a generic alert, and unenrollment.
-const ALERT_GENERIC: &str = "1224";
+/// The generic alert that, with [`UNENROLL_TYPE`], says the user unenrolled the PC.
 const ALERT_UNENROLL: &str = "1226";
 const UNENROLL_TYPE: &str = "com.microsoft:mdm.unenrollment.userrequest";
 
@@ -57,23 +61,29 @@ pub async fn session(
     let commands: Vec<Node<'_, '_>> = body_node.children().filter(|n| n.is_element()).collect();
 
     let dev_info = dev_info(&commands);
+    // Windows sends the generic alert 1226 for other things too; only this type means the user unenrolled.
     let unenrolled = commands.iter().any(|c| {
         c.tag_name().name() == "Alert"
-            && (text_of(*c, "Data").as_deref() == Some(ALERT_UNENROLL)
-                || (text_of(*c, "Data").as_deref() == Some(ALERT_GENERIC)
-                    && text_of(*c, "Type").as_deref() == Some(UNENROLL_TYPE)))
+            && text_of(*c, "Data").as_deref() == Some(ALERT_UNENROLL)
+            && text_of(*c, "Type").as_deref() == Some(UNENROLL_TYPE)
     });
-    // Statuses for the commands we sent: the target names which queued command it was.
+    // Statuses for the commands we sent. Each kind of command goes out under its own CmdID, so the status's
+    // CmdRef says which it was (its TargetRef, which MS-MDM makes optional, is read when there is one).
     let results: Vec<(CommandKind, bool, String)> = commands
         .iter()
         .filter(|c| c.tag_name().name() == "Status" && text_of(**c, "Cmd").as_deref() == Some("Exec"))
         .filter_map(|status| {
-            let target = text_of(*status, "TargetRef")?;
-            let kind = match target.as_str() {
-                UNENROLL_URI => CommandKind::RevokeMdm,
-                WIPE_URI => CommandKind::FactoryReset,
-                _ => return None,
+            let by_ref = match text_of(*status, "CmdRef").as_deref() {
+                Some(UNENROLL_CMD_ID) => Some(CommandKind::RevokeMdm),
+                Some(WIPE_CMD_ID) => Some(CommandKind::FactoryReset),
+                _ => None,
             };
+            let by_target = match text_of(*status, "TargetRef").as_deref() {
+                Some(UNENROLL_URI) => Some(CommandKind::RevokeMdm),
+                Some(WIPE_URI) => Some(CommandKind::FactoryReset),
+                _ => None,
+            };
+            let kind = by_ref.or(by_target)?;
             let code = text_of(*status, "Data").unwrap_or_default();
             Some((kind, code.starts_with('2'), code))
         })
@@ -110,6 +120,9 @@ pub async fn session(
             };
             return (StatusCode::FORBIDDEN, reason).into_response();
         }
+        Ok(Err(crate::domain::DomainError::Conflict { message, .. })) => {
+            return (StatusCode::FORBIDDEN, message).into_response();
+        }
         Ok(Err(error)) => {
             tracing::error!(%error, "a Windows management session failed");
             return (StatusCode::INTERNAL_SERVER_ERROR, "the session could not be recorded; try again").into_response();
@@ -130,12 +143,12 @@ pub async fn session(
     }
     // DevInfo has no OS version; DevDetail does.
     if !knows_version {
-        reply.get(SOFTWARE_VERSION_URI);
+        reply.get(SOFTWARE_VERSION_CMD_ID, SOFTWARE_VERSION_URI);
     }
     for command in pending {
         match command.kind {
-            CommandKind::RevokeMdm => reply.exec(UNENROLL_URI, Some(PROVIDER_ID)),
-            CommandKind::FactoryReset => reply.exec(WIPE_URI, None),
+            CommandKind::RevokeMdm => reply.exec(UNENROLL_CMD_ID, UNENROLL_URI, Some(PROVIDER_ID)),
+            CommandKind::FactoryReset => reply.exec(WIPE_CMD_ID, WIPE_URI, None),
             // Facts come with every session's DevInfo.
             CommandKind::DeviceInformation => {}
         }
@@ -190,16 +203,14 @@ impl Reply {
         ));
     }
 
-    fn get(&mut self, uri: &str) {
-        let id = self.id();
+    fn get(&mut self, id: &str, uri: &str) {
         self.body.push_str(&format!(
             "<Get><CmdID>{id}</CmdID><Item><Target><LocURI>{}</LocURI></Target></Item></Get>",
             escape(uri)
         ));
     }
 
-    fn exec(&mut self, uri: &str, data: Option<&str>) {
-        let id = self.id();
+    fn exec(&mut self, id: &str, uri: &str, data: Option<&str>) {
         let data = data
             .map(|d| format!("<Meta><Format xmlns=\"syncml:metinf\">chr</Format></Meta><Data>{}</Data>", escape(d)))
             .unwrap_or_default();
