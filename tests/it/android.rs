@@ -30,6 +30,7 @@ impl Box {
                 ("ENROLLD_SMTP_PORT", &smtp_port),
                 ("ENROLLD_SMTP_SECURITY", "none"),
                 ("ENROLLD_MAIL_FROM", "it@example.com"),
+                ("ENROLLD_CONFIRMATION_TO", "helpdesk@example.com"),
             ],
         );
         daemon.wait_healthy();
@@ -164,6 +165,20 @@ async fn a_company_device_is_provisioned_by_qr_code_and_its_agent_is_wiped() {
     assert_eq!((status, again["error"].as_str()), (410, Some("invite_used")), "a token enrolls one device");
     let secret = enrolled["device_secret"].as_str().unwrap().to_owned();
     let device_id = enrolled["device_id"].as_str().unwrap().to_owned();
+    // The help desk hears of it, as for Apple devices.
+    let notice = sink.wait_for(2).remove(1);
+    let notice = mailparse::parse_mail(&notice).unwrap();
+    let text = notice.get_body().unwrap();
+    assert_eq!(
+        mailparse::MailHeaderMap::get_first_value(notice.headers.as_slice(), "X-Sink-Rcpt").as_deref(),
+        Some("helpdesk@example.com")
+    );
+    assert!(
+        text.contains("Model: Google Pixel 8")
+            && text.contains("Serial number: R5CT1234")
+            && text.contains("Platform: Android"),
+        "{text}"
+    );
     let (_, invite) =
         b.admin(Method::GET, &format!("/api/v1/invites/{}", created["invite"]["id"].as_str().unwrap()), None).await;
     assert_eq!(invite["status"], "enrolled");
