@@ -682,11 +682,11 @@ async fn edit_user(
             users_page(&state, &admin, &Paging::default(), StatusCode::OK, extra).await
         }
         Err(crate::domain::DomainError::Invalid { field, message }) => {
-            let extra = minijinja::context! { field => field, field_error => message };
+            let extra = minijinja::context! { field => field, field_error => message, typed => super::ser(&fields_map(&fields)) };
             edit_user_form(&state, &admin, id, StatusCode::UNPROCESSABLE_ENTITY, extra).await
         }
         Err(crate::domain::DomainError::Conflict { message, .. }) => {
-            let extra = minijinja::context! { field => "email", field_error => message };
+            let extra = minijinja::context! { field => "email", field_error => message, typed => super::ser(&fields_map(&fields)) };
             edit_user_form(&state, &admin, id, StatusCode::CONFLICT, extra).await
         }
         Err(error) => failure(&state, &admin, error),
