@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::accounts::Credentials;
-use super::{Actor, DeviceFacts, DomainError, DomainResult, Enrollment, LinkProblem, PasscodeCheck, sha256_hex};
-use crate::model::{AndroidIdentity, CommandKind, Device, DeviceStatus, Id, Platform};
+use super::{
+    Actor, DeviceFacts, DomainError, DomainResult, Enrollment, IdentityProblem, LinkProblem, PasscodeCheck, sha256_hex,
+};
+use crate::model::{AndroidIdentity, Device, Id, Platform};
 use crate::store::tree;
 
 /// What the agent tells about its device. Every field is optional; the Android ID and the serial or IMEI let a
@@ -43,14 +45,7 @@ impl AndroidFacts {
 
     /// The facts as a device record takes them (the model named with its maker, "Google Pixel 8").
     pub fn device_facts(&self) -> DeviceFacts {
-        let model = match (self.manufacturer.as_deref().map(str::trim), self.model.as_deref().map(str::trim)) {
-            (Some(maker), Some(model))
-                if !maker.is_empty() && !model.to_lowercase().starts_with(&maker.to_lowercase()) =>
-            {
-                Some(format!("{maker} {model}"))
-            }
-            (_, model) => model.map(str::to_owned),
-        };
+        let model = super::devices::maker_and_model(self.manufacturer.as_deref(), self.model.as_deref());
         DeviceFacts {
             platform: Some(Platform::Android),
             name: self.name.clone(),
@@ -95,17 +90,6 @@ pub enum CommandOutcome {
     Failed,
     /// Not now (the user postponed it, say); it stays queued.
     NotNow,
-}
-
-/// Why a check-in was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AndroidCheckinProblem {
-    /// No device has this secret (never issued, or the device was deleted).
-    Unknown,
-    /// The device enrolled again since and has a newer secret.
-    Superseded,
-    /// The device is no longer managed (unenrolled or wiped).
-    Unmanaged,
 }
 
 /// The device-policy app corporate devices are provisioned with (Android Enterprise QR provisioning), as the
@@ -357,20 +341,11 @@ impl Enrollment {
     }
 
     /// The device behind an agent's secret, if the secret is the one it is managed under now.
-    pub fn android_device(&self, secret: &str) -> DomainResult<Result<Device, AndroidCheckinProblem>> {
+    pub fn android_device(&self, secret: &str) -> DomainResult<Result<Device, IdentityProblem>> {
         let Some(identity) = self.store.get::<AndroidIdentity>(sha256_hex(secret.as_bytes()).as_bytes())? else {
-            return Ok(Err(AndroidCheckinProblem::Unknown));
+            return Ok(Err(IdentityProblem::Unknown));
         };
-        let Some(device) = self.store.get::<Device>(identity.device_id.as_bytes())? else {
-            return Ok(Err(AndroidCheckinProblem::Unknown));
-        };
-        if device.identity.as_deref() != Some(identity.secret_hash.as_str()) {
-            return Ok(Err(AndroidCheckinProblem::Superseded));
-        }
-        if matches!(device.status, DeviceStatus::Unmanaged | DeviceStatus::Wiped) {
-            return Ok(Err(AndroidCheckinProblem::Unmanaged));
-        }
-        Ok(Ok(device))
+        self.managed_under(&identity.device_id, &identity.secret_hash)
     }
 
     /// A check-in: the results of commands the agent ran (results for commands no longer queued are ignored),
@@ -396,13 +371,7 @@ impl Enrollment {
         let reported = facts.is_some_and(|f| *f != AndroidFacts::default());
         let facts = facts.map(AndroidFacts::device_facts).unwrap_or_default();
         let device = self.device_checked_in(device_id, &facts)?;
-        // Facts arrive with check-ins, so a pending request for them is answered by one that carries some.
-        if reported
-            && let Some(info) = device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation)
-        {
-            return self.command_finished(actor, device_id, &info.id, true, "facts sent with the check-in");
-        }
-        Ok(device)
+        if reported { self.facts_arrived(actor, device, "facts sent with the check-in") } else { Ok(device) }
     }
 }
 
@@ -411,7 +380,7 @@ mod tests {
     use super::super::testing::{admin, domain};
     use super::super::{DeprovisionKind, NewInvite, NewUser};
     use super::*;
-    use crate::model::{Channels, InviteStatus, Ownership};
+    use crate::model::{Channels, CommandKind, DeviceStatus, InviteStatus, Ownership};
 
     fn invite(d: &Enrollment, ownership: Ownership, platform: Platform) -> (Id, String, String) {
         let user = match d.user_by_email("ann@example.com").unwrap() {
@@ -509,7 +478,7 @@ mod tests {
 
         let found = d.android_device(&enrolled.secret).unwrap().unwrap();
         assert_eq!(found.id, device.id);
-        assert_eq!(d.android_device("not the secret").unwrap().unwrap_err(), AndroidCheckinProblem::Unknown);
+        assert_eq!(d.android_device("not the secret").unwrap().unwrap_err(), IdentityProblem::Unknown);
         let info = found.pending_commands[0].clone();
         assert_eq!(info.kind, CommandKind::DeviceInformation);
         let checked = d.android_checkin(&device_actor, &device.id, &[], Some(&pixel())).unwrap();
@@ -528,7 +497,7 @@ mod tests {
         let results = [(queued[0].id, CommandOutcome::Done, "work profile removed".to_owned())];
         let done = d.android_checkin(&device_actor, &device.id, &results, None).unwrap();
         assert_eq!(done.status, DeviceStatus::Unmanaged);
-        assert_eq!(d.android_device(&enrolled.secret).unwrap().unwrap_err(), AndroidCheckinProblem::Unmanaged);
+        assert_eq!(d.android_device(&enrolled.secret).unwrap().unwrap_err(), IdentityProblem::Unmanaged);
     }
 
     #[test]
@@ -540,7 +509,7 @@ mod tests {
         let (_, token, passcode) = invite(&d, Ownership::Personal, Platform::Android);
         let second = d.android_enroll(&device_actor, &token, answer(&passcode), &pixel()).unwrap().unwrap();
         assert_eq!(second.device.id, first.device.id, "the Android ID names the same device");
-        assert_eq!(d.android_device(&first.secret).unwrap().unwrap_err(), AndroidCheckinProblem::Superseded);
+        assert_eq!(d.android_device(&first.secret).unwrap().unwrap_err(), IdentityProblem::Superseded);
         assert!(d.android_device(&second.secret).unwrap().is_ok());
 
         let (_, token, passcode) = invite(&d, Ownership::Personal, Platform::Ios);

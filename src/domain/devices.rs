@@ -28,6 +28,28 @@ pub struct DeviceFacts {
     pub os_version: Option<String>,
 }
 
+/// Why the identity a device presented (a certificate or a secret) does not let it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityProblem {
+    /// Never issued by this appliance, or its device is gone.
+    Unknown,
+    /// The device enrolled again since, under another identity.
+    Superseded,
+    /// The device is no longer managed (unenrolled or wiped).
+    Unmanaged,
+}
+
+/// A model named with its maker ("Google Pixel 8"), unless the model's name already starts with it.
+pub(crate) fn maker_and_model(maker: Option<&str>, model: Option<&str>) -> Option<String> {
+    let (maker, model) = (maker.map(str::trim).filter(|m| !m.is_empty()), model.map(str::trim));
+    match (maker, model) {
+        (Some(maker), Some(model)) if !model.to_lowercase().starts_with(&maker.to_lowercase()) => {
+            Some(format!("{maker} {model}"))
+        }
+        (_, model) => model.map(str::to_owned),
+    }
+}
+
 /// How a device is taken out of management.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -274,6 +296,29 @@ impl Enrollment {
 
     pub fn device(&self, id: &Id) -> DomainResult<Device> {
         self.store.get::<Device>(id.as_bytes())?.ok_or_else(|| DomainError::not_found("device", id))
+    }
+
+    /// The device `id` if it is managed under `identity` now (the hash of the certificate or secret it presented):
+    /// not when it enrolled again since under another one, nor once it is unenrolled or wiped.
+    pub(super) fn managed_under(&self, id: &Id, identity: &str) -> DomainResult<Result<Device, IdentityProblem>> {
+        let Some(device) = self.store.get::<Device>(id.as_bytes())? else {
+            return Ok(Err(IdentityProblem::Unknown));
+        };
+        if device.identity.as_deref() != Some(identity) {
+            return Ok(Err(IdentityProblem::Superseded));
+        }
+        if matches!(device.status, DeviceStatus::Unmanaged | DeviceStatus::Wiped) {
+            return Ok(Err(IdentityProblem::Unmanaged));
+        }
+        Ok(Ok(device))
+    }
+
+    /// Facts arrived with a device's own message (`how`): a request for them still queued is answered by them.
+    pub(super) fn facts_arrived(&self, actor: &Actor, device: Device, how: &str) -> DomainResult<Device> {
+        match device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation) {
+            Some(info) => self.command_finished(actor, &device.id, &info.id, true, how),
+            None => Ok(device),
+        }
     }
 
     /// A device was heard from: its last-contact time (and any facts it sent) are updated.

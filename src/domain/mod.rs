@@ -28,11 +28,13 @@ pub use accounts::{
     AccountLinkProblem, CreatedAccountLink, Credentials, Directory, ENROLL_AUTH_SETTING, LinkRefusal, LocalAccounts,
 };
 pub use android::{
-    AndroidApp, AndroidCheckinProblem, AndroidEnrolled, AndroidFacts, AndroidRefusal, ChecksumKind, CommandOutcome,
-    ProvisioningWifi, SERVED_APP_PATH, normalise_checksum, package_checksum,
+    AndroidApp, AndroidEnrolled, AndroidFacts, AndroidRefusal, ChecksumKind, CommandOutcome, ProvisioningWifi,
+    SERVED_APP_PATH, normalise_checksum, package_checksum,
 };
 pub use apple::StoredPushCertificate;
-pub use devices::{DeprovisionKind, DeviceFacts, DeviceQuery, NewStaged, StagedAssignment, StagedQuery};
+pub use devices::{
+    DeprovisionKind, DeviceFacts, DeviceQuery, IdentityProblem, NewStaged, StagedAssignment, StagedQuery,
+};
 pub use import::{ExportList, ImportRequest};
 pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
@@ -42,7 +44,7 @@ pub use mdm::ChallengeProblem;
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
 pub use settings::PolicyChange;
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
-pub use windows::{DevInfo, WindowsFacts, WindowsRefusal, WindowsSessionProblem};
+pub use windows::{DevInfo, WindowsFacts, WindowsRefusal};
 
 use crate::clock::Clock;
 use crate::model::{AuditEvent, Id, IdSequence};

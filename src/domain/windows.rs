@@ -4,10 +4,8 @@
 
 use super::accounts::{Credentials, Judged};
 use super::invites::link_state;
-use super::{Actor, DeviceFacts, DomainError, DomainResult, Enrollment, InviteQuery, LinkProblem};
-use crate::model::{
-    CommandKind, Device, DeviceStatus, EnrollAuth, Id, Invite, InviteStatus, Platform, WindowsIdentity,
-};
+use super::{Actor, DeviceFacts, DomainError, DomainResult, Enrollment, IdentityProblem, InviteQuery, LinkProblem};
+use crate::model::{Device, EnrollAuth, Id, Invite, InviteStatus, Platform, WindowsIdentity};
 use crate::store::tree;
 
 /// Why a Windows enrollment request was refused.
@@ -37,17 +35,6 @@ pub struct DevInfo {
     pub model: Option<String>,
     pub software_version: Option<String>,
     pub language: Option<String>,
-}
-
-/// Why a management session was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WindowsSessionProblem {
-    /// The certificate is not one this appliance issued to a Windows device.
-    Unknown,
-    /// The device enrolled again since with another certificate.
-    Superseded,
-    /// The device is no longer managed (unenrolled or wiped).
-    Unmanaged,
 }
 
 impl Enrollment {
@@ -144,22 +131,17 @@ impl Enrollment {
         actor: &Actor,
         sha256: &str,
         dev_info: &DevInfo,
-    ) -> DomainResult<Result<Device, WindowsSessionProblem>> {
+    ) -> DomainResult<Result<Device, IdentityProblem>> {
         let Some(identity) = self.store.get::<WindowsIdentity>(sha256.as_bytes())? else {
-            return Ok(Err(WindowsSessionProblem::Unknown));
+            return Ok(Err(IdentityProblem::Unknown));
         };
         if identity.not_after <= self.now() {
-            return Ok(Err(WindowsSessionProblem::Unknown));
+            return Ok(Err(IdentityProblem::Unknown));
         }
         let facts = DeviceFacts {
             platform: Some(Platform::Windows),
             name: identity.device_name.clone(),
-            model: match (&dev_info.manufacturer, &dev_info.model) {
-                (Some(maker), Some(model)) if !model.to_lowercase().starts_with(&maker.to_lowercase()) => {
-                    Some(format!("{maker} {model}"))
-                }
-                (_, model) => model.clone(),
-            },
+            model: super::devices::maker_and_model(dev_info.manufacturer.as_deref(), dev_info.model.as_deref()),
             serial: None,
             imei: None,
             hardware_id: dev_info.dev_id.clone().or(identity.device_hwid.clone()),
@@ -167,12 +149,8 @@ impl Enrollment {
         };
         let device = match identity.device_id {
             Some(id) => {
-                let device = self.device(&id)?;
-                if device.identity.as_deref() != Some(sha256) {
-                    return Ok(Err(WindowsSessionProblem::Superseded));
-                }
-                if matches!(device.status, DeviceStatus::Unmanaged | DeviceStatus::Wiped) {
-                    return Ok(Err(WindowsSessionProblem::Unmanaged));
+                if let Err(problem) = self.managed_under(&id, sha256)? {
+                    return Ok(Err(problem));
                 }
                 self.device_checked_in(&id, &facts)?
             }
@@ -191,12 +169,10 @@ impl Enrollment {
                 })?
             }
         };
-        if *dev_info != DevInfo::default()
-            && let Some(info) = device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation)
-        {
-            return self.command_finished(actor, &device.id, &info.id, true, "DevInfo sent with the session").map(Ok);
+        if *dev_info == DevInfo::default() {
+            return Ok(Ok(device));
         }
-        Ok(Ok(device))
+        self.facts_arrived(actor, device, "DevInfo sent with the session").map(Ok)
     }
 }
 
@@ -205,7 +181,7 @@ mod tests {
     use super::super::testing::{admin, domain};
     use super::super::{NewInvite, NewUser};
     use super::*;
-    use crate::model::{Channels, Ownership};
+    use crate::model::{Channels, DeviceStatus, Ownership};
 
     #[test]
     fn the_email_and_passcode_open_the_invite_and_the_first_session_enrolls() {
@@ -239,7 +215,7 @@ mod tests {
         d.windows_identity_issued(&device_actor, &invite.id, "aa11", not_after, &facts).unwrap();
         assert_eq!(
             d.windows_session(&device_actor, "bb22", &DevInfo::default()).unwrap(),
-            Err(WindowsSessionProblem::Unknown)
+            Err(IdentityProblem::Unknown)
         );
         let info = DevInfo {
             dev_id: Some("7BA748C8-703E-4DF2-A74A-92984117346A".into()),
@@ -262,6 +238,6 @@ mod tests {
         let again = d.windows_session(&device_actor, "aa11", &info).unwrap().unwrap();
         assert_eq!(again.id, device.id);
         d.device_checked_out(&device_actor, &device.id).unwrap();
-        assert_eq!(d.windows_session(&device_actor, "aa11", &info).unwrap(), Err(WindowsSessionProblem::Unmanaged));
+        assert_eq!(d.windows_session(&device_actor, "aa11", &info).unwrap(), Err(IdentityProblem::Unmanaged));
     }
 }

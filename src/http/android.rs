@@ -14,9 +14,7 @@ use utoipa::ToSchema;
 use super::api::access::ClientAddr;
 use super::api::{ApiJson, blocking};
 use super::{AppState, HttpError};
-use crate::domain::{
-    Actor, AndroidCheckinProblem, AndroidFacts, AndroidRefusal, CommandOutcome, Credentials, LinkProblem,
-};
+use crate::domain::{Actor, AndroidFacts, AndroidRefusal, CommandOutcome, Credentials, IdentityProblem, LinkProblem};
 use crate::model::{CommandKind, Id, Ownership};
 
 /// How often an agent checks in when nothing wakes it.
@@ -241,22 +239,22 @@ pub async fn checkin(
         };
         if removed {
             domain.device_checked_out(&actor, &device.id)?;
-            return Ok(Err(AndroidCheckinProblem::Unmanaged));
+            return Ok(Err(IdentityProblem::Unmanaged));
         }
         let results: Vec<_> = results.into_iter().map(|r| (r.id, r.outcome, r.detail.unwrap_or_default())).collect();
         domain.android_checkin(&actor, &device.id, &results, facts.as_ref()).map(Ok)
     })
     .await?;
     let device = device.map_err(|problem| match problem {
-        AndroidCheckinProblem::Unknown => {
+        IdentityProblem::Unknown => {
             HttpError::new(StatusCode::UNAUTHORIZED, "unknown_device", "no device has this secret; enroll again")
         }
-        AndroidCheckinProblem::Superseded => HttpError::new(
+        IdentityProblem::Superseded => HttpError::new(
             StatusCode::UNAUTHORIZED,
             "superseded",
             "this device enrolled again since; this secret no longer works",
         ),
-        AndroidCheckinProblem::Unmanaged => {
+        IdentityProblem::Unmanaged => {
             HttpError::new(StatusCode::GONE, "unmanaged", "this device is no longer managed; stop checking in")
         }
     })?;

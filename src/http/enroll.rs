@@ -298,6 +298,7 @@ fn render(
     let auth = state.enrollment.enroll_auth().unwrap_or(EnrollAuth::Passcode);
     let ask_password = matches!(auth, EnrollAuth::Password | EnrollAuth::Both);
     let needs_password = ask_password && !state.enrollment.has_password(&invite.user_id).unwrap_or(true);
+    let windows_server = format!("{}/EnrollmentServer/Discovery.svc", state.naming.public_url());
     let android_app = if platform == Platform::Android { state.enrollment.android_app().ok().flatten() } else { None };
     let values = Value::from_pairs([
         ("title", Value::from(format!("Enroll your {}", device_words(platform)))),
@@ -321,8 +322,8 @@ fn render(
         ("account_link_url", Value::from(format!("/e/{token}/account-link"))),
         ("profile_url", Value::from(format!("/e/{token}/profile?platform={platform}"))),
         ("windows", Value::from(platform == Platform::Windows)),
-        ("windows_link", Value::from(windows_link(state, &user_email))),
-        ("windows_server", Value::from(format!("{}/EnrollmentServer/Discovery.svc", state.naming.public_url()))),
+        ("windows_link", Value::from(windows_link(&windows_server, &user_email))),
+        ("windows_server", Value::from(windows_server)),
         ("android", Value::from(platform == Platform::Android)),
         ("android_qr_url", Value::from(format!("/e/{token}/android.png"))),
         ("android_provisioning", Value::from(android_app.is_some() && invite.ownership == Ownership::Corporate)),
@@ -333,10 +334,9 @@ fn render(
 
 /// The link that opens Windows' "Enroll only in device management" with the user's email and this server filled
 /// in.
-fn windows_link(state: &AppState, email: &str) -> String {
+fn windows_link(discovery: &str, email: &str) -> String {
     let encode = |text: &str| form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
-    let discovery = format!("{}/EnrollmentServer/Discovery.svc", state.naming.public_url());
-    format!("ms-device-enrollment:?mode=mdm&username={}&servername={}", encode(email), encode(&discovery))
+    format!("ms-device-enrollment:?mode=mdm&username={}&servername={}", encode(email), encode(discovery))
 }
 
 fn render_page(values: Value) -> String {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use roxmltree::Node;
 
 use super::{PROVIDER_ID, child, text_of};
-use crate::domain::{Actor, DevInfo, WindowsSessionProblem};
+use crate::domain::{Actor, DevInfo, IdentityProblem};
 use crate::http::AppState;
 use crate::http::api::access::ClientAddr;
 use crate::http::serve::ClientCertificate;
@@ -114,9 +114,9 @@ pub async fn session(
         Ok(Ok(Ok(found))) => found,
         Ok(Ok(Err(problem))) => {
             let reason = match problem {
-                WindowsSessionProblem::Unknown => "this certificate was not issued to an enrolled Windows PC",
-                WindowsSessionProblem::Superseded => "this PC enrolled again with another certificate",
-                WindowsSessionProblem::Unmanaged => "this PC is no longer managed",
+                IdentityProblem::Unknown => "this certificate was not issued to an enrolled Windows PC",
+                IdentityProblem::Superseded => "this PC enrolled again with another certificate",
+                IdentityProblem::Unmanaged => "this PC is no longer managed",
             };
             return (StatusCode::FORBIDDEN, reason).into_response();
         }
