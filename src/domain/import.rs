@@ -299,6 +299,9 @@ impl Enrollment {
             let detail = format!("{}: {}", import.state, import.message);
             self.audit(tx, actor, "import.finish", Some(import.id.to_string()), detail)
         })?;
+        // The admin polls for this state and takes "done" as final, so it goes to disk at once (not at sled's next
+        // periodic flush), before the uploaded file is deleted.
+        self.store.flush()?;
         if let Ok(path) = self.import_file(&import.id) {
             let _ = std::fs::remove_file(path);
         }

@@ -134,7 +134,8 @@ pub fn https_router(mut state: AppState, limits: Limits) -> Router {
     state.import_max_bytes = limits.import_max_bytes;
     let (api, openapi) = api::router(state.clone());
     let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
-    with_middleware(open_routes().merge(device_routes()).merge(api).fallback(ops::not_found), limits).with_state(state)
+    let routes = open_routes().merge(device_routes()).merge(api).fallback(ops::not_found);
+    with_middleware(routes, limits, state.store.clone()).with_state(state)
 }
 
 /// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries
@@ -153,23 +154,55 @@ pub fn http_redirect_router(state: AppState, limits: Limits, target: RedirectTar
         let target = target.clone();
         async move { ops::redirect_to_https(&request, &target) }
     };
-    with_middleware(open_routes().fallback(redirect), limits).with_state(state)
+    with_middleware(open_routes().fallback(redirect), limits, state.store.clone()).with_state(state)
 }
 
-fn with_middleware(router: Router<AppState>, limits: Limits) -> Router<AppState> {
+fn with_middleware(router: Router<AppState>, limits: Limits, store: Store) -> Router<AppState> {
     // Extractors (JSON) stop at max_body_bytes; the hard limit on any body leaves room for the largest CSV upload,
     // which the import route counts and refuses itself with a JSON answer.
     let hard_limit = limits.max_body_bytes.max(limits.import_max_bytes.saturating_add(64 << 10));
-    router.layer(DefaultBodyLimit::max(limits.max_body_bytes)).layer(
-        ServiceBuilder::new()
-            .layer(TraceLayer::new_for_http())
-            .layer(SetResponseHeaderLayer::overriding(
-                HeaderName::from_static("x-content-type-options"),
-                HeaderValue::from_static("nosniff"),
-            ))
-            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
-            .layer(RequestBodyLimitLayer::new(hard_limit)),
-    )
+    router
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(store, durable))
+        .layer(
+            ServiceBuilder::new()
+                .layer(TraceLayer::new_for_http())
+                .layer(SetResponseHeaderLayer::overriding(
+                    HeaderName::from_static("x-content-type-options"),
+                    HeaderValue::from_static("nosniff"),
+                ))
+                .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+                .layer(RequestBodyLimitLayer::new(hard_limit)),
+        )
+}
+
+/// A change is answered only once it is on disk. sled makes a committed transaction durable at its next flush (every
+/// 500 ms by default); a power cut in between would lose what the admin or the device was already told had
+/// happened. So every request that may change something waits, before its answer goes out, for a flush of the
+/// store, which covers its own commit (concurrent requests share flushes: sled writes out what is buffered once).
+/// Reads go straight through.
+async fn durable(
+    axum::extract::State(store): axum::extract::State<Store>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::Method;
+    use axum::response::IntoResponse;
+    let changes = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let response = next.run(request).await;
+    if !changes {
+        return response;
+    }
+    match tokio::task::spawn_blocking(move || store.flush()).await {
+        Ok(Ok(_)) => response,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "the store could not be flushed; the change may not survive a power cut");
+            HttpError::unavailable(format!("the change could not be written to disk: {error}")).into_response()
+        }
+        Err(error) => {
+            HttpError::unavailable(format!("the change could not be written to disk: {error}")).into_response()
+        }
+    }
 }
 
 #[cfg(test)]

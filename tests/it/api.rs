@@ -82,3 +82,41 @@ async fn the_first_admin_can_come_from_the_environment() {
     assert_eq!(status, 200);
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
+
+/// What the API acknowledged is on disk: the daemon killed (SIGKILL, no flush on the way out) right after the last
+/// answer loses none of the users and invites it said it had created.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_api_acknowledged_survives_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let daemon = Daemon::spawn(&state, &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
+    daemon.wait_healthy();
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login.clone())).await;
+    let token = signed_in["token"].as_str().unwrap().to_owned();
+    let mut acknowledged = Vec::new();
+    for n in 0..20 {
+        let user = json!({"name": format!("User {n}"), "email": format!("user{n}@example.com")});
+        let (status, user) = api(daemon.https, &ca, Method::POST, "/api/v1/users", Some(&token), Some(user)).await;
+        assert_eq!(status, 201, "{user}");
+        let invite = json!({"user_id": user["id"], "platform": "ios"});
+        let (status, created) =
+            api(daemon.https, &ca, Method::POST, "/api/v1/invites", Some(&token), Some(invite)).await;
+        assert_eq!(status, 201, "{created}");
+        acknowledged.push(created["invite"]["id"].as_str().unwrap().to_owned());
+    }
+    crate::common::signal(daemon.pid(), nix::sys::signal::Signal::SIGKILL);
+    let (status, _) = daemon.wait_exit();
+    assert_eq!(status.code(), None, "killed by the signal");
+
+    let daemon = Daemon::start(&state, &[]);
+    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    let token = signed_in["token"].as_str().unwrap();
+    for id in &acknowledged {
+        let (status, invite) =
+            api(daemon.https, &ca, Method::GET, &format!("/api/v1/invites/{id}"), Some(token), None).await;
+        assert_eq!(status, 200, "invite {id} was acknowledged and then lost: {invite}");
+        assert!(!invite["delivery"].as_array().unwrap().is_empty(), "invite {id} lost its delivery job: {invite}");
+    }
+}
