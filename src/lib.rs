@@ -7,6 +7,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod addrs;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod csvfile;
