@@ -10,6 +10,7 @@ pub mod addrs;
 pub mod backup;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod csvfile;
 pub mod daemon;
 pub mod domain;
@@ -25,4 +26,4 @@ pub mod state_dir;
 pub mod store;
 pub mod tls;
 
-pub use daemon::{DaemonError, Environment, Listeners, run};
+pub use daemon::{DaemonError, Environment, Listeners, Outcome, run};

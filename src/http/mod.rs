@@ -67,6 +67,13 @@ pub struct AppState {
     pub tls_renewer: crate::tls::Renewer,
     /// The admin pages' templates, parsed once.
     pub admin_templates: Arc<minijinja::Environment<'static>>,
+    /// The state directory (its `pki/` and `android/` go into backups; a restore is unpacked in it); `None` in
+    /// tests that need neither.
+    pub state_dir: Option<Arc<std::path::PathBuf>>,
+    /// Cancelled to make the daemon run again in-process, after a backup was restored on the setup page.
+    pub restart: tokio_util::sync::CancellationToken,
+    /// One restore at a time.
+    pub restoring: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {
@@ -90,6 +97,9 @@ impl AppState {
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,
+            state_dir: None,
+            restart: tokio_util::sync::CancellationToken::new(),
+            restoring: Arc::default(),
         }
     }
 }
