@@ -1,7 +1,7 @@
 //! HTTP: the HTTPS application router, the plain-HTTP router that redirects to it, the middleware every route gets
 //! (request timeout, body-size limit, tracing, `nosniff`), and the shared [`AppState`].
 
-mod admin;
+pub(crate) mod admin;
 pub mod android;
 pub mod api;
 mod enroll;
@@ -144,7 +144,20 @@ pub fn https_router(mut state: AppState, limits: Limits) -> Router {
     state.import_max_bytes = limits.import_max_bytes;
     let (api, openapi) = api::router(state.clone());
     let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
-    with_middleware(open_routes().merge(device_routes()).merge(api).fallback(ops::not_found), limits).with_state(state)
+    // A backup uploaded on the setup page may be hundreds of MiB and take minutes to check: its own limits.
+    let restore = admin::restore::routes().layer(DefaultBodyLimit::disable()).layer(
+        ServiceBuilder::new()
+            .layer(TraceLayer::new_for_http())
+            .layer(SetResponseHeaderLayer::overriding(
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, admin::restore::TIMEOUT))
+            .layer(RequestBodyLimitLayer::new(admin::restore::MAX_BYTES)),
+    );
+    with_middleware(open_routes().merge(device_routes()).merge(api).fallback(ops::not_found), limits)
+        .merge(restore)
+        .with_state(state)
 }
 
 /// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries

@@ -6,6 +6,7 @@
 
 mod enrollment;
 mod forms;
+pub mod restore;
 mod settings;
 
 use axum::Router;
@@ -42,6 +43,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("audit.html", include_str!("templates/audit.html")),
     ("settings.html", include_str!("templates/settings.html")),
     ("templates.html", include_str!("templates/templates.html")),
+    ("restored.html", include_str!("templates/restored.html")),
 ];
 
 pub fn routes() -> Router<AppState> {
