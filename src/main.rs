@@ -475,10 +475,15 @@ fn restore(file: &Path, args: &ConfigArgs, passphrase_file: Option<&Path>, repla
             2,
         );
     }
-    let state_dir = match StateDir::open(&dir) {
-        Ok(state_dir) => state_dir,
-        Err(error) => return fail(error, 2),
-    };
+    match enrolld::state_dir::holder(&dir) {
+        Ok(None) => {}
+        Ok(Some(pid)) => {
+            let pid = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
+            return fail(format!("{} is in use by a running enrolld{pid}; stop it first", dir.display()), 2);
+        }
+        Err(error) => return fail(format!("cannot read {}: {error}", dir.display()), 2),
+    }
+    // Everything is decrypted and checked beside DIR first; DIR is not made, locked or changed until then.
     let staging = parent.join(format!(".{name}.restoring-{}", std::process::id()));
     if staging.exists()
         && let Err(error) = fs::remove_dir_all(&staging)
@@ -490,6 +495,13 @@ fn restore(file: &Path, args: &ConfigArgs, passphrase_file: Option<&Path>, repla
         Err(error) => {
             let code = if matches!(error, BackupError::WrongPassphrase) || error.is_bad_file() { 2 } else { 1 };
             return fail(format!("{}: {error}; nothing was changed in {}", file.display(), dir.display()), code);
+        }
+    };
+    let state_dir = match StateDir::open(&dir) {
+        Ok(state_dir) => state_dir,
+        Err(error) => {
+            let _ = fs::remove_dir_all(&staging);
+            return fail(error, 2);
         }
     };
     if let Err(error) = enrolld::state_dir::install_restored(state_dir.path(), &staging, &aside) {

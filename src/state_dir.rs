@@ -163,6 +163,25 @@ pub fn restore_pending(dir: &Path) -> PathBuf {
     dir.join(RESTORE_PENDING)
 }
 
+/// Whether a running enrolld holds the state directory at `dir`: `Some` with its pid (or an empty string), found
+/// without creating or changing anything.
+pub fn holder(dir: &Path) -> io::Result<Option<String>> {
+    let mut lock = match File::open(dir.join(LOCK_FILE)) {
+        Ok(lock) => lock,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    match lock.try_lock_shared() {
+        Ok(()) => Ok(None),
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = lock.read_to_string(&mut pid);
+            Ok(Some(pid.trim().to_owned()))
+        }
+        Err(fs::TryLockError::Error(error)) => Err(error),
+    }
+}
+
 /// The control socket of the state directory at `dir`.
 pub fn control_socket(dir: &Path) -> PathBuf {
     dir.join(CONTROL_SOCKET)
@@ -312,11 +331,14 @@ mod tests {
     #[test]
     fn second_open_is_refused_with_the_holders_pid() {
         let dir = tempfile::tempdir().unwrap();
+        assert_eq!(holder(dir.path()).unwrap(), None);
         let first = StateDir::open(dir.path()).unwrap();
+        assert_eq!(holder(dir.path()).unwrap(), Some(std::process::id().to_string()));
         let message = StateDir::open(dir.path()).unwrap_err().to_string();
         assert!(message.contains("in use by another running enrolld"), "{message}");
         assert!(message.contains(&format!("pid {}", std::process::id())), "{message}");
         drop(first);
+        assert_eq!(holder(dir.path()).unwrap(), None);
         StateDir::open(dir.path()).unwrap();
     }
 
