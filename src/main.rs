@@ -514,6 +514,13 @@ fn restore(file: &Path, args: &ConfigArgs, passphrase_file: Option<&Path>, repla
             1,
         );
     }
+    // Root restoring into the directory of the service's user (systemd's DynamicUser, say): the files are the user's.
+    if let Err(error) = enrolld::state_dir::give_to_owner(state_dir.path()) {
+        eprintln!(
+            "enrolld: the restored files could not be given to the owner of {} ({error}); chown them before starting enrolld",
+            dir.display()
+        );
+    }
     let header = &restored.header;
     let count = |table| restored.trailer.count(table);
     println!(

@@ -163,6 +163,34 @@ pub fn restore_pending(dir: &Path) -> PathBuf {
     dir.join(RESTORE_PENDING)
 }
 
+/// Gives the owner of `dir` everything in it (but the contents moved aside by restores) that belongs to someone
+/// else, as when root restores a backup into the directory of the service's own user. Links are changed themselves,
+/// never followed.
+pub fn give_to_owner(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = fs::metadata(dir)?;
+    let (uid, gid) = (owner.uid(), owner.gid());
+    let mut pending = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_name().to_string_lossy().starts_with(BEFORE_RESTORE) {
+            pending.push(entry.path());
+        }
+    }
+    while let Some(path) = pending.pop() {
+        let meta = fs::symlink_metadata(&path)?;
+        if meta.uid() != uid || meta.gid() != gid {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        }
+        if meta.is_dir() {
+            for entry in fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether a running enrolld holds the state directory at `dir`: `Some` with its pid (or an empty string), found
 /// without creating or changing anything.
 pub fn holder(dir: &Path) -> io::Result<Option<String>> {
@@ -394,6 +422,26 @@ mod tests {
         assert!(aside.join("imports").is_dir());
         assert!(!state.restore_pending().exists() && !state.restore_unpacking().exists());
         assert!(dir.path().join(LOCK_FILE).exists(), "the lock stays");
+    }
+
+    #[test]
+    fn restored_files_are_given_to_the_directorys_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("pki")).unwrap();
+        fs::write(dir.path().join("pki/ca.key"), b"key").unwrap();
+        fs::create_dir_all(dir.path().join("before-restore-1")).unwrap();
+        let me = fs::metadata(dir.path()).unwrap().uid();
+        give_to_owner(dir.path()).unwrap();
+        assert_eq!(fs::metadata(dir.path().join("pki/ca.key")).unwrap().uid(), me, "nothing to change");
+        if me != 0 {
+            return; // Only root can give files away; the rest needs it.
+        }
+        std::os::unix::fs::chown(dir.path(), Some(4321), Some(4321)).unwrap();
+        give_to_owner(dir.path()).unwrap();
+        assert_eq!(fs::metadata(dir.path().join("pki")).unwrap().uid(), 4321);
+        assert_eq!(fs::metadata(dir.path().join("pki/ca.key")).unwrap().gid(), 4321);
+        assert_eq!(fs::metadata(dir.path().join("before-restore-1")).unwrap().uid(), 0, "the old contents stay");
     }
 
     #[test]
