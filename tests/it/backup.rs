@@ -137,8 +137,28 @@ async fn a_backup_of_a_running_box_restores_on_new_boxes_where_devices_keep_work
     let cookie = format!("__Host-enrolld_session={}", admin.token);
     let page = browse(old.https, &ca, Method::GET, "/admin", &[("cookie", cookie.as_str())], None).await;
     assert!(page.body.contains("Last backup: "), "{}", page.body);
-    let (_, audit) = admin.call(Method::GET, "/api/v1/audit?limit=500", None).await;
-    assert!(audit.to_string().contains("through the command line") && !audit.to_string().contains(PASSPHRASE));
+    // And through the API, whose download is recorded once the whole file went out.
+    let auth = format!("Bearer {}", admin.token);
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let body = json!({"passphrase": PASSPHRASE}).to_string().into_bytes();
+    let (status, answer, downloaded) =
+        fetch_bytes(old.https, &ca, Method::POST, "/api/v1/backup", &headers, body).await;
+    assert_eq!(status, 200);
+    assert!(
+        answer["content-disposition"].to_str().unwrap().starts_with("attachment; filename=\"enrolld-backup-enroll-")
+    );
+    assert!(downloaded.starts_with(b"ENROLLD-BACKUP 1\n") && downloaded.len() > 4096);
+    let mut audit = Value::Null;
+    for _ in 0..100 {
+        audit = admin.call(Method::GET, "/api/v1/audit?limit=500", None).await.1;
+        if audit.to_string().contains("through the api") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let audit = audit.to_string();
+    assert!(audit.contains("through the command line") && audit.contains("through the api"), "{audit}");
+    assert!(!audit.contains(PASSPHRASE), "never the passphrase");
     let (status, _) = old.terminate();
     assert_eq!(status.code(), Some(0));
     assert!(!control.exists(), "the socket goes with the daemon");

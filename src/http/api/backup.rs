@@ -86,7 +86,7 @@ pub(crate) async fn download(
             }
         });
     };
-    let body = WhenRead { inner: tokio::fs::File::from_std(file), at_end: Some(Box::new(record)) };
+    let body = WhenRead { inner: tokio::fs::File::from_std(file), left: bytes, at_end: Some(Box::new(record)) };
     let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(body)).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
@@ -98,9 +98,11 @@ pub(crate) async fn download(
     Ok(response)
 }
 
-/// A reader that calls `at_end` once, when it reaches the end of what it reads (not when the client goes away).
+/// A reader that calls `at_end` once, when its last byte (of `left`) has been read; not if the client goes away
+/// before. Counted, not at end of file: hyper stops polling a body once it has sent Content-Length bytes.
 struct WhenRead<R> {
     inner: R,
+    left: u64,
     at_end: Option<Box<dyn FnOnce() + Send>>,
 }
 
@@ -108,9 +110,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for WhenRead<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(())))
-            && buf.filled().len() == before
-            && buf.remaining() > 0
+        let read = (buf.filled().len() - before) as u64;
+        self.left = self.left.saturating_sub(read);
+        if self.left == 0
             && let Some(at_end) = self.at_end.take()
         {
             at_end();
