@@ -453,6 +453,14 @@ fn restore(file: &Path, args: &ConfigArgs, passphrase_file: Option<&Path>, repla
         Err(code) => return code,
     };
     let dir = config.state_dir.clone();
+    match enrolld::state_dir::holder(&dir) {
+        Ok(None) => {}
+        Ok(Some(pid)) => {
+            let pid = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
+            return fail(format!("{} is in use by a running enrolld{pid}; stop it first", dir.display()), 2);
+        }
+        Err(error) => return fail(format!("cannot read {}: {error}", dir.display()), 2),
+    }
     let held = match enrolld::state_dir::contents(&dir) {
         Ok(held) => held,
         Err(error) => return fail(format!("cannot read {}: {error}", dir.display()), 2),
@@ -474,14 +482,6 @@ fn restore(file: &Path, args: &ConfigArgs, passphrase_file: Option<&Path>, repla
             ),
             2,
         );
-    }
-    match enrolld::state_dir::holder(&dir) {
-        Ok(None) => {}
-        Ok(Some(pid)) => {
-            let pid = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
-            return fail(format!("{} is in use by a running enrolld{pid}; stop it first", dir.display()), 2);
-        }
-        Err(error) => return fail(format!("cannot read {}: {error}", dir.display()), 2),
     }
     // Everything is decrypted and checked beside DIR first; DIR is not made, locked or changed until then.
     let staging = parent.join(format!(".{name}.restoring-{}", std::process::id()));
