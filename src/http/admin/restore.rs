@@ -22,6 +22,8 @@ use crate::http::api::access::ClientAddr;
 pub const MAX_BYTES: usize = 4 << 30;
 /// How long an upload, its check and unpacking may take.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+/// The longest text field (the setup code, the passphrase) read.
+const MAX_TEXT_FIELD: usize = 4096;
 /// Where the upload is kept while it is checked.
 const UPLOAD: &str = "restore-upload.partial";
 
@@ -69,10 +71,17 @@ async fn restore(
         if name == "file" {
             break Some(field);
         }
-        match field.text().await {
-            Ok(text) if text.len() <= 4096 => texts.push((name, text)),
-            _ => return refused(&state, StatusCode::BAD_REQUEST, "The form could not be read; try again."),
+        // Read by the chunk and bounded: nobody has signed in, and a field must not fill the memory.
+        let mut text = Vec::new();
+        let mut field = field;
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) if text.len() + chunk.len() <= MAX_TEXT_FIELD => text.extend_from_slice(&chunk),
+                Ok(None) => break,
+                _ => return refused(&state, StatusCode::BAD_REQUEST, "The form could not be read; try again."),
+            }
         }
+        texts.push((name, String::from_utf8_lossy(&text).into_owned()));
     };
     let text = |name: &str| texts.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default();
     let (code, passphrase) = (text("code"), text("passphrase"));
@@ -259,6 +268,8 @@ mod tests {
 
         let (_, page) = send(Request::get("/admin/setup").body(Body::empty()).unwrap()).await;
         assert!(page.contains("action=\"/admin/setup/restore\""), "the setup page offers it");
+        let (status, page) = send(form(&"X".repeat(100_000), PASSPHRASE, &backup)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "a field larger than a setup code is not read whole: {page}");
         let (status, page) = send(form("WRONG-CODE-0000", PASSPHRASE, &backup)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         assert!(page.contains("setup code is not right"), "{page}");
