@@ -1,7 +1,9 @@
 //! The `enrolld` command: parses the command line, sets up logging, binds the sockets and hands over to the library.
 //!
-//! Exit codes: 0 success; 1 a failure while running (or an unhealthy `healthcheck`); 2 a configuration or start-up
-//! problem, reported as one line naming what to fix.
+//! Exit codes: 0 success; 1 a failure while running (or an unhealthy `healthcheck`, or a backup or restore that
+//! failed on the way, such as a full disk); 2 a configuration or start-up problem, or bad input to `backup` and
+//! `restore` (a short or wrong passphrase, a damaged or newer backup, a state directory in use or not empty),
+//! reported as one line naming what to fix.
 
 use std::fmt::Display;
 use std::fs::{self, File, OpenOptions};
