@@ -377,7 +377,7 @@ const KEYS: &[Key] = &[
 ];
 
 /// Environment variables that are not configuration keys but are still ours.
-const OTHER_ENV: &[&str] = &["ENROLLD_CONFIG"];
+const OTHER_ENV: &[&str] = &["ENROLLD_CONFIG", "ENROLLD_BACKUP_PASSPHRASE"];
 
 #[derive(Debug, Clone, PartialEq)]
 enum Raw {

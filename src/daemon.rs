@@ -1,5 +1,7 @@
 //! The daemon's life: bind, open the store, load the CA and certificate, start every task under one shutdown
 //! signal, tell systemd, and on the way out stop accepting, let requests finish, withdraw mDNS and flush the store.
+//! A backup restored on the setup page ends a run with [`Outcome::Restart`]: `main` binds again and runs once more
+//! on the same (still locked) state directory, where the restored contents are put in place first.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +58,19 @@ pub enum DaemonError {
     TaskEnded { task: &'static str },
     #[error("flushing the database on shutdown failed: {0}")]
     Flush(StoreError),
+    #[error(
+        "putting the restored backup in place (restore-pending/ in the state directory): {0}; move it away to start with the current contents"
+    )]
+    Restore(io::Error),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Shut down as asked (SIGTERM, SIGINT).
+    Stopped,
+    /// A restored backup waits in `restore-pending/`: run again to load it.
+    Restart,
 }
 
 impl DaemonError {
@@ -148,19 +163,28 @@ impl Default for Environment {
     }
 }
 
-/// Runs the daemon until `shutdown` completes (or a task fails).
+/// Runs the daemon until `shutdown` completes (or a task fails, or a restored backup asks for a restart).
 pub async fn run(
     config: Config,
-    state_dir: StateDir,
+    state_dir: &StateDir,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     env: Environment,
-) -> Result<(), DaemonError> {
+) -> Result<Outcome, DaemonError> {
     let now = env.clock.now();
     if now.unix_timestamp() < EARLIEST_PLAUSIBLE_UNIX {
         return Err(DaemonError::ClockUnset { now });
     }
-    let store = Store::open(&state_dir.database())?;
+    if let Some(aside) =
+        state_dir.install_pending_restore(&crate::state_dir::stamp(now)).map_err(DaemonError::Restore)?
+    {
+        tracing::warn!(
+            previous = %aside.display(),
+            "the restored backup is in place; the contents it replaced were moved aside"
+        );
+    }
+    // After a restart in-process, the last run's database handle lets go of its lock a moment after it is dropped.
+    let store = Store::open_when_free(&state_dir.database(), std::time::Duration::from_secs(10))?;
     let (ca, created) = CertificateAuthority::load_or_create(&state_dir.pki(), &config.hostname, env.clock.now())?;
     if created {
         tracing::info!(subject = %ca.info().subject, sha256 = %ca.info().sha256, "created the appliance CA");
@@ -202,6 +226,8 @@ pub async fn run(
     let mail = Mail::new(&enrollment, relay, config.mail.sms.clone(), config.mail.max_connections, naming.clone())?;
     let mut state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
     state.shutdown = token.clone();
+    state.state_dir = Some(Arc::new(state_dir.path().to_owned()));
+    let restart = state.restart.clone();
     state.mail = mail.clone();
     state.naming = naming.clone();
     let pusher = crate::push::Pusher::new(&config.apns).map_err(|e| DaemonError::Push(e.to_string()))?;
@@ -254,6 +280,24 @@ pub async fn run(
         }
         None => None,
     };
+    let control_path = state_dir.control_socket();
+    match crate::control::bind(&control_path) {
+        Ok(listener) => {
+            let control = crate::control::Control {
+                enrollment: enrollment.clone(),
+                state_dir: Arc::new(state_dir.path().to_owned()),
+                naming: naming.clone(),
+                clock: env.clock.clone(),
+                slots: state.password_checks.clone(),
+            };
+            tasks.spawn("control", crate::control::run(listener, control_path, control, token.clone()));
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            path = %control_path.display(),
+            "cannot make the control socket; `enrolld backup` will not reach this daemon (a shorter --state-dir path helps if it is longer than 100 characters)"
+        ),
+    }
     tasks.spawn("tls-keeper", keeper.run(config.cert_check_interval, token.clone()));
     tasks.spawn("invite-sweeper", sweep_invites(enrollment.clone(), token.clone()));
     let outbox = OutboxSettings {
@@ -279,12 +323,24 @@ pub async fn run(
         );
     }
 
-    let failed = tokio::select! {
-        () = shutdown => None,
-        name = tasks.first_to_end() => Some(name),
+    let (failed, outcome) = tokio::select! {
+        () = shutdown => (None, Outcome::Stopped),
+        () = restart.cancelled() => (None, Outcome::Restart),
+        name = tasks.first_to_end() => (Some(name), Outcome::Stopped),
     };
-    tracing::info!("shutting down");
-    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    if outcome == Outcome::Restart {
+        tracing::info!("restarting to load the restored backup");
+        // systemd 253 and later want the monotonic time with RELOADING=1; READY=1 follows when the next run is up.
+        let mut states = vec![
+            sd_notify::NotifyState::Reloading,
+            sd_notify::NotifyState::Status("restarting to load a restored backup"),
+        ];
+        states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+        notify_systemd(&states);
+    } else {
+        tracing::info!("shutting down");
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    }
     token.cancel();
     tasks.join_all().await;
     // Import jobs stop at their next batch once the token is cancelled; what they leave is finished at the next
@@ -297,7 +353,6 @@ pub async fn run(
         tracing::warn!("an import did not stop in time; the next start finishes it");
     }
     let flushed = store.flush();
-    drop(state_dir);
     match (failed, flushed) {
         (Some(task), flushed) => {
             if let Err(error) = flushed {
@@ -306,9 +361,10 @@ pub async fn run(
             Err(DaemonError::TaskEnded { task })
         }
         (None, Err(error)) => Err(DaemonError::Flush(error)),
+        (None, Ok(_)) if outcome == Outcome::Restart => Ok(Outcome::Restart),
         (None, Ok(_)) => {
             tracing::info!("stopped");
-            Ok(())
+            Ok(Outcome::Stopped)
         }
     }
 }

@@ -7,8 +7,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod addrs;
+pub mod backup;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod csvfile;
 pub mod daemon;
 pub mod domain;
@@ -24,4 +26,4 @@ pub mod state_dir;
 pub mod store;
 pub mod tls;
 
-pub use daemon::{DaemonError, Environment, Listeners, run};
+pub use daemon::{DaemonError, Environment, Listeners, Outcome, run};

@@ -130,25 +130,32 @@ impl Auth {
         password: &str,
         client: Option<String>,
     ) -> Result<SignedIn, AuthError> {
+        let actor = Actor { name: truncate(username), client: client.clone() };
+        self.check_setup_code(&actor, code)?;
+        let admin = self.insert_admin(&actor, username, password)?;
+        *self.setup_code.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.start_session(&admin.username, client)
+    }
+
+    /// Checks the setup code of a box that has no admin yet, with the same slowing-down of repeated failures per
+    /// client as sign-in; creating the first admin and restoring a backup on a fresh box both need it.
+    pub fn check_setup_code(&self, actor: &Actor, code: &str) -> Result<(), AuthError> {
         if self.has_admin()? {
             return Err(AuthError::AlreadySetUp);
         }
-        let actor = Actor { name: truncate(username), client: client.clone() };
-        let limit_key = format!("setup:{}", client.as_deref().unwrap_or("-"));
-        self.reserve_attempt(&actor, &limit_key, None)?;
+        let limit_key = format!("setup:{}", actor.client.as_deref().unwrap_or("-"));
+        self.reserve_attempt(actor, &limit_key, None)?;
         let expected = self.setup_code.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let matches = expected.as_deref().is_some_and(|expected| {
             let given = normalize_setup_code(code);
             bool::from(given.as_bytes().ct_eq(normalize_setup_code(expected).as_bytes()))
         });
         if !matches {
-            self.domain.record(&actor, "setup.failed", None, "wrong setup code")?;
+            self.domain.record(actor, "setup.failed", None, "wrong setup code")?;
             return Err(AuthError::BadSetupCode);
         }
         self.clear_failures(&limit_key, None);
-        let admin = self.insert_admin(&actor, username, password)?;
-        *self.setup_code.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        self.start_session(&admin.username, client)
+        Ok(())
     }
 
     /// Checks a username and password; on success starts a session.

@@ -137,11 +137,69 @@ impl Enrollment {
     }
 }
 
+/// The last backup that was made, kept as a setting (`backup.last`) for the dashboard.
+const LAST_BACKUP: &str = "backup.last";
+
+/// When the last backup was made, how big it was, how (`page`, `api`, `cli`) and by whom.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LastBackup {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: time::OffsetDateTime,
+    pub bytes: u64,
+    pub how: String,
+    pub by: String,
+}
+
+impl Enrollment {
+    /// Records a backup that was made and handed over whole: the dashboard's "last backup", and the audit entry
+    /// `backup.downloaded` (never the passphrase), in one transaction.
+    pub fn record_backup(
+        &self,
+        actor: &Actor,
+        how: &str,
+        bytes: u64,
+        made_at: time::OffsetDateTime,
+    ) -> DomainResult<()> {
+        let last = LastBackup { at: made_at, bytes, how: how.to_owned(), by: actor.name.clone() };
+        let setting = Setting {
+            name: LAST_BACKUP.to_owned(),
+            value: serde_json::to_string(&last).unwrap_or_default(),
+            updated_at: self.now(),
+            updated_by: actor.name.clone(),
+        };
+        self.transact(|tx| {
+            let old = tx.get::<Setting, _>(LAST_BACKUP.as_bytes())?;
+            tx.put(old.as_ref(), &setting)?;
+            self.audit(tx, actor, "backup.downloaded", None, format!("{bytes} bytes, through the {how}"))
+        })
+    }
+
+    /// The last backup recorded, if any.
+    pub fn last_backup(&self) -> DomainResult<Option<LastBackup>> {
+        let saved = self.store.get::<Setting>(LAST_BACKUP.as_bytes())?;
+        Ok(saved.and_then(|s| serde_json::from_str(&s.value).ok()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::{admin, domain};
     use super::*;
     use crate::model::{Channels, Ownership, Platform};
+
+    #[test]
+    fn the_last_backup_is_recorded_and_audited_without_the_passphrase() {
+        use crate::clock::Clock as _;
+        let (d, clock) = domain();
+        assert_eq!(d.last_backup().unwrap(), None);
+        let made = clock.now();
+        d.record_backup(&admin(), "page", 4096, made).unwrap();
+        let last = d.last_backup().unwrap().unwrap();
+        assert_eq!((last.at, last.bytes, last.how.as_str(), last.by.as_str()), (made, 4096, "page", "admin"));
+        let audit = d.audit_log(None, 10).unwrap().items;
+        assert_eq!(audit[0].action, "backup.downloaded");
+        assert_eq!(audit[0].detail, "4096 bytes, through the page");
+    }
 
     #[test]
     fn saved_names_win_over_the_configuration() {

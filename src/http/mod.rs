@@ -1,7 +1,7 @@
 //! HTTP: the HTTPS application router, the plain-HTTP router that redirects to it, the middleware every route gets
 //! (request timeout, body-size limit, tracing, `nosniff`), and the shared [`AppState`].
 
-mod admin;
+pub(crate) mod admin;
 pub mod android;
 pub mod api;
 mod enroll;
@@ -67,6 +67,13 @@ pub struct AppState {
     pub tls_renewer: crate::tls::Renewer,
     /// The admin pages' templates, parsed once.
     pub admin_templates: Arc<minijinja::Environment<'static>>,
+    /// The state directory (its `pki/` and `android/` go into backups; a restore is unpacked in it); `None` in
+    /// tests that need neither.
+    pub state_dir: Option<Arc<std::path::PathBuf>>,
+    /// Cancelled to make the daemon run again in-process, after a backup was restored on the setup page.
+    pub restart: tokio_util::sync::CancellationToken,
+    /// One restore at a time.
+    pub restoring: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {
@@ -90,6 +97,9 @@ impl AppState {
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,
+            state_dir: None,
+            restart: tokio_util::sync::CancellationToken::new(),
+            restoring: Arc::default(),
         }
     }
 }
@@ -134,8 +144,19 @@ pub fn https_router(mut state: AppState, limits: Limits) -> Router {
     state.import_max_bytes = limits.import_max_bytes;
     let (api, openapi) = api::router(state.clone());
     let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
+    // A backup uploaded on the setup page may be hundreds of MiB and take minutes to check: its own limits.
+    let restore = admin::restore::routes().layer(DefaultBodyLimit::disable()).layer(
+        ServiceBuilder::new()
+            .layer(TraceLayer::new_for_http())
+            .layer(SetResponseHeaderLayer::overriding(
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, admin::restore::TIMEOUT))
+            .layer(RequestBodyLimitLayer::new(admin::restore::MAX_BYTES)),
+    );
     let routes = open_routes().merge(device_routes()).merge(api).fallback(ops::not_found);
-    with_middleware(routes, limits, state.store.clone()).with_state(state)
+    with_middleware(routes, limits, state.store.clone()).merge(restore).with_state(state)
 }
 
 /// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries

@@ -8,6 +8,8 @@
 mod records;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use sled::Transactional;
@@ -144,6 +146,8 @@ pub enum StoreError {
     Corrupt { table: &'static str, key: String, reason: String },
     #[error("storage error: {0}; check free space and permissions on the state directory's disk")]
     Io(#[from] sled::Error),
+    #[error("the records name a table `{0}` this enrolld does not know; restore them with the version that wrote them")]
+    UnknownTable(String),
 }
 
 /// Why a transaction did not commit: the caller's own reason, or the store's.
@@ -179,6 +183,9 @@ impl<E> From<StoreError> for TxError<E> {
 pub struct Store {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    /// Transactions hold it shared; [`Store::snapshot`] holds it exclusively while it walks every tree, so a backup
+    /// sees the database at one instant (sled's iterators alone give no view across trees).
+    writes: Arc<RwLock<()>>,
 }
 
 impl Store {
@@ -229,7 +236,24 @@ impl Store {
             tracing::info!(from, to = from + 1, "database migrated");
         }
         let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Store { db, trees })
+        Ok(Store { db, trees, writes: Arc::default() })
+    }
+
+    /// Opens the database at `path` like [`Store::open`], waiting up to `patience` for another handle in this process
+    /// to let go of it: sled releases its file lock a moment after the last handle drops (a restart in-process, a
+    /// restored database opened once to check it).
+    pub fn open_when_free(path: &Path, patience: Duration) -> Result<Store, StoreError> {
+        let deadline = Instant::now() + patience;
+        loop {
+            match Self::open(path) {
+                Err(StoreError::Open { source: sled::Error::Io(error), .. })
+                    if error.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The schema version stored in the database.
@@ -246,6 +270,7 @@ impl Store {
     /// Runs `change` over every tree atomically: either all its writes land or none do. The closure may run more
     /// than once if it conflicts with a concurrent transaction, so it must not have other side effects.
     pub fn transact<R, E>(&self, change: impl Fn(&Tx<'_>) -> Result<R, TxError<E>>) -> Result<R, TxFailure<E>> {
+        let _shared = self.writes.read().unwrap_or_else(PoisonError::into_inner);
         let result = self.trees[..].transaction(|views| match change(&Tx { views }) {
             Ok(value) => Ok(value),
             Err(TxError::Conflict(error)) => Err(error.into()),
@@ -257,6 +282,28 @@ impl Store {
             Err(TransactionError::Abort(failure)) => Err(failure),
             Err(TransactionError::Storage(error)) => Err(TxFailure::Store(StoreError::Io(error))),
         }
+    }
+
+    /// Calls `visit` with every (tree, key, value) of the trees `include` accepts, tree by tree in key order, while
+    /// no transaction can commit: the records are those of one instant. Writers wait until it returns, so `visit`
+    /// should be quick (a local file, not a network client). Never call it inside a transaction: it would wait for
+    /// itself (as would a transaction inside a transaction, which sled already forbids).
+    pub fn snapshot<E: From<StoreError>>(
+        &self,
+        include: impl Fn(&str) -> bool,
+        mut visit: impl FnMut(&'static str, &[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let _exclusive = self.writes.write().unwrap_or_else(PoisonError::into_inner);
+        for (name, tree) in tree::NAMES.iter().zip(&self.trees) {
+            if !include(name) {
+                continue;
+            }
+            for entry in tree.iter() {
+                let (key, value) = entry.map_err(StoreError::from)?;
+                visit(name, &key, &value)?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads one record by primary key.
@@ -377,6 +424,60 @@ impl Store {
     pub fn all<R: Record>(&self, keep: impl FnMut(&R) -> bool) -> Result<Vec<R>, StoreError> {
         let scan = Scan { tree: R::TREE, prefix: &[], after: None, newest_first: false };
         Ok(self.page(scan, usize::MAX, keep)?.items)
+    }
+}
+
+/// Writes the records of a backup into a new database as they are read (in batches, never all in memory);
+/// [`Store::open`] then checks and migrates it like any other.
+pub struct Loader {
+    db: sled::Db,
+    current: Option<(usize, sled::Batch, usize)>,
+    trees: Vec<sled::Tree>,
+}
+
+/// Records a [`Loader`] collects before it writes them.
+const LOAD_BATCH: usize = 5_000;
+
+impl Loader {
+    /// Creates an empty database at `path`, which must not exist yet.
+    pub fn create(path: &Path) -> Result<Loader, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .create_new(true)
+            .cache_capacity(16 * 1024 * 1024)
+            // No flusher thread: the database is flushed once at the end and let go of at once when dropped.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Open { path: path.to_owned(), source })?;
+        let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Loader { db, current: None, trees })
+    }
+
+    /// Adds one record to the table named `table`; a name this build does not know is refused.
+    pub fn insert(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let index =
+            tree::NAMES.iter().position(|name| *name == table).ok_or_else(|| StoreError::UnknownTable(table.into()))?;
+        if self.current.as_ref().is_some_and(|(current, _, count)| *current != index || *count >= LOAD_BATCH) {
+            self.write_batch()?;
+        }
+        let (_, batch, count) = self.current.get_or_insert_with(|| (index, sled::Batch::default(), 0));
+        batch.insert(key, value);
+        *count += 1;
+        Ok(())
+    }
+
+    fn write_batch(&mut self) -> Result<(), StoreError> {
+        if let Some((index, batch, _)) = self.current.take() {
+            self.trees[index].apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left and flushes the database to disk.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.write_batch()?;
+        self.db.flush()?;
+        Ok(())
     }
 }
 
@@ -670,6 +771,52 @@ mod tests {
         let before = [0u8; 16];
         let within = Scan { tree: tree::GROUPS, prefix, after: Some(&before), newest_first: true };
         assert!(store.page::<Group>(within, 10, |_| true).unwrap().items.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_sees_one_instant_while_writers_wait() {
+        let store = Store::open_temporary().unwrap();
+        for n in 0..3u8 {
+            store.transact::<_, ()>(|tx| tx.put(None, &user(n, &format!("u{n}@example.com")))).unwrap();
+        }
+        let late = user(9, "late@example.com");
+        let mut writer = None;
+        let mut seen = Vec::new();
+        store
+            .snapshot::<StoreError>(
+                |table| table == "users",
+                |_, key, _| {
+                    seen.push(key.to_vec());
+                    if writer.is_none() {
+                        let (other, record) = (store.clone(), late.clone());
+                        writer = Some(std::thread::spawn(move || {
+                            other.transact::<_, ()>(|tx| tx.put(None, &record)).unwrap();
+                        }));
+                        // Time enough for the writer to commit, were it not held back.
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        assert!(store.get::<User>(late.id.as_bytes()).unwrap().is_none(), "the writer waited");
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(seen.len(), 3, "the snapshot holds what was there when it began");
+        writer.unwrap().join().unwrap();
+        assert!(store.get::<User>(late.id.as_bytes()).unwrap().is_some(), "and the writer went on after it");
+    }
+
+    #[test]
+    fn a_loader_refuses_unknown_tables_and_its_database_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut loader = Loader::create(&dir.path().join("db")).unwrap();
+        let ann = user(1, "ann@example.com");
+        loader.insert("users", &ann.key(), &encode(&ann)).unwrap();
+        loader.insert("meta", KEY_SCHEMA_VERSION, &SCHEMA_VERSION.to_be_bytes()).unwrap();
+        assert!(matches!(loader.insert("nonsense", b"k", b"v"), Err(StoreError::UnknownTable(_))));
+        loader.finish().unwrap();
+        let store = Store::open_when_free(&dir.path().join("db"), std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(store.get::<User>(&ann.key()).unwrap(), Some(ann));
+        assert!(Loader::create(&dir.path().join("db")).is_err(), "never over an existing database");
     }
 
     #[test]

@@ -47,6 +47,8 @@ async fn an_admin_runs_the_appliance_from_the_browser() {
     // First run: the box sends the browser to setup; the code from the log creates the admin.
     b.goto(&format!("{origin}/admin")).await;
     assert_eq!(b.url().await, format!("{origin}/admin/setup"));
+    let setup = b.source().await;
+    assert!(setup.contains("Or restore from a backup") && setup.contains("id=\"restore-file\""), "{setup}");
     b.screenshot("setup").await;
     b.fill("#code", "WRONG-CODE-0000").await;
     b.fill("#password", PASSWORD).await;
@@ -259,7 +261,17 @@ async fn templates_settings_and_staged_devices_from_the_browser() {
     b.goto(&format!("{origin}/admin/login")).await;
     b.fill("#password", PASSWORD).await;
     b.click("button[type=submit]").await;
-    b.wait_for_text("Outbox").await;
+    let dashboard = b.wait_for_text("Outbox").await;
+    assert!(dashboard.contains("No backup yet"), "a box without a backup says so");
+
+    // A backup from the Settings page: the passphrase typed twice, refused next to the form when they differ.
+    b.goto(&format!("{origin}/admin/settings#backup")).await;
+    b.fill("#backup-passphrase", "a passphrase worth keeping").await;
+    b.fill("#backup-confirm", "a passphrase worth keepinh").await;
+    b.click("form[action='/admin/settings/backup#backup'] button[type=submit]").await;
+    let refused = b.wait_for_text("id=\"backup-error\"").await;
+    assert!(refused.contains("The two passphrases are not the same."), "{refused}");
+    b.screenshot("settings-backup").await;
 
     // Templates: a broken one is refused with its line and nothing is saved; a draft is previewed.
     b.goto(&format!("{origin}/admin/templates")).await;

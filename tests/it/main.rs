@@ -8,6 +8,7 @@ mod android;
 mod api;
 mod apple;
 mod apple_device;
+mod backup;
 mod browser;
 mod common;
 mod config_errors;

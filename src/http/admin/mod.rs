@@ -6,6 +6,7 @@
 
 mod enrollment;
 mod forms;
+pub mod restore;
 mod settings;
 
 use axum::Router;
@@ -42,6 +43,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("audit.html", include_str!("templates/audit.html")),
     ("settings.html", include_str!("templates/settings.html")),
     ("templates.html", include_str!("templates/templates.html")),
+    ("restored.html", include_str!("templates/restored.html")),
 ];
 
 pub fn routes() -> Router<AppState> {
@@ -403,13 +405,29 @@ async fn setup(
     render(&state, None, StatusCode::UNPROCESSABLE_ENTITY, "setup.html", values)
 }
 
+/// The last backup as the pages show it: when (to the minute, UTC), how big, and how it was made.
+pub fn last_backup_view(last: &crate::domain::LastBackup) -> Value {
+    let size = match last.bytes {
+        bytes if bytes >= 1 << 20 => format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20)),
+        bytes if bytes >= 1 << 10 => format!("{:.0} KiB", bytes as f64 / f64::from(1 << 10)),
+        bytes => format!("{bytes} bytes"),
+    };
+    minijinja::context! { at => crate::domain::minute(last.at), size => size, how => last.how.clone(), by => last.by.clone() }
+}
+
 async fn dashboard(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {
     let domain = state.enrollment.clone();
     let gathered = blocking(move || {
-        Ok((domain.dashboard()?, domain.outbox_counts()?, domain.push_certificate()?, domain.outbox_last_error()?))
+        Ok((
+            domain.dashboard()?,
+            domain.outbox_counts()?,
+            domain.push_certificate()?,
+            domain.outbox_last_error()?,
+            domain.last_backup()?,
+        ))
     })
     .await;
-    let (counts, outbox, push, last_error) = match gathered {
+    let (counts, outbox, push, last_error, last_backup) = match gathered {
         Ok(gathered) => gathered,
         Err(error) => return failure(&state, &admin, error),
     };
@@ -437,6 +455,7 @@ async fn dashboard(State(state): State<AppState>, SignedIn(admin): SignedIn) -> 
         ("last_error", Value::from(last_error.map(|(at, text)| format!("{} UTC: {text}", crate::domain::minute(at))))),
         ("push", Value::from(push)),
         ("tls", Value::from(tls)),
+        ("last_backup", Value::from(last_backup.map(|last| last_backup_view(&last)))),
     ]);
     render(&state, Some(&admin), StatusCode::OK, "dashboard.html", values)
 }

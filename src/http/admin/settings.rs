@@ -1,6 +1,6 @@
 //! The Settings page: the appliance's names, how users authenticate, invite rules, the push certificate (PEM or
-//! `.p12`), the mail relay and its test mail, the SMS gateway, and the HTTPS certificate (a new one now, or the
-//! admin's own).
+//! `.p12`), the mail relay and its test mail, the SMS gateway, the HTTPS certificate (a new one now, or the
+//! admin's own), and a backup to download.
 
 use axum::Router;
 use axum::extract::{Multipart, State};
@@ -31,13 +31,16 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/settings/tls", post(install_tls))
         .route("/admin/settings/tls/remove", post(remove_tls))
         .route("/admin/settings/push-p12", post(upload_p12))
+        .route("/admin/settings/backup", post(download_backup))
 }
 
 async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
     let domain = state.enrollment.clone();
-    let gathered =
-        blocking(move || Ok((domain.enroll_auth()?, domain.push_certificate()?, domain.android_app()?))).await;
-    let (auth, push, android) = match gathered {
+    let gathered = blocking(move || {
+        Ok((domain.enroll_auth()?, domain.push_certificate()?, domain.android_app()?, domain.last_backup()?))
+    })
+    .await;
+    let (auth, push, android, last_backup) = match gathered {
         Ok(gathered) => gathered,
         Err(error) => return failure(state, admin, error),
     };
@@ -63,9 +66,27 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
         url_is_configured => state.naming.url_is_configured(),
         sms => sms_view(state.mail.sms().as_deref()),
         android => android.map(|app| super::ser(&app)),
+        last_backup => last_backup.map(|last| super::last_backup_view(&last)),
+        min_passphrase => crate::backup::MIN_PASSPHRASE_CHARS,
         ..extra
     };
     render(state, Some(admin), status, "settings.html", values)
+}
+
+/// Downloads a backup encrypted with the passphrase typed twice; a refusal comes back on the page, by the form.
+async fn download_backup(State(state): State<AppState>, Posted { admin, fields }: Posted) -> Response {
+    let passphrase = fields.get("passphrase").unwrap_or_default().to_owned();
+    if fields.get("confirm").unwrap_or_default() != passphrase {
+        let extra = minijinja::context! { backup_error => "The two passphrases are not the same." };
+        return settings_page(&state, &admin, StatusCode::UNPROCESSABLE_ENTITY, extra).await;
+    }
+    match crate::http::api::backup::download(&state, admin.actor.clone(), "page", &passphrase).await {
+        Ok(response) => response,
+        Err(error) => {
+            let extra = minijinja::context! { backup_error => error.message };
+            settings_page(&state, &admin, error.status, extra).await
+        }
+    }
 }
 
 async fn settings(State(state): State<AppState>, SignedIn(admin): SignedIn) -> Response {

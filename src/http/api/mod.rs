@@ -9,6 +9,7 @@ pub(crate) mod access;
 mod accounts;
 pub(crate) mod android;
 mod apple;
+pub(crate) mod backup;
 mod devices;
 pub(crate) mod imports;
 mod invites;
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(mail::save_template, mail::reset_template))
         .routes(routes!(mail::preview))
         .routes(routes!(system::dashboard))
+        .routes(routes!(backup::backup))
         .routes(routes!(system::audit))
         .routes(routes!(system::openapi_document))
         .route_layer(middleware::from_fn_with_state(state, require_admin));

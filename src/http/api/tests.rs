@@ -392,3 +392,109 @@ async fn oversized_uploads_and_bodies_get_413_in_the_api_format() {
         .await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("too_large")));
 }
+
+/// A box with a state directory (a CA in `pki/`) and an admin, for backups.
+fn app_with_state_dir(dir: &std::path::Path) -> (Router, AppState) {
+    crate::pki::CertificateAuthority::load_or_create(&dir.join("pki"), "enroll", SystemClock.now()).unwrap();
+    let mut state = state_with(Store::open(&dir.join("db")).unwrap(), Arc::new(SystemClock));
+    state.state_dir = Some(Arc::new(dir.to_owned()));
+    state.auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+    let limits =
+        Limits { request_timeout: Duration::from_secs(30), max_body_bytes: 1 << 20, import_max_bytes: 1 << 20 };
+    (https_router(state.clone(), limits), state)
+}
+
+async fn bytes_of(router: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let response = router.clone().oneshot(request).await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 26).await.unwrap();
+    (status, headers, bytes.to_vec())
+}
+
+async fn dashboard(router: &Router, token: &str) -> String {
+    let request =
+        Request::get("/admin").header(header::COOKIE, format!("__Host-enrolld_session={token}")).body(Body::empty());
+    let (status, _, page) = bytes_of(router, request.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    String::from_utf8(page).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_download_through_the_api_and_the_settings_page_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, state) = app_with_state_dir(dir.path());
+    let (token, csrf, _) = login(&router).await;
+    let passphrase = "a passphrase worth keeping";
+
+    let (status, _, refused) = Call::new(Method::POST, "/api/v1/backup")
+        .bearer(&token)
+        .json(json!({"passphrase": "short"}))
+        .send(&router)
+        .await;
+    assert_eq!(
+        (status, refused["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("passphrase")),
+        "{refused}"
+    );
+    assert_eq!(state.enrollment.last_backup().unwrap(), None);
+    assert!(dashboard(&router, &token).await.contains("No backup yet"));
+
+    let request = Request::post("/api/v1/backup")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"passphrase": passphrase}).to_string()))
+        .unwrap();
+    let (status, headers, file) = bytes_of(&router, request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/octet-stream");
+    let disposition = headers[header::CONTENT_DISPOSITION].to_str().unwrap();
+    assert!(disposition.starts_with("attachment; filename=\"enrolld-backup-enroll-2"), "{disposition}");
+    assert_eq!(headers[header::CONTENT_LENGTH].to_str().unwrap(), file.len().to_string());
+    assert!(!file.windows(passphrase.len()).any(|w| w == passphrase.as_bytes()));
+    let restored_dir = dir.path().join("restored");
+    let restored = crate::backup::open(file.as_slice())
+        .unwrap()
+        .restore(&crate::backup::Passphrase::given(passphrase), &restored_dir)
+        .unwrap();
+    assert_eq!(restored.trailer.count("admins"), 1);
+    assert_eq!(restored.trailer.count("sessions"), 0, "the session this request came with stays out");
+    // Recorded once the whole file was handed over (by a task of its own).
+    let mut last = None;
+    for _ in 0..200 {
+        last = state.enrollment.last_backup().unwrap();
+        if last.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let last = last.expect("the download is recorded");
+    assert_eq!((last.bytes, last.how.as_str(), last.by.as_str()), (file.len() as u64, "api", "admin"));
+
+    // The Settings page: the passphrase typed twice, the session's CSRF token; a mismatch comes back on the page.
+    let form = |confirm: &str| {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("csrf", &csrf)
+            .append_pair("passphrase", passphrase)
+            .append_pair("confirm", confirm)
+            .finish();
+        Request::post("/admin/settings/backup")
+            .header(header::COOKIE, format!("__Host-enrolld_session={token}"))
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (status, _, page) = bytes_of(&router, form("something else entirely")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(String::from_utf8_lossy(&page).contains("The two passphrases are not the same."));
+    let (status, headers, file) = bytes_of(&router, form(passphrase)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_DISPOSITION].to_str().unwrap().starts_with("attachment;"));
+    assert!(file.starts_with(b"ENROLLD-BACKUP 1\n"));
+    assert!(dashboard(&router, &token).await.contains("Last backup: "), "the dashboard says when");
+
+    let (_, _, audit) = Call::new(Method::GET, "/api/v1/audit?limit=20").bearer(&token).send(&router).await;
+    let backups: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "backup.downloaded").collect();
+    assert!(!backups.is_empty(), "{audit}");
+    assert!(!audit.to_string().contains(passphrase), "never the passphrase");
+}
