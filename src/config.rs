@@ -56,6 +56,9 @@ pub struct Config {
     pub mail: MailConfig,
     /// Apple's push service: where MDM pushes go.
     pub apns: ApnsConfig,
+    /// What the appliance image runs (`VERSION=`, `ARCH=`, written by image/build); upgrades from the admin pages are
+    /// offered only when it exists.
+    pub release_file: PathBuf,
 }
 
 /// Where Apple MDM pushes go. Apple's production gateway unless a test (or a proxy) says otherwise.
@@ -320,6 +323,9 @@ struct Key {
     flag: &'static str,
 }
 
+/// Where the appliance image says what it is.
+pub const DEFAULT_RELEASE_FILE: &str = "/etc/enrolld-release";
+
 /// Apple's production push gateway.
 pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
 
@@ -374,6 +380,7 @@ const KEYS: &[Key] = &[
     Key { name: "sms_email_domain", kind: Kind::Text, flag: "" },
     Key { name: "apns_url", kind: Kind::Text, flag: "" },
     Key { name: "apns_ca_file", kind: Kind::Text, flag: "" },
+    Key { name: "release_file", kind: Kind::Text, flag: "" },
 ];
 
 /// Environment variables that are not configuration keys but are still ours.
@@ -565,6 +572,7 @@ impl Layers {
                 "apns_ca_file" => {
                     config.apns.ca_file.as_ref().map_or("(public roots only)".into(), |p| p.display().to_string())
                 }
+                "release_file" => config.release_file.display().to_string(),
                 "public_url" => config.public_url(config.https_listen.map(|a| a.port())),
                 "mail_max_connections" => config.mail.max_connections.to_string(),
                 "mail_max_per_second" => config.mail.max_per_second.to_string(),
@@ -759,6 +767,7 @@ impl Layers {
             },
             mail,
             apns: self.apns()?,
+            release_file: PathBuf::from(self.text("release_file").unwrap_or(DEFAULT_RELEASE_FILE)),
         })
     }
 

@@ -238,6 +238,11 @@ pub async fn run(
     state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher, Some(device_ca.clone()));
     state.tls_renewer = keeper.renewer();
     state.android = http::android::Android::new(state_dir.path().join("android"));
+    let upgrades = crate::upgrade::Upgrades::new(state_dir.path(), &config.release_file, crate::upgrade::MAX_BYTES);
+    if let Some(release) = upgrades.running() {
+        tracing::info!(version = %release.version, arch = %release.arch, "running from the appliance image");
+    }
+    state.upgrades = Some(Arc::new(upgrades));
     let limits = Limits {
         request_timeout: config.request_timeout,
         max_body_bytes: config.max_body_bytes,

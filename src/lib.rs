@@ -25,5 +25,6 @@ pub mod push;
 pub mod state_dir;
 pub mod store;
 pub mod tls;
+pub mod upgrade;
 
 pub use daemon::{DaemonError, Environment, Listeners, Outcome, run};

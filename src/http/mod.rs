@@ -74,6 +74,8 @@ pub struct AppState {
     pub restart: tokio_util::sync::CancellationToken,
     /// One restore at a time.
     pub restoring: Arc<tokio::sync::Mutex<()>>,
+    /// Upgrade bundles uploaded for the appliance's installer; `None` where there is no state directory.
+    pub upgrades: Option<Arc<crate::upgrade::Upgrades>>,
 }
 
 impl AppState {
@@ -100,6 +102,7 @@ impl AppState {
             state_dir: None,
             restart: tokio_util::sync::CancellationToken::new(),
             restoring: Arc::default(),
+            upgrades: None,
         }
     }
 }
@@ -142,22 +145,20 @@ fn device_routes() -> Router<AppState> {
 /// The application served over HTTPS.
 pub fn https_router(mut state: AppState, limits: Limits) -> Router {
     state.import_max_bytes = limits.import_max_bytes;
-    let (api, openapi) = api::router(state.clone());
+    let api::Routers { api, uploads, openapi } = api::router(state.clone());
     let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
-    // A backup uploaded on the setup page may be hundreds of MiB and take minutes to check: its own limits.
-    let restore = admin::restore::routes().layer(DefaultBodyLimit::disable()).layer(
-        ServiceBuilder::new()
-            .layer(TraceLayer::new_for_http())
-            .layer(SetResponseHeaderLayer::overriding(
-                HeaderName::from_static("x-content-type-options"),
-                HeaderValue::from_static("nosniff"),
-            ))
-            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, admin::restore::TIMEOUT))
-            .layer(RequestBodyLimitLayer::new(admin::restore::MAX_BYTES)),
-    );
     let routes = open_routes().merge(device_routes()).merge(api).fallback(ops::not_found);
-    with_middleware(routes, limits, state.store.clone()).merge(restore).with_state(state)
+    let store = state.store.clone();
+    // A backup uploaded on the setup page, and an upgrade bundle, may be hundreds of MiB and take minutes: their
+    // own limits.
+    let restore = layered(admin::restore::routes(), None, admin::restore::MAX_BYTES, admin::restore::TIMEOUT, &store);
+    let upgrade_limit = usize::try_from(crate::upgrade::MAX_BYTES).unwrap_or(usize::MAX).saturating_add(1 << 20);
+    let uploads = layered(uploads.merge(admin::upgrade_routes()), None, upgrade_limit, UPLOAD_TIMEOUT, &store);
+    with_middleware(routes, limits, &store).merge(restore).merge(uploads).with_state(state)
 }
+
+/// How long an upgrade bundle's upload may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Where plain-HTTP requests are sent: HTTPS on `port`, to the host the client asked for if the certificate carries
 /// that name (so the browser will accept it), otherwise to the `.local` name in use.
@@ -175,26 +176,40 @@ pub fn http_redirect_router(state: AppState, limits: Limits, target: RedirectTar
         let target = target.clone();
         async move { ops::redirect_to_https(&request, &target) }
     };
-    with_middleware(open_routes().fallback(redirect), limits, state.store.clone()).with_state(state)
+    let store = state.store.clone();
+    with_middleware(open_routes().fallback(redirect), limits, &store).with_state(state)
 }
 
-fn with_middleware(router: Router<AppState>, limits: Limits, store: Store) -> Router<AppState> {
+fn with_middleware(router: Router<AppState>, limits: Limits, store: &Store) -> Router<AppState> {
     // Extractors (JSON) stop at max_body_bytes; the hard limit on any body leaves room for the largest CSV upload,
     // which the import route counts and refuses itself with a JSON answer.
     let hard_limit = limits.max_body_bytes.max(limits.import_max_bytes.saturating_add(64 << 10));
-    router
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(store, durable))
-        .layer(
-            ServiceBuilder::new()
-                .layer(TraceLayer::new_for_http())
-                .layer(SetResponseHeaderLayer::overriding(
-                    HeaderName::from_static("x-content-type-options"),
-                    HeaderValue::from_static("nosniff"),
-                ))
-                .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
-                .layer(RequestBodyLimitLayer::new(hard_limit)),
-        )
+    layered(router, Some(limits.max_body_bytes), hard_limit, limits.request_timeout, store)
+}
+
+/// The middleware every route gets: tracing, `nosniff`, the request timeout, the body limits (`extractor_limit`
+/// for JSON and forms, `None` for routes that stream their body and count it themselves) and durable answers.
+fn layered(
+    router: Router<AppState>,
+    extractor_limit: Option<usize>,
+    hard_limit: usize,
+    timeout: Duration,
+    store: &Store,
+) -> Router<AppState> {
+    let extractor_limit = match extractor_limit {
+        Some(limit) => DefaultBodyLimit::max(limit),
+        None => DefaultBodyLimit::disable(),
+    };
+    router.layer(extractor_limit).layer(axum::middleware::from_fn_with_state(store.clone(), durable)).layer(
+        ServiceBuilder::new()
+            .layer(TraceLayer::new_for_http())
+            .layer(SetResponseHeaderLayer::overriding(
+                HeaderName::from_static("x-content-type-options"),
+                HeaderValue::from_static("nosniff"),
+            ))
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+            .layer(RequestBodyLimitLayer::new(hard_limit)),
+    )
 }
 
 /// A change is answered only once it is on disk. sled makes a committed transaction durable at its next flush (every

@@ -9,6 +9,8 @@ mod forms;
 pub mod restore;
 mod settings;
 
+pub use settings::upgrade_routes;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

@@ -34,7 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/settings/backup", post(download_backup))
 }
 
-async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
+pub(super) async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extra: Value) -> Response {
     let domain = state.enrollment.clone();
     let gathered = blocking(move || {
         Ok((domain.enroll_auth()?, domain.push_certificate()?, domain.android_app()?, domain.last_backup()?))
@@ -68,6 +68,11 @@ async fn settings_page(state: &AppState, admin: &Admin, status: StatusCode, extr
         android => android.map(|app| super::ser(&app)),
         last_backup => last_backup.map(|last| super::last_backup_view(&last)),
         min_passphrase => crate::backup::MIN_PASSPHRASE_CHARS,
+        upgrade => super::ser(&crate::http::api::system::upgrade_view(state)),
+        enrolld_version => env!("CARGO_PKG_VERSION"),
+        upgrade_at => crate::http::api::system::upgrade_view(state).at
+            .and_then(|at| time::OffsetDateTime::from_unix_timestamp(at).ok())
+            .map(|at| format!("{} {:02}:{:02} UTC", at.date(), at.hour(), at.minute())),
         ..extra
     };
     render(state, Some(admin), status, "settings.html", values)
@@ -694,4 +699,74 @@ async fn remove_android(State(state): State<AppState>, Posted { admin, .. }: Pos
     }
     let extra = minijinja::context! { notice => "The Android app settings are removed; invites carry the plain link." };
     settings_page(&state, &admin, StatusCode::OK, extra).await
+}
+
+/// The upgrade form's route, which takes a bundle of a few hundred MiB: the caller gives it its own body limit.
+pub fn upgrade_routes() -> Router<AppState> {
+    Router::new().route("/admin/settings/upgrade", axum::routing::post(upload_upgrade))
+}
+
+/// Takes an upgrade bundle from the Settings page and hands it to the appliance's installer. The form sends the
+/// CSRF token before the file, so a forged post is refused before a byte of the file is kept; the file is streamed
+/// to the state directory, never held in memory.
+async fn upload_upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    SignedIn(admin): SignedIn,
+    mut multipart: Multipart,
+) -> Response {
+    let refused = |status: StatusCode, message: String| {
+        let state = state.clone();
+        let admin = admin.clone();
+        async move {
+            let extra = minijinja::context! { upgrade_error => message };
+            settings_page(&state, &admin, status, extra).await
+        }
+    };
+    let mut fields = super::Fields::default();
+    let mut receiver = None;
+    loop {
+        let mut field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(error) => return refused(StatusCode::BAD_REQUEST, error.body_text()).await,
+        };
+        if field.name() != Some("file") {
+            let name = field.name().unwrap_or_default().to_owned();
+            match field.text().await {
+                Ok(text) if text.len() <= 4096 => fields.0.push((name, text)),
+                _ => return refused(StatusCode::BAD_REQUEST, "The form could not be read.".into()).await,
+            }
+            continue;
+        }
+        if let Some(forbidden) = super::verify_form(&state, &headers, &admin, &fields) {
+            return forbidden;
+        }
+        let mut upload = match crate::http::api::system::UpgradeReceiver::begin(&state).await {
+            Ok(upload) => upload,
+            Err(error) => return refused(error.status, error.message).await,
+        };
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => {
+                    if let Err(error) = upload.write(chunk).await {
+                        return refused(error.status, error.message).await;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    let error = upload.broken_off(&error);
+                    return refused(error.status, error.message).await;
+                }
+            }
+        }
+        receiver = Some(upload);
+    }
+    let Some(receiver) = receiver else {
+        return refused(StatusCode::UNPROCESSABLE_ENTITY, "Choose the upgrade file (.update) to upload.".into()).await;
+    };
+    match receiver.finish(&state, &admin.actor).await {
+        Ok(_) => axum::response::Redirect::to("/admin/settings#upgrade").into_response(),
+        Err(error) => refused(error.status, error.message).await,
+    }
 }

@@ -14,7 +14,7 @@ mod devices;
 pub(crate) mod imports;
 mod invites;
 pub(crate) mod mail;
-mod system;
+pub(crate) mod system;
 mod users;
 
 use std::net::SocketAddr;
@@ -39,7 +39,16 @@ use crate::domain::{Actor, DomainError};
 use crate::model::Session;
 
 /// The API's routes and its OpenAPI document.
-pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+pub struct Routers {
+    /// Every route but uploads, under the common body limit.
+    pub api: Router<AppState>,
+    /// Routes that take large uploads (upgrade bundles), which the caller gives their own limits.
+    pub uploads: Router<AppState>,
+    pub openapi: utoipa::openapi::OpenApi,
+}
+
+/// The API's routes and its OpenAPI document.
+pub fn router(state: AppState) -> Routers {
     let protected = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(access::logout))
         .routes(routes!(access::sessions))
@@ -91,14 +100,21 @@ pub fn router(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(backup::backup))
         .routes(routes!(system::audit))
         .routes(routes!(system::openapi_document))
-        .route_layer(middleware::from_fn_with_state(state, require_admin));
+        .routes(routes!(system::upgrade_status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let (uploads, uploads_doc) = OpenApiRouter::new()
+        .routes(routes!(system::upload_upgrade))
+        .route_layer(middleware::from_fn_with_state(state, require_admin))
+        .split_for_parts();
     let public = OpenApiRouter::new()
         .routes(routes!(access::login))
         .routes(routes!(access::setup_status, access::setup))
         .routes(routes!(crate::http::android::enroll))
         .routes(routes!(crate::http::android::checkin))
         .layer(axum::extract::DefaultBodyLimit::max(crate::http::android::MAX_BODY_BYTES));
-    protected.merge(public).split_for_parts()
+    let (api, mut openapi) = protected.merge(public).split_for_parts();
+    openapi.merge(uploads_doc);
+    Routers { api, uploads, openapi }
 }
 
 /// Routes that answer without a signed-in admin.

@@ -498,3 +498,117 @@ async fn backups_download_through_the_api_and_the_settings_page_and_are_recorded
     assert!(!backups.is_empty(), "{audit}");
     assert!(!audit.to_string().contains(passphrase), "never the passphrase");
 }
+
+/// A bundle as `image/build` makes it, as far as enrolld reads it: a tar archive whose first member is the manifest.
+fn bundle(arch: &str, version: &str) -> Vec<u8> {
+    let manifest = format!("FORMAT=1\nVERSION={version}\nARCH={arch}\nROOT_BYTES=512\nCMDLINE=rw quiet\n");
+    let mut out = Vec::new();
+    for (name, data) in [("manifest", manifest.as_bytes()), ("SHA256SUMS", b"sums\n".as_slice())] {
+        let mut header = [0u8; 512];
+        header[..name.len()].copy_from_slice(name.as_bytes());
+        header[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+        header[156] = b'0';
+        header[257..263].copy_from_slice(b"ustar\0");
+        out.extend_from_slice(&header);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+async fn put_bundle(router: &Router, token: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
+    let request = Request::put("/api/v1/system/upgrade")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from(bytes))
+        .unwrap();
+    let (status, _, body) = bytes_of(router, request).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrade_bundles_are_taken_only_on_the_appliance_and_only_for_this_box() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, state) = app_with_state_dir(dir.path());
+    let (token, csrf, _) = login(&router).await;
+    let (status, refused) = put_bundle(&router, &token, bundle("amd64", "0.2.0")).await;
+    assert_eq!((status, refused["error"].as_str()), (StatusCode::CONFLICT, Some("not_appliance")), "{refused}");
+
+    // The same box, now running from the appliance image.
+    let release = dir.path().join("enrolld-release");
+    std::fs::write(&release, "VERSION=0.1.0-1\nARCH=amd64\n").unwrap();
+    let mut state = state;
+    state.upgrades = Some(Arc::new(crate::upgrade::Upgrades::new(dir.path(), &release, 1 << 20)));
+    let limits = Limits { request_timeout: Duration::from_secs(30), max_body_bytes: 4096, import_max_bytes: 4096 };
+    let router = https_router(state.clone(), limits);
+    let (_, _, status) = Call::new(Method::GET, "/api/v1/system/upgrade").bearer(&token).send(&router).await;
+    assert_eq!((status["running"]["version"].as_str(), status["state"].as_str()), (Some("0.1.0-1"), Some("idle")));
+
+    for (bytes, code) in [
+        (bundle("arm64", "0.2.0"), "wrong_architecture"),
+        (bundle("amd64", "0.1.0-1"), "same_version"),
+        (b"PK\x03\x04 not a tar".repeat(100), "not_a_bundle"),
+    ] {
+        let (status, refused) = put_bundle(&router, &token, bytes).await;
+        assert_eq!((status, refused["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(code)), "{refused}");
+    }
+    assert!(std::fs::read_dir(dir.path().join("upgrade")).unwrap().next().is_none(), "nothing refused is kept");
+    let (status, _) = put_bundle(&router, &token, vec![0; (1 << 20) + 1]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Larger than any JSON body the API takes: the upgrade route has its own limit.
+    let mut good = bundle("amd64", "0.2.0");
+    good.resize(64 << 10, 0);
+    let (status, accepted) = put_bundle(&router, &token, good.clone()).await;
+    assert_eq!((status, accepted["state"].as_str()), (StatusCode::ACCEPTED, Some("waiting")), "{accepted}");
+    assert_eq!(accepted["version"], "0.2.0");
+    assert_eq!(std::fs::read(dir.path().join("upgrade/bundle.update")).unwrap(), good);
+    assert!(dir.path().join("upgrade/request").exists(), "the installer's cue");
+    let (status, busy) = put_bundle(&router, &token, bundle("amd64", "0.3.0")).await;
+    assert_eq!((status, busy["error"].as_str()), (StatusCode::CONFLICT, Some("upgrade_under_way")));
+    let (_, _, audit) = Call::new(Method::GET, "/api/v1/audit?limit=20").bearer(&token).send(&router).await;
+    assert!(audit.to_string().contains("upgrade.uploaded"), "{audit}");
+
+    // The installer refuses it (its signature, say): the Settings page says so, and takes the next one, CSRF
+    // token first.
+    std::fs::remove_file(dir.path().join("upgrade/request")).unwrap();
+    let status_file = dir.path().join("upgrade/status");
+    std::fs::write(&status_file, "state=failed\nversion=0.2.0\nmessage=it is not signed by a key this box trusts\n")
+        .unwrap();
+    let settings = Request::get("/admin/settings")
+        .header(header::COOKIE, format!("__Host-enrolld_session={token}"))
+        .body(Body::empty())
+        .unwrap();
+    let (_, _, page) = bytes_of(&router, settings).await;
+    let page = String::from_utf8(page).unwrap();
+    assert!(page.contains("This box runs enrolld 0.1.0-1 (amd64)"), "{page}");
+    assert!(page.contains("it is not signed by a key this box trusts"));
+    let multipart = |csrf: &str, bytes: &[u8]| {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"--XX\r\nContent-Disposition: form-data; name=\"csrf\"\r\n\r\n");
+        body.extend_from_slice(csrf.as_bytes());
+        body.extend_from_slice(b"\r\n--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.update\"\r\n");
+        body.extend_from_slice(b"Content-Type: application/octet-stream\r\n\r\n");
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n--XX--\r\n");
+        Request::post("/admin/settings/upgrade")
+            .header(header::COOKIE, format!("__Host-enrolld_session={token}"))
+            .header(header::CONTENT_TYPE, "multipart/form-data; boundary=XX")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (status, _, _) = bytes_of(&router, multipart("forged", &bundle("amd64", "0.2.1"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(!dir.path().join("upgrade/request").exists(), "a forged post hands nothing over");
+    let (status, _, page) = bytes_of(&router, multipart(&csrf, &bundle("arm64", "0.2.1"))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(String::from_utf8_lossy(&page).contains("this box is amd64"));
+    let (status, headers, _) = bytes_of(&router, multipart(&csrf, &bundle("amd64", "0.2.1"))).await;
+    assert_eq!(
+        (status, headers[header::LOCATION].to_str().unwrap()),
+        (StatusCode::SEE_OTHER, "/admin/settings#upgrade")
+    );
+    assert!(dir.path().join("upgrade/request").exists());
+    assert!(!status_file.exists(), "the last installer's answer is cleared for the new bundle");
+}
