@@ -9,6 +9,7 @@
 pub mod addrs;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod csvfile;
 pub mod daemon;
 pub mod domain;

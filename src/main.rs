@@ -98,7 +98,7 @@ fn serve(args: &ConfigArgs) -> ExitCode {
     let result = runtime.block_on(async {
         // Install the handlers before start-up work, so a signal that arrives early still stops enrolld cleanly.
         let shutdown = shutdown_signal();
-        enrolld::run(config, state_dir, listeners, shutdown, Environment::default()).await
+        enrolld::run(config, state_dir, listeners, shutdown, Environment::system()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -194,6 +194,12 @@ impl Renewer {
         Ok(())
     }
 
+    /// Asks the keeper to check the certificate now rather than at its next tick (the clock jumped): it issues a
+    /// new one only if the check finds a reason.
+    pub fn check_now(&self) {
+        self.wake.notify_one();
+    }
+
     /// Asks for a new certificate; the keeper issues and serves it within moments.
     pub fn request(&self) {
         self.wanted.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -549,6 +555,28 @@ mod tests {
         assert!(info.subject.contains("front-desk.local"), "{}", info.subject);
         assert!(served_names(&f.keeper).contains(&"front-desk.local".to_owned()));
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged);
+    }
+
+    #[tokio::test]
+    async fn a_check_now_runs_the_check_at_once_without_forcing_a_new_certificate() {
+        let f = fixture();
+        let (renewer, serving) = (f.keeper.renewer(), f.keeper.serving());
+        let before = serving.leaf();
+        let token = CancellationToken::new();
+        let running = tokio::spawn(f.keeper.run(std::time::Duration::from_secs(3_600), token.clone()));
+        renewer.check_now();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(serving.leaf(), before, "nothing due: the same certificate");
+        // The clock jumped to within 30 days of expiry: told so, the keeper renews now, not at its next hourly tick.
+        f.clock.advance(Duration::days(368));
+        renewer.check_now();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while serving.leaf() == before {
+            assert!(std::time::Instant::now() < deadline, "not renewed after check_now");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        token.cancel();
+        running.await.unwrap();
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub struct AppState {
     pub tls_renewer: crate::tls::Renewer,
     /// The admin pages' templates, parsed once.
     pub admin_templates: Arc<minijinja::Environment<'static>>,
+    /// Whether the clock is synchronised, and its last jump (for `/healthz` and the dashboard).
+    pub clock_status: crate::clock::ClockStatus,
+    /// Where the setup page tells the first admin to find the setup code ("in the terminal where enrolld was
+    /// started", …), decided at start.
+    pub setup_code_place: &'static str,
 }
 
 impl AppState {
@@ -87,6 +92,8 @@ impl AppState {
             windows: windows::Throttle::default(),
             tls_renewer: crate::tls::Renewer::default(),
             admin_templates: Arc::new(admin::templates()),
+            clock_status: crate::clock::ClockStatus::new(crate::clock::ClockState::Plausible),
+            setup_code_place: crate::console::Launch::Other.setup_code_place(false),
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,
@@ -156,6 +163,25 @@ pub fn http_redirect_router(state: AppState, limits: Limits, target: RedirectTar
     with_middleware(open_routes().fallback(redirect), limits).with_state(state)
 }
 
+/// What plain HTTP serves while enrolld waits for the clock (nothing else runs yet): `/healthz` answering 503
+/// `waiting_for_clock`, and a page saying why for everything else. `clock` follows the latest check.
+pub fn waiting_router(clock: tokio::sync::watch::Receiver<crate::clock::ClockState>, limits: Limits) -> Router {
+    // Without the tracing layer: its every 503 would be logged as a failure, once per health probe.
+    Router::new()
+        .route("/healthz", get(ops::healthz_waiting))
+        .fallback(ops::waiting_page)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetResponseHeaderLayer::overriding(
+                    HeaderName::from_static("x-content-type-options"),
+                    HeaderValue::from_static("nosniff"),
+                ))
+                .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+                .layer(RequestBodyLimitLayer::new(limits.max_body_bytes)),
+        )
+        .with_state(clock)
+}
+
 fn with_middleware(router: Router<AppState>, limits: Limits) -> Router<AppState> {
     // Extractors (JSON) stop at max_body_bytes; the hard limit on any body leaves room for the largest CSV upload,
     // which the import route counts and refuses itself with a JSON answer.
@@ -203,6 +229,30 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&body_text(response).await).unwrap();
         assert_eq!(json["status"], "ok");
         assert_eq!(json["schema"], crate::store::SCHEMA_VERSION);
+        assert_eq!(json["clock"], "plausible");
+    }
+
+    #[tokio::test]
+    async fn while_waiting_for_the_clock_healthz_is_503_and_pages_say_why() {
+        use crate::clock::ClockState;
+        let (report, clock) = tokio::sync::watch::channel(ClockState::Unsynchronised);
+        let router = waiting_router(clock, limits());
+        let response = router.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let json: serde_json::Value = serde_json::from_str(&body_text(response).await).unwrap();
+        assert_eq!(json["status"], "waiting_for_clock");
+        assert_eq!(json["clock"], "unsynchronised");
+        assert!(json["message"].as_str().unwrap().contains("UDP port 123"), "{json}");
+
+        let now = time::OffsetDateTime::from_unix_timestamp(0).unwrap();
+        report.send_replace(ClockState::Unset { now });
+        let response = router.oneshot(Request::get("/admin/setup").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/html"));
+        let page = body_text(response).await;
+        assert!(page.contains("1970-01-01 00:00 UTC: it has not been set"), "{page}");
+        assert!(page.contains("http-equiv=\"refresh\""), "the page reloads itself: {page}");
     }
 
     #[tokio::test]

@@ -429,8 +429,14 @@ async fn dashboard(State(state): State<AppState>, SignedIn(admin): SignedIn) -> 
             ("days_left", Value::from(days(info.not_after))),
         ])
     });
+    let clock = state.clock_status.report();
+    let clock = Value::from_pairs([
+        ("state", Value::from(clock.state.describe())),
+        ("jump", Value::from(clock.last_jump.map(|jump| jump.describe()))),
+    ]);
     let values = Value::from_pairs([
         ("title", Value::from("Dashboard")),
+        ("clock", clock),
         ("counts", ser(&counts)),
         ("outbox", ser(&outbox)),
         ("relay", Value::from(state.mail.relay().is_some())),
