@@ -233,6 +233,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_setup_page_says_where_the_code_is_for_how_enrolld_was_started() {
+        use crate::console::Launch;
+        for (launch, console, expected) in [
+            (Launch::Systemd, true, "on the box's screen or serial console, and in its log (journalctl -u enrolld)"),
+            (Launch::Terminal, false, "in the terminal where enrolld was started"),
+        ] {
+            let mut state = state();
+            state.setup_code_place = launch.setup_code_place(console);
+            let expected = expected.replace('\'', "&#x27;");
+            let request = Request::get("/admin/setup").body(Body::empty()).unwrap();
+            let response = https_router(state.clone(), limits()).oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let page = body_text(response).await;
+            assert!(page.contains(&format!("Enter the setup code shown {expected}, and")), "{page}");
+            assert!(launch != Launch::Terminal || !page.contains("journalctl"), "{page}");
+
+            let form = "code=WRONG-CODE-0000&username=admin&password=long+enough+pw&confirm=long+enough+pw";
+            let request = Request::post("/admin/setup")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(form))
+                .unwrap();
+            let page = body_text(https_router(state, limits()).oneshot(request).await.unwrap()).await;
+            assert!(page.contains(&format!("copy it as shown {expected}.")), "{page}");
+        }
+    }
+
+    #[tokio::test]
     async fn while_waiting_for_the_clock_healthz_is_503_and_pages_say_why() {
         use crate::clock::ClockState;
         let (report, clock) = tokio::sync::watch::channel(ClockState::Unsynchronised);

@@ -50,6 +50,10 @@ async fn the_setup_code_stays_the_same_across_restarts_and_leaves_the_console_wi
     console_when(&console, |text| text.contains(&code) && !text.contains("(stopped)"));
 
     let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    // Started neither by systemd nor on a terminal, with a console file: the page names those two places.
+    let page = common::browse(daemon.https, &ca, hyper::Method::GET, "/admin/setup", &[], None).await;
+    let place = "shown on the box&#x27;s screen or serial console, and in enrolld&#x27;s log,";
+    assert!(page.body.contains(place) && !page.body.contains("journalctl"), "{}", page.body);
     let claim = serde_json::json!({"setup_code": "WRONG-CODE-XXX", "username": "admin", "password": PASSWORD});
     let (status, _) = common::api(daemon.https, &ca, hyper::Method::POST, "/api/v1/setup", None, Some(claim)).await;
     assert_eq!(status, 403);
