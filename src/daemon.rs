@@ -26,6 +26,7 @@ use crate::mail::outbox::OutboxSettings;
 use crate::mail::{self, Mail, MailError, Relay};
 use crate::mdns::Announcement;
 use crate::naming::{Names, Naming};
+use crate::pki::scep::{DeviceCa, DeviceCaCreation};
 use crate::pki::{CertificateAuthority, PkiError};
 use crate::state_dir::{StateDir, StateDirError};
 use crate::store::{Store, StoreError};
@@ -268,9 +269,11 @@ pub async fn run(
     let pusher = crate::push::Pusher::new(&config.apns).map_err(|e| DaemonError::Push(e.to_string()))?;
     let serving = listeners.https.is_some().then(|| keeper.serving());
     // The device-identity CA (RSA, under the appliance CA) issues Apple identities over SCEP and Windows client
-    // certificates; made now because HTTPS asks Windows devices for a certificate it issued.
-    let device_ca = Arc::new(crate::pki::scep::ScepAuthority::load_or_create(&state_dir.pki(), &ca, env.clock.now())?);
-    state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher, Some(device_ca.clone()));
+    // certificates. Loaded now if it exists; on a first start it is made after READY (RSA key generation takes
+    // seconds on a small board), and until then HTTPS asks for no client certificate and the routes that need it
+    // answer 503 with Retry-After.
+    let (device_ca, device_ca_creation) = DeviceCa::open(&state_dir.pki(), ca.clone(), env.clock.now())?;
+    state.mdm = http::mdm::Mdm::new(ca.clone(), device_ca.clone(), serving, pusher);
     state.tls_renewer = keeper.renewer();
     state.android = http::android::Android::new(state_dir.path().join("android"));
     let mut tasks = Tasks::default();
@@ -279,7 +282,7 @@ pub async fn run(
         Some(listener) => {
             let listener = tokio_listener(listener, "https_listen")?;
             let addr = listener.local_addr().ok();
-            let tls = tls::server_config(keeper.serving(), Some(device_ca.cert_der()))?;
+            let tls = tls::server_config(keeper.serving(), Some(device_ca.clone()))?;
             let app = http::https_router(state.clone(), limits);
             let serving = http::serve::serve(listener, Some(tls), app, token.clone(), config.shutdown_grace);
             tasks.spawn("https", serving);
@@ -344,6 +347,10 @@ pub async fn run(
     }
 
     notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
+    if let Some(creation) = device_ca_creation {
+        // Not one of the named tasks: it ends by design once the CA is made.
+        tokio::spawn(make_device_ca(creation, token.clone()));
+    }
     tracing::info!("{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
     if let Some(code) = setup_code {
         tracing::warn!(
@@ -511,6 +518,29 @@ impl ClockWatcher {
                     self.status.set_state(verdict);
                 }
             }
+        }
+    }
+}
+
+/// Makes the device-identity CA off the path to READY (RSA key generation on the blocking pool), trying again
+/// every minute if that fails (a full disk, say); the pending handle answers for it meanwhile.
+async fn make_device_ca(creation: DeviceCaCreation, shutdown: CancellationToken) {
+    let creation = Arc::new(creation);
+    loop {
+        let started = std::time::Instant::now();
+        let job = creation.clone();
+        match tokio::task::spawn_blocking(move || job.run()).await {
+            Ok(Ok(())) => {
+                let took_ms = started.elapsed().as_millis();
+                tracing::info!(took_ms, "the device-identity CA is ready: SCEP and Windows enrollment can issue");
+                return;
+            }
+            Ok(Err(error)) => tracing::error!(%error, "making the device-identity CA failed; trying again in a minute"),
+            Err(error) => tracing::error!(%error, "making the device-identity CA failed; trying again in a minute"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
         }
     }
 }

@@ -129,3 +129,37 @@ async fn an_unsynchronised_clock_holds_everything_back_until_ntp_sets_it() {
     assert!(!shown.contains("Waiting for the clock"), "{shown}");
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scep_answers_at_once_right_after_a_first_start_then_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(&state, &[]);
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let started = Instant::now();
+    loop {
+        let path = "/scep?operation=GetCACert";
+        let fetch = common::fetch_bytes(daemon.https, &ca, hyper::Method::GET, path, &[], Vec::new());
+        let (status, headers, _) = tokio::time::timeout(Duration::from_secs(2), fetch).await.expect("SCEP hung");
+        match status {
+            200 => break,
+            503 => assert!(headers.contains_key("retry-after"), "a 503 says when to come back"),
+            other => panic!("GetCACert answered {other}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the device-identity CA was never made");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(state.join("pki/scep.key").exists());
+    let log = daemon.log();
+    assert!(log.contains("the device-identity CA is ready"), "{log}");
+    // Made after READY: the banner comes first.
+    assert!(log.find("ready: open") < log.find("the device-identity CA is ready"), "{log}");
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+
+    // A restart loads it before serving: no 503.
+    let daemon = Daemon::start(&state, &[]);
+    let (status, _, _) =
+        common::fetch_bytes(daemon.https, &ca, hyper::Method::GET, "/scep?operation=GetCACert", &[], Vec::new()).await;
+    assert_eq!(status, 200);
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+}
