@@ -181,6 +181,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     env: Environment,
 ) -> Result<(), DaemonError> {
+    let started = std::time::Instant::now();
     let mut shutdown = std::pin::pin!(shutdown);
     let store = Store::open(&state_dir.database())?;
     let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
@@ -351,7 +352,8 @@ pub async fn run(
         // Not one of the named tasks: it ends by design once the CA is made.
         tokio::spawn(make_device_ca(creation, token.clone()));
     }
-    tracing::info!("{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
+    let ready_ms = started.elapsed().as_millis();
+    tracing::info!(ready_ms, "{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
     if let Some(code) = setup_code {
         tracing::warn!(
             "enrolld has no admin yet: open the page above and enter the setup code {code} to create one (or restart with ENROLLD_ADMIN_PASSWORD set)"
