@@ -199,6 +199,8 @@ pub async fn run(
             ..Screen::default()
         },
     ));
+    // However run ends (shutdown, a failed start), the console says enrolld stopped.
+    let _stopped = MarkStopped(console.clone());
     let limits = Limits {
         request_timeout: config.request_timeout,
         max_body_bytes: config.max_body_bytes,
@@ -213,7 +215,6 @@ pub async fn run(
         {
             Some(state) => state,
             None => {
-                console.update(|screen| screen.stopped = true);
                 store.flush().map_err(DaemonError::Flush)?;
                 tracing::info!("stopped");
                 return Ok(());
@@ -377,7 +378,6 @@ pub async fn run(
     {
         tracing::warn!("an import did not stop in time; the next start finishes it");
     }
-    console.update(|screen| screen.stopped = true);
     if let Err(error) = store.record_time_seen(env.clock.now().unix_timestamp()) {
         tracing::warn!(%error, "recording the time at shutdown failed");
     }
@@ -395,6 +395,15 @@ pub async fn run(
             tracing::info!("stopped");
             Ok(())
         }
+    }
+}
+
+/// Marks the console text stopped when dropped.
+struct MarkStopped(Arc<Console>);
+
+impl Drop for MarkStopped {
+    fn drop(&mut self) {
+        self.0.update(|screen| screen.stopped = true);
     }
 }
 
