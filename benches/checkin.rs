@@ -209,7 +209,14 @@ async fn main() {
     let push_cert = push.self_signed(&push_key).unwrap();
     let upload = json!({"certificate_pem": push_cert.pem(), "private_key_pem": push_key.serialize_pem()});
     json_call(&mut s, "PUT", "/api/v1/apple/push-certificate", Some(&token), upload).await;
-    let (_, certs) = call(&mut s, "GET", "/scep?operation=GetCACert", &[], Vec::new()).await;
+    // On a first start the device-identity CA is made after the daemon is ready: 503 until then.
+    let certs = loop {
+        let (status, certs) = call(&mut s, "GET", "/scep?operation=GetCACert", &[], Vec::new()).await;
+        if status == 200 {
+            break certs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let scep_ca = {
         use der::{Decode, Encode};
         let info = cms::content_info::ContentInfo::from_der(&certs).unwrap();

@@ -52,6 +52,11 @@ pub struct Config {
     pub session_ttl: Duration,
     /// How users authenticate on the enrollment page, until an admin saves another choice.
     pub enroll_auth: crate::model::EnrollAuth,
+    /// Where to keep a text for the box's console (the address to open, the setup code, a clock problem), in the
+    /// form agetty shows above the login prompt; `None` for no such file.
+    pub console_file: Option<PathBuf>,
+    /// What the clock must be before enrolld makes keys, issues certificates or computes expiries.
+    pub clock_check: crate::clock::ClockCheck,
     /// How invites and other messages are sent.
     pub mail: MailConfig,
     /// Apple's push service: where MDM pushes go.
@@ -271,6 +276,13 @@ pub struct ConfigArgs {
     /// Log filter: error, warn, info, debug, trace, or a directive such as `enrolld=debug,info`.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Keep the address to open and the setup code in FILE, for the box's console (agetty's issue format).
+    #[arg(long, value_name = "FILE")]
+    pub console_file: Option<PathBuf>,
+    /// What the clock must be before enrolld issues certificates: plausible, or synchronised (NTP or a hardware
+    /// clock).
+    #[arg(long, value_name = "CHECK")]
+    pub clock_check: Option<String>,
 }
 
 /// Why the configuration cannot be used. Each message is one line that names the key, the value and the fix.
@@ -340,6 +352,8 @@ const KEYS: &[Key] = &[
     Key { name: "tls_cert", kind: Kind::Text, flag: "--tls-cert" },
     Key { name: "tls_key", kind: Kind::Text, flag: "--tls-key" },
     Key { name: "log_level", kind: Kind::Text, flag: "--log-level" },
+    Key { name: "console_file", kind: Kind::Text, flag: "--console-file" },
+    Key { name: "clock_check", kind: Kind::Text, flag: "--clock-check" },
     Key { name: "cert_check_interval_secs", kind: Kind::Integer, flag: "" },
     Key { name: "request_timeout_secs", kind: Kind::Integer, flag: "" },
     Key { name: "max_body_bytes", kind: Kind::Integer, flag: "" },
@@ -383,8 +397,10 @@ const KEYS: &[Key] = &[
     Key { name: "release_file", kind: Kind::Text, flag: "" },
 ];
 
-/// Environment variables that are not configuration keys but are still ours.
-const OTHER_ENV: &[&str] = &["ENROLLD_CONFIG", "ENROLLD_BACKUP_PASSPHRASE"];
+/// Environment variables that are not configuration keys but are still ours: the configuration file, the backup
+/// passphrase, and for tests only, where to look for the clock's synchronisation markers instead of `/`
+/// (`daemon::TEST_CLOCK_ROOT_ENV`).
+const OTHER_ENV: &[&str] = &["ENROLLD_CONFIG", "ENROLLD_BACKUP_PASSPHRASE", "ENROLLD_TEST_CLOCK_ROOT"];
 
 #[derive(Debug, Clone, PartialEq)]
 enum Raw {
@@ -527,6 +543,12 @@ impl Layers {
         if let Some(path) = &args.admin_password_file {
             set("admin_password_file", path_text(path));
         }
+        if let Some(path) = &args.console_file {
+            set("console_file", path_text(path));
+        }
+        if let Some(check) = &args.clock_check {
+            set("clock_check", Raw::Text(check.clone()));
+        }
         Ok(())
     }
 
@@ -551,6 +573,8 @@ impl Layers {
                     }
                 },
                 "log_level" => config.log_level.clone(),
+                "console_file" => config.console_file.as_ref().map_or("(none)".into(), |p| p.display().to_string()),
+                "clock_check" => config.clock_check.as_str().to_owned(),
                 "cert_check_interval_secs" => config.cert_check_interval.as_secs().to_string(),
                 "request_timeout_secs" => config.request_timeout.as_secs().to_string(),
                 "max_body_bytes" => config.max_body_bytes.to_string(),
@@ -726,6 +750,17 @@ impl Layers {
             });
         }
 
+        let console_file = self.text("console_file").map(str::trim).filter(|p| !p.is_empty()).map(PathBuf::from);
+        let clock_check = match self.text("clock_check") {
+            None => crate::clock::ClockCheck::Plausible,
+            Some(text) => text.parse().map_err(|reason: String| {
+                self.invalid(
+                    "clock_check",
+                    &format!("{reason} (synchronised waits for NTP or a hardware clock, for boards without one)"),
+                )
+            })?,
+        };
+
         let mail = self.mail(&hostname)?;
         let validity_days = self.integer("invite_validity_days", 7, 1..=90)?;
         if u64::from(mail.reminder_days) >= validity_days {
@@ -765,6 +800,8 @@ impl Layers {
                     )
                 })?,
             },
+            console_file,
+            clock_check,
             mail,
             apns: self.apns()?,
             release_file: PathBuf::from(self.text("release_file").unwrap_or(DEFAULT_RELEASE_FILE)),
@@ -1303,6 +1340,7 @@ mod tests {
             (&[("ENROLLD_SMS_GATEWAY", "email")], "sms_email_domain"),
             (&[("ENROLLD_CONFIRMATION_TO", "helpdesk")], "confirmation_to"),
             (&[("ENROLLD_INVITE_REMINDER_DAYS", "7")], "fewer days than invite_validity_days"),
+            (&[("ENROLLD_CLOCK_CHECK", "ntp")], "use plausible or synchronised"),
         ];
         for (vars, expected) in cases {
             let result = Layers::gather(&ConfigArgs::default(), env(vars)).and_then(|layers| layers.resolve(None));
@@ -1354,6 +1392,8 @@ mod tests {
         assert_eq!(config.https_listen, Some("[::]:443".parse().unwrap()));
         assert_eq!(config.http_listen, Some("[::]:80".parse().unwrap()));
         assert_eq!(config.state_dir, PathBuf::from("/var/lib/enrolld"));
+        assert_eq!(config.console_file, Some(PathBuf::from("/run/enrolld/console.issue")));
+        assert_eq!(config.clock_check, crate::clock::ClockCheck::Synchronised);
     }
 
     #[test]

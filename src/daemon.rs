@@ -1,7 +1,8 @@
-//! The daemon's life: bind, open the store, load the CA and certificate, start every task under one shutdown
-//! signal, tell systemd, and on the way out stop accepting, let requests finish, withdraw mDNS and flush the store.
-//! A backup restored on the setup page ends a run with [`Outcome::Restart`]: `main` binds again and runs once more
-//! on the same (still locked) state directory, where the restored contents are put in place first.
+//! The daemon's life: bind, open the store, wait for a clock it can trust, load the CA and certificate, start every
+//! task under one shutdown signal, tell systemd and the box's console, and on the way out stop accepting, let
+//! requests finish, withdraw mDNS and flush the store. A backup restored on the setup page ends a run with
+//! [`Outcome::Restart`]: `main` binds again and runs once more on the same (still locked) state directory, where the
+//! restored contents are put in place first.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,8 +15,11 @@ use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::addrs::{AddressSource, SystemAddresses};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{
+    self, CLOCK_ADVICE, Clock, ClockCheck, ClockState, ClockStatus, JumpDetector, SyncMarkers, SystemClock,
+};
 use crate::config::Config;
+use crate::console::{Console, Launch, Screen};
 use crate::domain::RetryPolicy;
 use crate::domain::auth::{Auth, AuthError};
 use crate::domain::{DomainError, Enrollment, Policy};
@@ -24,6 +28,7 @@ use crate::mail::outbox::OutboxSettings;
 use crate::mail::{self, Mail, MailError, Relay};
 use crate::mdns::Announcement;
 use crate::naming::{Names, Naming};
+use crate::pki::scep::{DeviceCa, DeviceCaCreation};
 use crate::pki::{CertificateAuthority, PkiError};
 use crate::state_dir::{StateDir, StateDirError};
 use crate::store::{Store, StoreError};
@@ -50,10 +55,6 @@ pub enum DaemonError {
     Mail(#[from] MailError),
     #[error("the Apple push client: {0}")]
     Push(String),
-    #[error(
-        "the system clock says {now}, before this build of enrolld existed; set the time (NTP, or `date -s`) and start again, or certificates issued now would be rejected"
-    )]
-    ClockUnset { now: time::OffsetDateTime },
     #[error("the {task} task stopped unexpectedly; enrolld is shutting down (see the log above for why)")]
     TaskEnded { task: &'static str },
     #[error("flushing the database on shutdown failed: {0}")]
@@ -74,8 +75,8 @@ pub enum Outcome {
 }
 
 impl DaemonError {
-    /// 2 for anything that stopped start-up (configuration, ports, state directory, clock), 1 for a failure while
-    /// running, which systemd may restart.
+    /// 2 for anything that stopped start-up (configuration, ports, state directory), 1 for a failure while
+    /// running, which systemd may restart. A clock that is not set yet is not a failure: enrolld waits for it.
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::TaskEnded { .. } | DaemonError::Flush(_) => 1,
@@ -83,10 +84,6 @@ impl DaemonError {
         }
     }
 }
-
-/// No real clock is earlier than this (the year this enrolld was written); a board without a clock battery that
-/// booted at 1970 is, and must not make a CA or certificates.
-const EARLIEST_PLAUSIBLE_UNIX: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 
 /// The sockets `main` bound before handing over.
 #[derive(Debug)]
@@ -150,18 +147,46 @@ fn bind_error(key: &'static str, addr: SocketAddr, error: &io::Error) -> DaemonE
     DaemonError::Bind { key, addr, advice }
 }
 
-/// The outside world the daemon reads: the clock and the box's addresses. Tests substitute their own.
+/// The outside world the daemon reads: the clock, the box's addresses, what the system says about its clock, and
+/// how enrolld was started. Tests substitute their own.
 #[derive(Debug, Clone)]
 pub struct Environment {
     pub clock: Arc<dyn Clock>,
     pub addresses: Arc<dyn AddressSource>,
+    /// The files that say whether the clock was synchronised.
+    pub sync_markers: SyncMarkers,
+    /// How enrolld was started: where its log, and so the setup code, goes.
+    pub launch: Launch,
 }
 
-impl Default for Environment {
-    fn default() -> Self {
-        Environment { clock: Arc::new(SystemClock), addresses: Arc::new(SystemAddresses) }
+/// For tests only: a directory that stands in for `/` where enrolld looks for the clock's synchronisation
+/// markers (`run/systemd/timesync/synchronized`, `sys/class/rtc/rtc0/hctosys`), so a test can say when the clock
+/// is synchronised.
+pub const TEST_CLOCK_ROOT_ENV: &str = "ENROLLD_TEST_CLOCK_ROOT";
+
+impl Environment {
+    /// The real machine: the wall clock, the interfaces' addresses, the system's markers, the process's own
+    /// environment.
+    pub fn system() -> Environment {
+        let sync_markers = match std::env::var_os(TEST_CLOCK_ROOT_ENV) {
+            Some(root) => SyncMarkers::under(std::path::Path::new(&root)),
+            None => SyncMarkers::default(),
+        };
+        Environment {
+            clock: Arc::new(SystemClock),
+            addresses: Arc::new(SystemAddresses),
+            sync_markers,
+            launch: Launch::detect(),
+        }
     }
 }
+
+/// How often an untrusted clock is looked at again.
+const CLOCK_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the clock-watch task compares the wall clock with the monotonic clock.
+const CLOCK_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// The latest time seen is written to the store every this many watches (a minute).
+const LATEST_TIME_EVERY: u32 = 12;
 
 /// Runs the daemon until `shutdown` completes (or a task fails, or a restored backup asks for a restart).
 pub async fn run(
@@ -171,12 +196,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     env: Environment,
 ) -> Result<Outcome, DaemonError> {
-    let now = env.clock.now();
-    if now.unix_timestamp() < EARLIEST_PLAUSIBLE_UNIX {
-        return Err(DaemonError::ClockUnset { now });
-    }
+    let started = std::time::Instant::now();
+    let mut shutdown = std::pin::pin!(shutdown);
+    // The stamp only names where replaced contents go; the clock may not be trusted yet.
     if let Some(aside) =
-        state_dir.install_pending_restore(&crate::state_dir::stamp(now)).map_err(DaemonError::Restore)?
+        state_dir.install_pending_restore(&crate::state_dir::stamp(env.clock.now())).map_err(DaemonError::Restore)?
     {
         tracing::warn!(
             previous = %aside.display(),
@@ -185,6 +209,45 @@ pub async fn run(
     }
     // After a restart in-process, the last run's database handle lets go of its lock a moment after it is dropped.
     let store = Store::open_when_free(&state_dir.database(), std::time::Duration::from_secs(10))?;
+    let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+    let http_port = listeners.http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+    let configured = Names { organisation: config.mail.organisation.clone(), hostname: config.hostname.clone() };
+    let names = crate::domain::saved_names_in(&store, &configured)?;
+    let console = Arc::new(Console::new(
+        config.console_file.clone(),
+        Screen {
+            organisation: names.organisation.clone(),
+            hostname: names.hostname.clone(),
+            mdns: config.mdns,
+            https_port,
+            http_port,
+            ..Screen::default()
+        },
+    ));
+    // However run ends (shutdown, a failed start), the console says enrolld stopped.
+    let _stopped = MarkStopped(console.clone());
+    let limits = Limits {
+        request_timeout: config.request_timeout,
+        max_body_bytes: config.max_body_bytes,
+        import_max_bytes: config.import_max_bytes,
+    };
+
+    // Nothing that depends on the time (keys, certificates, expiries, audit times) happens before the clock is
+    // trusted.
+    let clock_state =
+        match wait_for_clock(&config, &env, &store, listeners.http.as_ref(), &console, limits, shutdown.as_mut())
+            .await?
+        {
+            Some(state) => state,
+            None => {
+                store.flush().map_err(DaemonError::Flush)?;
+                tracing::info!("stopped");
+                return Ok(Outcome::Stopped);
+            }
+        };
+    store.record_time_seen(env.clock.now().unix_timestamp())?;
+    let clock_status = ClockStatus::new(clock_state);
+
     let (ca, created) = CertificateAuthority::load_or_create(&state_dir.pki(), &config.hostname, env.clock.now())?;
     if created {
         tracing::info!(subject = %ca.info().subject, sha256 = %ca.info().sha256, "created the appliance CA");
@@ -206,8 +269,6 @@ pub async fn run(
     for import in enrollment.recover_imports()? {
         tracing::warn!(import = %import.id, state = %import.state, "{}", import.message);
     }
-    let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
-    let configured = Names { organisation: config.mail.organisation.clone(), hostname: config.hostname.clone() };
     let naming = Naming::new(enrollment.saved_names(&configured)?, config.mail.public_url.clone(), https_port);
     let keeper = CertificateKeeper::start(
         &config,
@@ -221,21 +282,27 @@ pub async fn run(
     let session_ttl = time::Duration::try_from(config.session_ttl).unwrap_or(time::Duration::hours(12));
     let auth = Auth::new(enrollment.clone(), session_ttl)?;
     let setup_code = auth.bootstrap(&config.admin_user, config.admin_password.as_deref())?;
+    console.update(|screen| screen.setup_code = setup_code.clone());
     let token = CancellationToken::new();
     let relay = config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?;
     let mail = Mail::new(&enrollment, relay, config.mail.sms.clone(), config.mail.max_connections, naming.clone())?;
-    let mut state = AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth);
+    let mut state =
+        AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth.clone());
     state.shutdown = token.clone();
     state.state_dir = Some(Arc::new(state_dir.path().to_owned()));
     let restart = state.restart.clone();
     state.mail = mail.clone();
     state.naming = naming.clone();
+    state.clock_status = clock_status.clone();
+    state.setup_code_place = env.launch.setup_code_place(config.console_file.is_some());
     let pusher = crate::push::Pusher::new(&config.apns).map_err(|e| DaemonError::Push(e.to_string()))?;
     let serving = listeners.https.is_some().then(|| keeper.serving());
     // The device-identity CA (RSA, under the appliance CA) issues Apple identities over SCEP and Windows client
-    // certificates; made now because HTTPS asks Windows devices for a certificate it issued.
-    let device_ca = Arc::new(crate::pki::scep::ScepAuthority::load_or_create(&state_dir.pki(), &ca, env.clock.now())?);
-    state.mdm = http::mdm::Mdm::new(ca.clone(), state_dir.pki(), serving, pusher, Some(device_ca.clone()));
+    // certificates. Loaded now if it exists; on a first start it is made after READY (RSA key generation takes
+    // seconds on a small board), and until then HTTPS asks for no client certificate and the routes that need it
+    // answer 503 with Retry-After.
+    let (device_ca, device_ca_creation) = DeviceCa::open(&state_dir.pki(), ca.clone(), env.clock.now())?;
+    state.mdm = http::mdm::Mdm::new(ca.clone(), device_ca.clone(), serving, pusher);
     state.tls_renewer = keeper.renewer();
     state.android = http::android::Android::new(state_dir.path().join("android"));
     let upgrades = crate::upgrade::Upgrades::new(state_dir.path(), &config.release_file, crate::upgrade::MAX_BYTES);
@@ -243,18 +310,13 @@ pub async fn run(
         tracing::info!(version = %release.version, arch = %release.arch, "running from the appliance image");
     }
     state.upgrades = Some(Arc::new(upgrades));
-    let limits = Limits {
-        request_timeout: config.request_timeout,
-        max_body_bytes: config.max_body_bytes,
-        import_max_bytes: config.import_max_bytes,
-    };
     let mut tasks = Tasks::default();
 
     let https_addr = match listeners.https {
         Some(listener) => {
             let listener = tokio_listener(listener, "https_listen")?;
             let addr = listener.local_addr().ok();
-            let tls = tls::server_config(keeper.serving(), Some(device_ca.cert_der()))?;
+            let tls = tls::server_config(keeper.serving(), Some(device_ca.clone()))?;
             let app = http::https_router(state.clone(), limits);
             let serving = http::serve::serve(listener, Some(tls), app, token.clone(), config.shutdown_grace);
             tasks.spawn("https", serving);
@@ -303,8 +365,24 @@ pub async fn run(
             "cannot make the control socket; `enrolld backup` will not reach this daemon (a shorter --state-dir path helps if it is longer than 100 characters)"
         ),
     }
+    let renewer = keeper.renewer();
     tasks.spawn("tls-keeper", keeper.run(config.cert_check_interval, token.clone()));
-    tasks.spawn("invite-sweeper", sweep_invites(enrollment.clone(), token.clone()));
+    let sweep_now = Arc::new(tokio::sync::Notify::new());
+    tasks.spawn("invite-sweeper", sweep_invites(enrollment.clone(), sweep_now.clone(), token.clone()));
+    let watcher = ClockWatcher {
+        clock: env.clock.clone(),
+        markers: env.sync_markers.clone(),
+        check: config.clock_check,
+        store: store.clone(),
+        status: clock_status,
+        renewer,
+        sweep_now,
+    };
+    tasks.spawn("clock-watch", watcher.run(token.clone()));
+    tasks.spawn(
+        "console",
+        follow_console(console.clone(), naming.subscribe(), auth.setup_code_updates(), token.clone()),
+    );
     let outbox = OutboxSettings {
         mail: mail.clone(),
         max_connections: config.mail.max_connections,
@@ -321,7 +399,12 @@ pub async fn run(
     }
 
     notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
-    tracing::info!("{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
+    if let Some(creation) = device_ca_creation {
+        // Not one of the named tasks: it ends by design once the CA is made.
+        tokio::spawn(make_device_ca(creation, token.clone()));
+    }
+    let ready_ms = started.elapsed().as_millis();
+    tracing::info!(ready_ms, "{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
     if let Some(code) = setup_code {
         tracing::warn!(
             "enrolld has no admin yet: open the page above and enter the setup code {code} to create one (or restart with ENROLLD_ADMIN_PASSWORD set)"
@@ -329,7 +412,7 @@ pub async fn run(
     }
 
     let (failed, outcome) = tokio::select! {
-        () = shutdown => (None, Outcome::Stopped),
+        () = shutdown.as_mut() => (None, Outcome::Stopped),
         () = restart.cancelled() => (None, Outcome::Restart),
         name = tasks.first_to_end() => (Some(name), Outcome::Stopped),
     };
@@ -357,6 +440,9 @@ pub async fn run(
     {
         tracing::warn!("an import did not stop in time; the next start finishes it");
     }
+    if let Err(error) = store.record_time_seen(env.clock.now().unix_timestamp()) {
+        tracing::warn!(%error, "recording the time at shutdown failed");
+    }
     let flushed = store.flush();
     match (failed, flushed) {
         (Some(task), flushed) => {
@@ -374,6 +460,187 @@ pub async fn run(
     }
 }
 
+/// Marks the console text stopped when dropped.
+struct MarkStopped(Arc<Console>);
+
+impl Drop for MarkStopped {
+    fn drop(&mut self) {
+        self.0.update(|screen| screen.stopped = true);
+    }
+}
+
+/// Judges the clock and, while it cannot be trusted, waits: systemd is told enrolld is up but waiting, plain HTTP
+/// answers `/healthz` with 503 and every other page with why (HTTPS accepts nothing yet; connections wait in the
+/// listen backlog), the console says what to do, and the clock is looked at again every 2 s. Returns the trusted
+/// state, or `None` if `shutdown` came first.
+async fn wait_for_clock(
+    config: &Config,
+    env: &Environment,
+    store: &Store,
+    http: Option<&std::net::TcpListener>,
+    console: &Console,
+    limits: Limits,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<ClockState>, DaemonError> {
+    let latest = store.latest_time_seen()?.and_then(|unix| time::OffsetDateTime::from_unix_timestamp(unix).ok());
+    let judge = || clock::judge(config.clock_check, env.clock.now(), latest, env.sync_markers.read());
+    let mut state = judge();
+    if state.trusted() {
+        return Ok(Some(state));
+    }
+    let tell = |state: &ClockState| {
+        tracing::warn!(
+            clock = state.as_str(),
+            "{}. enrolld makes no keys or certificates until it is right, and looks again every {} s. {CLOCK_ADVICE}.",
+            state.describe(),
+            CLOCK_RECHECK.as_secs()
+        );
+        notify_systemd(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("waiting for the clock: {}", state.describe())),
+        ]);
+        console.update(|screen| screen.clock_problem = Some(state.describe()));
+    };
+    tell(&state);
+    let (report, reports) = tokio::sync::watch::channel(state);
+    let token = CancellationToken::new();
+    let server = match http {
+        Some(listener) => {
+            let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+            // A second handle on the same socket: the waiting page serves on it, then drops it, and the listener
+            // itself goes on to serve normally without a moment of refused connections.
+            let clone = listener.try_clone().map_err(|error| bind_error("http_listen", addr, &error))?;
+            let listener = tokio_listener(clone, "http_listen")?;
+            let app = http::waiting_router(reports, limits);
+            let grace = std::time::Duration::from_secs(1);
+            Some(tokio::spawn(http::serve::serve(listener, None, app, token.clone(), grace)))
+        }
+        None => None,
+    };
+    let trusted = loop {
+        tokio::select! {
+            () = shutdown.as_mut() => break None,
+            () = tokio::time::sleep(CLOCK_RECHECK) => {}
+        }
+        let now = judge();
+        if now.trusted() {
+            break Some(now);
+        }
+        if now.as_str() != state.as_str() {
+            tell(&now);
+        }
+        report.send_replace(now);
+        state = now;
+    };
+    token.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    if let Some(state) = &trusted {
+        tracing::info!(clock = state.as_str(), "{}; starting", state.describe());
+        notify_systemd(&[sd_notify::NotifyState::Status("starting")]);
+        console.update(|screen| screen.clock_problem = None);
+    }
+    Ok(trusted)
+}
+
+/// Watches the clock while enrolld runs: a step of more than a minute is logged, shown on the dashboard, and has
+/// the certificate keeper check its certificate and the invite sweeper run at once; the latest time seen goes to
+/// the store once a minute; and the synchronisation state follows the system's markers.
+struct ClockWatcher {
+    clock: Arc<dyn Clock>,
+    markers: SyncMarkers,
+    check: ClockCheck,
+    store: Store,
+    status: ClockStatus,
+    renewer: tls::Renewer,
+    sweep_now: Arc<tokio::sync::Notify>,
+}
+
+impl ClockWatcher {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(CLOCK_WATCH_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut detector = JumpDetector::new(self.clock.now(), std::time::Instant::now());
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let now = self.clock.now();
+            if let Some(jump) = detector.sample(now, std::time::Instant::now()) {
+                tracing::warn!(
+                    "the clock jumped {}; checking the HTTPS certificate and invite expiry again",
+                    jump.describe()
+                );
+                self.status.jumped(jump);
+                self.renewer.check_now();
+                self.sweep_now.notify_one();
+            }
+            ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(LATEST_TIME_EVERY) {
+                if let Err(error) = self.store.record_time_seen(now.unix_timestamp()) {
+                    tracing::warn!(%error, "recording the time failed");
+                }
+                // Once trusted, the clock stays trusted (a jump is checked, not waited for); what is shown follows
+                // the markers, such as NTP's first answer after a start on a plausible clock.
+                let verdict = clock::judge(self.check, now, None, self.markers.read());
+                if verdict.trusted() && verdict != self.status.report().state {
+                    tracing::info!(clock = verdict.as_str(), "{}", verdict.describe());
+                    self.status.set_state(verdict);
+                }
+            }
+        }
+    }
+}
+
+/// Makes the device-identity CA off the path to READY (RSA key generation on the blocking pool), trying again
+/// every minute if that fails (a full disk, say); the pending handle answers for it meanwhile.
+async fn make_device_ca(creation: DeviceCaCreation, shutdown: CancellationToken) {
+    let creation = Arc::new(creation);
+    loop {
+        let started = std::time::Instant::now();
+        let job = creation.clone();
+        match tokio::task::spawn_blocking(move || job.run()).await {
+            Ok(Ok(())) => {
+                let took_ms = started.elapsed().as_millis();
+                tracing::info!(took_ms, "the device-identity CA is ready: SCEP and Windows enrollment can issue");
+                return;
+            }
+            Ok(Err(error)) => tracing::error!(%error, "making the device-identity CA failed; trying again in a minute"),
+            Err(error) => tracing::error!(%error, "making the device-identity CA failed; trying again in a minute"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+/// Keeps the console's text in step with the names an admin saves and the setup code (gone once the first admin
+/// exists).
+async fn follow_console(
+    console: Arc<Console>,
+    mut names: tokio::sync::watch::Receiver<Names>,
+    mut setup_code: tokio::sync::watch::Receiver<Option<String>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            Ok(()) = names.changed() => {}
+            Ok(()) = setup_code.changed() => {}
+        }
+        let (names, code) = (names.borrow_and_update().clone(), setup_code.borrow_and_update().clone());
+        console.update(|screen| {
+            screen.organisation = names.organisation;
+            screen.hostname = names.hostname;
+            screen.setup_code = code;
+        });
+    }
+}
+
 fn tokio_listener(listener: std::net::TcpListener, key: &'static str) -> Result<tokio::net::TcpListener, DaemonError> {
     let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     listener.set_nonblocking(true).map_err(|error| bind_error(key, addr, &error))?;
@@ -381,13 +648,14 @@ fn tokio_listener(listener: std::net::TcpListener, key: &'static str) -> Result<
 }
 
 /// Marks invites expired as their time runs out (listing and counting also sweep, so this keeps remarks and the
-/// audit log timely).
-async fn sweep_invites(enrollment: Enrollment, shutdown: CancellationToken) {
+/// audit log timely); every minute, and at once when `now` is notified (the clock jumped).
+async fn sweep_invites(enrollment: Enrollment, now: Arc<tokio::sync::Notify>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            () = now.notified() => {}
         }
         let domain = enrollment.clone();
         match tokio::task::spawn_blocking(move || domain.sweep_expired()).await {

@@ -10,6 +10,7 @@ pub mod addrs;
 pub mod backup;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod csvfile;
 pub mod daemon;

@@ -152,7 +152,7 @@ fn serve(args: &ConfigArgs) -> ExitCode {
                 None => Listeners::bind(&config)?,
             };
             let shutdown = stop.clone().cancelled_owned();
-            match enrolld::run(config.clone(), &state_dir, listeners, shutdown, Environment::default()).await? {
+            match enrolld::run(config.clone(), &state_dir, listeners, shutdown, Environment::system()).await? {
                 Outcome::Restart => continue,
                 Outcome::Stopped => return Ok::<(), enrolld::DaemonError>(()),
             }

@@ -7,14 +7,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio_util::sync::CancellationToken;
 
 use crate::addrs::AddressSource;
 use crate::clock::Clock;
 use crate::config::{Config, SubjectName, TlsSource};
 use crate::naming::Naming;
+use crate::pki::scep::DeviceCa;
 use crate::pki::{self, CertificateAuthority, PkiError, ServerCertificate};
 use crate::store::{CertificateRecord, Store, StoreError};
 
@@ -93,30 +97,117 @@ fn certified_key(cert: &ServerCertificate) -> Result<CertifiedKey, TlsError> {
 
 /// A rustls server configuration on the ring provider, TLS 1.2 and 1.3, offering HTTP/2 and HTTP/1.1. With
 /// `device_ca`, clients may present a certificate that CA issued (Windows devices authenticate their management
-/// sessions so); a client without one is served as before, and what a certificate proves is up to the route.
+/// sessions so) once the CA is ready; a client without one is served as before, and what a certificate proves is
+/// up to the route.
 pub fn server_config(
     resolver: Arc<ServingCertificate>,
-    device_ca: Option<&rustls_pki_types::CertificateDer<'_>>,
+    device_ca: Option<DeviceCa>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Key)?;
     let builder = match device_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(ca.clone().into_owned()).map_err(TlsError::Key)?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|error| TlsError::Key(rustls::Error::General(error.to_string())))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(device_ca) => builder.with_client_cert_verifier(Arc::new(DeviceCaVerifier::new(device_ca, provider))),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Asks clients for a certificate from the device-identity CA, and checks it, once that CA is ready: until then
+/// (it is being made on a first start) the server asks for none. A certificate is never required.
+#[derive(Debug)]
+pub struct DeviceCaVerifier {
+    device_ca: DeviceCa,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The WebPKI verifier for the CA, made the first time the CA is seen ready.
+    inner: std::sync::OnceLock<Option<Arc<dyn ClientCertVerifier>>>,
+}
+
+impl DeviceCaVerifier {
+    pub fn new(device_ca: DeviceCa, provider: Arc<rustls::crypto::CryptoProvider>) -> DeviceCaVerifier {
+        DeviceCaVerifier { device_ca, provider, inner: std::sync::OnceLock::new() }
+    }
+
+    /// The verifier to delegate to, if the CA is ready (and its certificate makes one).
+    fn inner(&self) -> Option<&Arc<dyn ClientCertVerifier>> {
+        if let Some(inner) = self.inner.get() {
+            return inner.as_ref();
+        }
+        let ca = self.device_ca.get()?;
+        self.inner
+            .get_or_init(|| {
+                let mut roots = rustls::RootCertStore::empty();
+                let built = roots.add(ca.cert_der().clone()).map_err(|error| error.to_string()).and_then(|()| {
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|error| error.to_string())
+                });
+                match built {
+                    Ok(verifier) => Some(verifier),
+                    Err(error) => {
+                        tracing::error!(%error, "client certificates from the device-identity CA cannot be checked; none are asked for");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    fn not_ready() -> rustls::Error {
+        rustls::Error::General("the device-identity CA is not ready".into())
+    }
+}
+
+impl ClientCertVerifier for DeviceCaVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner().is_some()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner().map_or(&[], |inner| inner.root_hint_subjects())
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner().ok_or_else(Self::not_ready)?.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().ok_or_else(Self::not_ready)?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().ok_or_else(Self::not_ready)?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        match self.inner() {
+            Some(inner) => inner.supported_verify_schemes(),
+            None => self.provider.signature_verification_algorithms.supported_schemes(),
+        }
+    }
 }
 
 /// What a check of the certificate did.
@@ -192,6 +283,12 @@ impl Renewer {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Asks the keeper to check the certificate now rather than at its next tick (the clock jumped): it issues a
+    /// new one only if the check finds a reason.
+    pub fn check_now(&self) {
+        self.wake.notify_one();
     }
 
     /// Asks for a new certificate; the keeper issues and serves it within moments.
@@ -549,6 +646,28 @@ mod tests {
         assert!(info.subject.contains("front-desk.local"), "{}", info.subject);
         assert!(served_names(&f.keeper).contains(&"front-desk.local".to_owned()));
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged);
+    }
+
+    #[tokio::test]
+    async fn a_check_now_runs_the_check_at_once_without_forcing_a_new_certificate() {
+        let f = fixture();
+        let (renewer, serving) = (f.keeper.renewer(), f.keeper.serving());
+        let before = serving.leaf();
+        let token = CancellationToken::new();
+        let running = tokio::spawn(f.keeper.run(std::time::Duration::from_secs(3_600), token.clone()));
+        renewer.check_now();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(serving.leaf(), before, "nothing due: the same certificate");
+        // The clock jumped to within 30 days of expiry: told so, the keeper renews now, not at its next hourly tick.
+        f.clock.advance(Duration::days(368));
+        renewer.check_now();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while serving.leaf() == before {
+            assert!(std::time::Instant::now() < deadline, "not renewed after check_now");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        token.cancel();
+        running.await.unwrap();
     }
 
     #[test]

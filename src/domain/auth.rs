@@ -9,6 +9,7 @@ use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use time::{Duration, OffsetDateTime};
+use tokio::sync::watch;
 use utoipa::ToSchema;
 
 use super::{Actor, DomainError, DomainResult, Enrollment, random_bytes, sha256_hex};
@@ -30,7 +31,7 @@ pub enum AuthError {
     TooManyAttempts { retry_after_secs: u64 },
     #[error("this appliance is set up already; sign in instead")]
     AlreadySetUp,
-    #[error("the setup code is wrong; it is printed in enrolld's log (journalctl -u enrolld) at start")]
+    #[error("the setup code is wrong; copy it from where enrolld shows it: its log, or the box's console")]
     BadSetupCode,
     #[error("{0}")]
     WeakPassword(String),
@@ -85,16 +86,20 @@ pub struct Auth {
     domain: Enrollment,
     session_ttl: Duration,
     limiter: Arc<Mutex<Limiter>>,
-    /// The code that claims an unconfigured box, while there is no admin yet.
-    setup_code: Arc<Mutex<Option<String>>>,
-    /// A hash to verify against when the username is unknown, so timing does not tell which usernames exist.
-    decoy_hash: Arc<str>,
+    /// The setup code while the box waits for its first admin (kept in the store, so the same code survives
+    /// restarts), `None` once there is an admin: for the box's console to follow.
+    setup: Arc<watch::Sender<Option<String>>>,
 }
+
+/// A hash to verify against when the username is unknown, so timing does not tell which usernames exist. Of
+/// nothing in particular: verifying costs what the parameters say (those [`hash_password`] uses; a test keeps them
+/// in step), and a constant costs nothing at start-up.
+const DECOY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$D6VxBY9wqqjPQ1Baxpm1Mg$onbhFRCJpn6UzttilWd3531ywend9IUF6y995WXSFms";
 
 impl Auth {
     pub fn new(domain: Enrollment, session_ttl: Duration) -> DomainResult<Auth> {
-        let decoy_hash = hash_password(&String::from_utf8_lossy(&random_bytes::<16>()))?.into();
-        Ok(Auth { domain, session_ttl, limiter: Arc::default(), setup_code: Arc::default(), decoy_hash })
+        Ok(Auth { domain, session_ttl, limiter: Arc::default(), setup: Arc::new(watch::Sender::new(None)) })
     }
 
     pub fn has_admin(&self) -> DomainResult<bool> {
@@ -102,19 +107,27 @@ impl Auth {
         Ok(!self.domain.store().page::<Admin>(scan, 1, |_| true)?.items.is_empty())
     }
 
-    /// At start-up: with no admin yet, creates `username` from `password` if one is configured, or else makes a
-    /// setup code and returns it (for the log).
+    /// At start-up: with no admin yet, creates `username` from `password` if one is configured, or else returns
+    /// the setup code (for the log and the console): the one kept from an earlier start, or a new one. With an
+    /// admin (however it came: setup, the configured password, a restored backup) any kept code is forgotten.
     pub fn bootstrap(&self, username: &str, password: Option<&str>) -> Result<Option<String>, AuthError> {
         if self.has_admin()? {
+            self.domain.store().remove_setup_code()?;
+            self.setup.send_replace(None);
             return Ok(None);
         }
         if let Some(password) = password {
-            self.insert_admin(&Actor::system(), username, password)?;
+            self.insert_admin(&Actor::system(), username, password, None)?;
             return Ok(None);
         }
-        let code = setup_code();
-        *self.setup_code.lock().unwrap_or_else(PoisonError::into_inner) = Some(code.clone());
+        let code = self.domain.store().setup_code_or_insert(setup_code)?;
+        self.setup.send_replace(Some(code.clone()));
         Ok(Some(code))
+    }
+
+    /// The setup code while the box waits for its first admin, then `None`; changes as that happens.
+    pub fn setup_code_updates(&self) -> watch::Receiver<Option<String>> {
+        self.setup.subscribe()
     }
 
     /// Whether the box still waits for its first admin.
@@ -122,7 +135,8 @@ impl Auth {
         Ok(!self.has_admin()?)
     }
 
-    /// Claims an unconfigured box with the setup code from the log: creates the first admin and signs them in.
+    /// Claims an unconfigured box with the setup code enrolld showed at start: creates the first admin and signs
+    /// them in. The code is spent in the transaction that creates the admin, so it claims the box once.
     pub fn setup(
         &self,
         code: &str,
@@ -131,31 +145,31 @@ impl Auth {
         client: Option<String>,
     ) -> Result<SignedIn, AuthError> {
         let actor = Actor { name: truncate(username), client: client.clone() };
-        self.check_setup_code(&actor, code)?;
-        let admin = self.insert_admin(&actor, username, password)?;
-        *self.setup_code.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let expected = self.check_setup_code(&actor, code)?;
+        let admin = self.insert_admin(&actor, username, password, Some(&expected))?;
         self.start_session(&admin.username, client)
     }
 
     /// Checks the setup code of a box that has no admin yet, with the same slowing-down of repeated failures per
-    /// client as sign-in; creating the first admin and restoring a backup on a fresh box both need it.
-    pub fn check_setup_code(&self, actor: &Actor, code: &str) -> Result<(), AuthError> {
+    /// client as sign-in; creating the first admin and restoring a backup on a fresh box both need it. Returns the
+    /// code as stored, which the transaction creating the first admin spends.
+    pub fn check_setup_code(&self, actor: &Actor, code: &str) -> Result<String, AuthError> {
         if self.has_admin()? {
             return Err(AuthError::AlreadySetUp);
         }
         let limit_key = format!("setup:{}", actor.client.as_deref().unwrap_or("-"));
         self.reserve_attempt(actor, &limit_key, None)?;
-        let expected = self.setup_code.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let expected = self.domain.store().setup_code()?;
         let matches = expected.as_deref().is_some_and(|expected| {
             let given = normalize_setup_code(code);
             bool::from(given.as_bytes().ct_eq(normalize_setup_code(expected).as_bytes()))
         });
-        if !matches {
+        let Some(expected) = expected.filter(|_| matches) else {
             self.domain.record(actor, "setup.failed", None, "wrong setup code")?;
             return Err(AuthError::BadSetupCode);
-        }
+        };
         self.clear_failures(&limit_key, None);
-        Ok(())
+        Ok(expected)
     }
 
     /// Checks a username and password; on success starts a session.
@@ -167,7 +181,7 @@ impl Auth {
         // The attempt is counted before the password is checked, so parallel guesses cannot all slip through.
         self.reserve_attempt(&actor, &account_key, client_key.as_deref())?;
         let admin = self.domain.store().get::<Admin>(username.as_bytes())?;
-        let hash = admin.as_ref().map_or(&*self.decoy_hash, |a| a.password_hash.as_str());
+        let hash = admin.as_ref().map_or(DECOY_HASH, |a| a.password_hash.as_str());
         let verified = verify_password(password, hash) && admin.is_some();
         if !verified {
             self.domain.record(&actor, "login.failed", Some(username.clone()), "wrong username or password")?;
@@ -273,10 +287,19 @@ impl Auth {
     }
 
     pub fn create_admin(&self, actor: &Actor, username: &str, password: &str) -> Result<AdminView, AuthError> {
-        Ok(admin_view(self.insert_admin(actor, username, password)?))
+        Ok(admin_view(self.insert_admin(actor, username, password, None)?))
     }
 
-    fn insert_admin(&self, actor: &Actor, username: &str, password: &str) -> Result<Admin, AuthError> {
+    /// Creates an admin; the setup code, if any, goes in the same transaction. With `claim`, the setup code must
+    /// still be that one when the transaction commits (two claims at once: one wins, the other is told the box is
+    /// set up).
+    fn insert_admin(
+        &self,
+        actor: &Actor,
+        username: &str,
+        password: &str,
+        claim: Option<&str>,
+    ) -> Result<Admin, AuthError> {
         let username = validate_username(username)?;
         check_password_strength(password)?;
         let admin = Admin {
@@ -289,6 +312,12 @@ impl Auth {
         self.domain
             .store()
             .transact(|tx| {
+                if let Some(claim) = claim
+                    && tx.setup_code::<DomainError>()?.as_deref() != Some(claim)
+                {
+                    return Err(DomainError::conflict("already_set_up", "this appliance is set up already").into());
+                }
+                tx.remove_setup_code::<DomainError>()?;
                 if tx.get::<Admin, DomainError>(admin.username.as_bytes())?.is_some() {
                     return Err(DomainError::conflict(
                         "admin_exists",
@@ -299,7 +328,12 @@ impl Auth {
                 tx.put(None, &admin)?;
                 self.domain.audit(tx, actor, "admin.create", Some(username.clone()), "")
             })
-            .map_err(DomainError::from)?;
+            .map_err(DomainError::from)
+            .map_err(|error| match error {
+                DomainError::Conflict { code: "already_set_up", .. } => AuthError::AlreadySetUp,
+                other => other.into(),
+            })?;
+        self.setup.send_replace(None);
         Ok(admin)
     }
 
@@ -538,6 +572,60 @@ mod tests {
         assert!(auth.session(&signed_in.token).unwrap().is_some());
         assert!(matches!(auth.setup(&code, "eve", PASSWORD, None), Err(AuthError::AlreadySetUp)));
         assert_eq!(auth.bootstrap("admin", None).unwrap(), None, "no code once an admin exists");
+    }
+
+    #[test]
+    fn the_setup_code_is_kept_across_restarts_until_the_first_admin() {
+        let (auth, _) = auth();
+        let updates = auth.setup_code_updates();
+        let code = auth.bootstrap("admin", None).unwrap().unwrap();
+        assert_eq!(*updates.borrow(), Some(code.clone()), "the console is told the code");
+        // A restart: a new Auth over the same store shows the same code, and the first one still works.
+        let restarted = Auth::new(auth.domain.clone(), Duration::hours(12)).unwrap();
+        assert_eq!(restarted.bootstrap("admin", None).unwrap(), Some(code.clone()));
+        restarted.setup(&code, "admin", PASSWORD, None).unwrap();
+        assert_eq!(auth.domain.store().setup_code().unwrap(), None, "spent with the admin's creation");
+        assert_eq!(*restarted.setup_code_updates().borrow(), None, "the console is told it is gone");
+        assert!(matches!(auth.setup(&code, "second", PASSWORD, None), Err(AuthError::AlreadySetUp)));
+        assert_eq!(
+            Auth::new(auth.domain.clone(), Duration::hours(12)).unwrap().bootstrap("admin", None).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_configured_password_or_a_restored_admin_retires_the_code() {
+        let (auth, _) = auth();
+        auth.bootstrap("admin", None).unwrap().unwrap();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        assert_eq!(auth.domain.store().setup_code().unwrap(), None, "ENROLLD_ADMIN_PASSWORD made the admin");
+
+        // A code left beside an admin (a backup restored over a box still waiting for setup) is forgotten.
+        auth.domain.store().setup_code_or_insert(|| "AAAA-BBBB-CCCC".into()).unwrap();
+        assert_eq!(auth.bootstrap("admin", None).unwrap(), None);
+        assert_eq!(auth.domain.store().setup_code().unwrap(), None);
+        assert!(matches!(auth.setup("AAAA-BBBB-CCCC", "eve", PASSWORD, None), Err(AuthError::AlreadySetUp)));
+    }
+
+    #[test]
+    fn a_spent_code_claims_nothing_even_if_the_check_raced() {
+        let (auth, _) = auth();
+        let code = auth.bootstrap("admin", None).unwrap().unwrap();
+        // As if a second claim had passed the code check just before the first one committed.
+        auth.insert_admin(&Actor::system(), "first", PASSWORD, Some(&code)).unwrap();
+        let second = auth.insert_admin(&Actor::system(), "second", PASSWORD, Some(&code));
+        assert!(matches!(second, Err(AuthError::AlreadySetUp)), "{second:?}");
+        assert_eq!(auth.admins().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_decoy_hash_costs_what_a_real_hash_costs() {
+        let real = hash_password("anything at all").unwrap();
+        let (real, decoy) = (PasswordHash::new(&real).unwrap(), PasswordHash::new(DECOY_HASH).unwrap());
+        assert_eq!((real.algorithm, real.version), (decoy.algorithm, decoy.version));
+        assert_eq!(real.params, decoy.params, "the same memory, passes and lanes");
+        assert_eq!(real.hash.map(|h| h.len()), decoy.hash.map(|h| h.len()));
+        assert!(!verify_password("anything at all", DECOY_HASH));
     }
 
     #[test]

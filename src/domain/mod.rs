@@ -42,7 +42,7 @@ pub use invites::{
 };
 pub use mdm::ChallengeProblem;
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
-pub use settings::{LastBackup, PolicyChange};
+pub use settings::{LastBackup, PolicyChange, saved_names_in};
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
 pub use windows::{DevInfo, WindowsFacts, WindowsRefusal};
 

@@ -52,12 +52,7 @@ const HOSTNAME: &str = "appliance.hostname";
 impl Enrollment {
     /// The names in use: the saved ones, else `configured`.
     pub fn saved_names(&self, configured: &Names) -> DomainResult<Names> {
-        let saved = self.settings("appliance.")?;
-        let find = |name: &str| saved.iter().find(|s| s.name == name).map(|s| s.value.clone());
-        let organisation = find(ORGANISATION).unwrap_or_else(|| configured.organisation.clone());
-        let hostname = find(HOSTNAME).unwrap_or_else(|| configured.hostname.clone());
-        // A saved value was checked when it was saved; should the rules tighten, the configuration's names apply.
-        Ok(Names::checked(&organisation, &hostname).unwrap_or_else(|_| configured.clone()))
+        saved_names_in(&self.store, configured)
     }
 
     /// Checks and saves the organisation's name and the host name; they win over the configuration's from now on.
@@ -68,6 +63,17 @@ impl Enrollment {
         self.save_setting(actor, HOSTNAME, &names.hostname)?;
         Ok(names)
     }
+}
+
+/// The names in use, read from the store alone (start-up reads them so before the domain is built): the saved
+/// ones, else `configured`.
+pub fn saved_names_in(store: &crate::store::Store, configured: &Names) -> DomainResult<Names> {
+    let saved = store.all::<Setting>(|s| s.name.starts_with("appliance."))?;
+    let find = |name: &str| saved.iter().find(|s| s.name == name).map(|s| s.value.clone());
+    let organisation = find(ORGANISATION).unwrap_or_else(|| configured.organisation.clone());
+    let hostname = find(HOSTNAME).unwrap_or_else(|| configured.hostname.clone());
+    // A saved value was checked when it was saved; should the rules tighten, the configuration's names apply.
+    Ok(Names::checked(&organisation, &hostname).unwrap_or_else(|_| configured.clone()))
 }
 
 /// How long invites are valid, in days, as an admin saved it.

@@ -76,6 +76,11 @@ pub struct AppState {
     pub restoring: Arc<tokio::sync::Mutex<()>>,
     /// Upgrade bundles uploaded for the appliance's installer; `None` where there is no state directory.
     pub upgrades: Option<Arc<crate::upgrade::Upgrades>>,
+    /// Whether the clock is synchronised, and its last jump (for `/healthz` and the dashboard).
+    pub clock_status: crate::clock::ClockStatus,
+    /// Where the setup page tells the first admin to find the setup code ("in the terminal where enrolld was
+    /// started", …), decided at start.
+    pub setup_code_place: &'static str,
 }
 
 impl AppState {
@@ -96,6 +101,8 @@ impl AppState {
             windows: windows::Throttle::default(),
             tls_renewer: crate::tls::Renewer::default(),
             admin_templates: Arc::new(admin::templates()),
+            clock_status: crate::clock::ClockStatus::new(crate::clock::ClockState::Plausible),
+            setup_code_place: crate::console::Launch::Other.setup_code_place(false),
             jobs: tokio_util::task::TaskTracker::new(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             import_max_bytes: 20 << 20,
@@ -178,6 +185,25 @@ pub fn http_redirect_router(state: AppState, limits: Limits, target: RedirectTar
     };
     let store = state.store.clone();
     with_middleware(open_routes().fallback(redirect), limits, &store).with_state(state)
+}
+
+/// What plain HTTP serves while enrolld waits for the clock (nothing else runs yet): `/healthz` answering 503
+/// `waiting_for_clock`, and a page saying why for everything else. `clock` follows the latest check.
+pub fn waiting_router(clock: tokio::sync::watch::Receiver<crate::clock::ClockState>, limits: Limits) -> Router {
+    // Without the tracing layer: its every 503 would be logged as a failure, once per health probe.
+    Router::new()
+        .route("/healthz", get(ops::healthz_waiting))
+        .fallback(ops::waiting_page)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetResponseHeaderLayer::overriding(
+                    HeaderName::from_static("x-content-type-options"),
+                    HeaderValue::from_static("nosniff"),
+                ))
+                .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+                .layer(RequestBodyLimitLayer::new(limits.max_body_bytes)),
+        )
+        .with_state(clock)
 }
 
 fn with_middleware(router: Router<AppState>, limits: Limits, store: &Store) -> Router<AppState> {
@@ -272,6 +298,57 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&body_text(response).await).unwrap();
         assert_eq!(json["status"], "ok");
         assert_eq!(json["schema"], crate::store::SCHEMA_VERSION);
+        assert_eq!(json["clock"], "plausible");
+    }
+
+    #[tokio::test]
+    async fn the_setup_page_says_where_the_code_is_for_how_enrolld_was_started() {
+        use crate::console::Launch;
+        for (launch, console, expected) in [
+            (Launch::Systemd, true, "on the box's screen or serial console, and in its log (journalctl -u enrolld)"),
+            (Launch::Terminal, false, "in the terminal where enrolld was started"),
+        ] {
+            let mut state = state();
+            state.setup_code_place = launch.setup_code_place(console);
+            let expected = expected.replace('\'', "&#x27;");
+            let request = Request::get("/admin/setup").body(Body::empty()).unwrap();
+            let response = https_router(state.clone(), limits()).oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let page = body_text(response).await;
+            assert!(page.contains(&format!("Enter the setup code shown {expected}, and")), "{page}");
+            assert!(launch != Launch::Terminal || !page.contains("journalctl"), "{page}");
+
+            let form = "code=WRONG-CODE-0000&username=admin&password=long+enough+pw&confirm=long+enough+pw";
+            let request = Request::post("/admin/setup")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(form))
+                .unwrap();
+            let page = body_text(https_router(state, limits()).oneshot(request).await.unwrap()).await;
+            assert!(page.contains(&format!("copy it as shown {expected}.")), "{page}");
+        }
+    }
+
+    #[tokio::test]
+    async fn while_waiting_for_the_clock_healthz_is_503_and_pages_say_why() {
+        use crate::clock::ClockState;
+        let (report, clock) = tokio::sync::watch::channel(ClockState::Unsynchronised);
+        let router = waiting_router(clock, limits());
+        let response = router.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let json: serde_json::Value = serde_json::from_str(&body_text(response).await).unwrap();
+        assert_eq!(json["status"], "waiting_for_clock");
+        assert_eq!(json["clock"], "unsynchronised");
+        assert!(json["message"].as_str().unwrap().contains("UDP port 123"), "{json}");
+
+        let now = time::OffsetDateTime::from_unix_timestamp(0).unwrap();
+        report.send_replace(ClockState::Unset { now });
+        let response = router.oneshot(Request::get("/admin/setup").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/html"));
+        let page = body_text(response).await;
+        assert!(page.contains("1970-01-01 00:00 UTC: it has not been set"), "{page}");
+        assert!(page.contains("http-equiv=\"refresh\""), "the page reloads itself: {page}");
     }
 
     #[tokio::test]

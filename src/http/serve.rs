@@ -184,4 +184,74 @@ mod tests {
         token.cancel();
         tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
     }
+
+    /// A TLS client trusting `ca`, presenting `client` (a chain and its key) if asked for a certificate; the
+    /// answer to `GET /`.
+    async fn get_with(
+        addr: SocketAddr,
+        ca: &CertificateDer<'static>,
+        client: Option<&rcgen::CertifiedKey<rcgen::KeyPair>>,
+        issued: Option<CertificateDer<'static>>,
+    ) -> String {
+        use http_body_util::BodyExt as _;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = match client {
+            Some(client) => {
+                let chain = vec![issued.unwrap_or_else(|| client.cert.der().clone())];
+                let key = rustls_pki_types::PrivateKeyDer::Pkcs8(client.signing_key.serialize_der().into());
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("enroll.local").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get("/").header("host", "enroll.local").body(Empty::<Bytes>::new()).unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn client_certificates_are_asked_for_once_the_device_ca_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = Arc::new(CertificateAuthority::load_or_create(dir.path(), "enroll", now).unwrap().0);
+        let leaf = ca.issue_server("enroll.local", &wanted_names("enroll", &[], &[]), now).unwrap();
+        let (device_ca, creation) = crate::pki::scep::DeviceCa::open(dir.path(), ca.clone(), now).unwrap();
+        let tls = server_config(Arc::new(ServingCertificate::new(&leaf).unwrap()), Some(device_ca.clone())).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|client: Option<axum::Extension<ClientCertificate>>| async move {
+                if client.is_some() { "with" } else { "without" }
+            }),
+        );
+        let token = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, Some(tls), app, token.clone(), Duration::from_secs(1)));
+
+        // Pending: no certificate is asked for, so a client holding one no CA here issued still gets through.
+        let stranger = rcgen::generate_simple_self_signed(vec!["device".into()]).unwrap();
+        assert_eq!(get_with(addr, ca.cert_der(), Some(&stranger), None).await, "without");
+
+        creation.unwrap().run().unwrap();
+        let device = rcgen::generate_simple_self_signed(vec!["device".into()]).unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&device.signing_key)
+            .unwrap();
+        let issued = device_ca.get().unwrap().issue_csr(csr.der(), "enrolld Windows 1", "", now).unwrap();
+        assert_eq!(get_with(addr, ca.cert_der(), Some(&device), Some(issued)).await, "with", "asked for once ready");
+        assert_eq!(get_with(addr, ca.cert_der(), None, None).await, "without", "and still not required");
+
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+    }
 }

@@ -1,11 +1,13 @@
 //! The SCEP certificate authority (RFC 8894) that issues device identities.
 //!
 //! SCEP clients encrypt their request to the CA's key with RSA key transport, so beside the appliance's ECDSA CA
-//! there is an RSA-2048 intermediate, issued by that CA: `pki/scep.crt` and `pki/scep.key`. It is made the first
-//! time something needs it (RSA key generation takes a moment), signs the `CertRep` replies and the device
-//! certificates, and opens the requests' envelopes.
+//! there is an RSA-2048 intermediate, issued by that CA: `pki/scep.crt` and `pki/scep.key`. It signs the `CertRep`
+//! replies and the device certificates (Apple's over SCEP, Windows' through MS-WSTEP), and opens the requests'
+//! envelopes. RSA key generation takes a moment (seconds on a small board), so on first start the daemon holds a
+//! [`DeviceCa`] that is pending until the key is made, off the path to answering anything.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use der::asn1::{ObjectIdentifier as Oid, PrintableStringRef};
 use der::{Any, Tag, Tagged as _};
@@ -89,9 +91,82 @@ impl std::fmt::Debug for ScepAuthority {
     }
 }
 
+/// The device-identity CA as the daemon holds it: pending while it is being made (first start), then ready.
+/// Cheap to clone; every clone sees it become ready. Made only by [`DeviceCa::open`].
+#[derive(Clone, Debug)]
+pub struct DeviceCa {
+    ready: Arc<OnceLock<Arc<ScepAuthority>>>,
+    /// Why making it failed last, while it is still pending.
+    problem: Arc<Mutex<Option<String>>>,
+}
+
+/// The work that makes a pending [`DeviceCa`] ready: RSA key generation and two file writes, to run on a thread
+/// that may block.
+#[derive(Debug)]
+pub struct DeviceCaCreation {
+    handle: DeviceCa,
+    dir: PathBuf,
+    ca: Arc<CertificateAuthority>,
+    now: OffsetDateTime,
+}
+
+impl DeviceCa {
+    /// The device-identity CA in `dir`: loaded now if its files are there (a damaged pair is an error, as for the
+    /// appliance CA), else pending, with the work that makes it under `ca`.
+    pub fn open(
+        dir: &Path,
+        ca: Arc<CertificateAuthority>,
+        now: OffsetDateTime,
+    ) -> Result<(DeviceCa, Option<DeviceCaCreation>), PkiError> {
+        let handle = DeviceCa { ready: Arc::default(), problem: Arc::default() };
+        if let Some(loaded) = ScepAuthority::load(dir, &ca)? {
+            let _ = handle.ready.set(Arc::new(loaded));
+            return Ok((handle, None));
+        }
+        let creation = DeviceCaCreation { handle: handle.clone(), dir: dir.to_owned(), ca, now };
+        Ok((handle, Some(creation)))
+    }
+
+    /// The CA, once it is ready.
+    pub fn get(&self) -> Option<Arc<ScepAuthority>> {
+        self.ready.get().cloned()
+    }
+
+    /// Why the last attempt to make it failed, while it is pending.
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl DeviceCaCreation {
+    /// Makes the CA (blocking) and makes the handle ready; on failure the handle stays pending, with the reason,
+    /// and this may be run again.
+    pub fn run(&self) -> Result<(), PkiError> {
+        match ScepAuthority::create(&self.dir, &self.ca, self.now) {
+            Ok(made) => {
+                let _ = self.handle.ready.set(Arc::new(made));
+                *self.handle.problem.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                Ok(())
+            }
+            Err(error) => {
+                *self.handle.problem.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+}
+
 impl ScepAuthority {
     /// Loads the SCEP CA from `dir`, or makes one under `ca` (an RSA-2048 key; this takes a moment).
     pub fn load_or_create(dir: &Path, ca: &CertificateAuthority, now: OffsetDateTime) -> Result<Self, PkiError> {
+        match Self::load(dir, ca)? {
+            Some(loaded) => Ok(loaded),
+            None => Self::create(dir, ca, now),
+        }
+    }
+
+    /// Loads the SCEP CA from `dir`; `None` if its files are not there.
+    pub fn load(dir: &Path, ca: &CertificateAuthority) -> Result<Option<Self>, PkiError> {
         let (cert_path, key_path) = (dir.join(SCEP_CERT), dir.join(SCEP_KEY));
         let unusable = |path: &Path, reason: String| PkiError::Unusable { path: path.to_owned(), reason };
         if cert_path.exists() && key_path.exists() {
@@ -102,8 +177,16 @@ impl ScepAuthority {
             let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes())
                 .map_err(|e| unusable(&key_path, format!("not a PEM PKCS#8 key ({e})")))?;
             return Self::assemble(cert, ca.cert_der().clone(), key.secret_pkcs8_der())
+                .map(Some)
                 .map_err(|reason| unusable(&key_path, reason));
         }
+        Ok(None)
+    }
+
+    /// Makes a new SCEP CA under `ca` in `dir` (an RSA-2048 key; this takes a moment).
+    pub fn create(dir: &Path, ca: &CertificateAuthority, now: OffsetDateTime) -> Result<Self, PkiError> {
+        let (cert_path, key_path) = (dir.join(SCEP_CERT), dir.join(SCEP_KEY));
+        let unusable = |path: &Path, reason: String| PkiError::Unusable { path: path.to_owned(), reason };
         tracing::info!("creating the SCEP CA (RSA-2048) for device identities");
         let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048)
             .map_err(|e| unusable(&key_path, format!("RSA key generation failed ({e})")))?;

@@ -130,6 +130,10 @@ fn index_due_jobs(db: &sled::Db) -> Result<(), StoreError> {
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_CURRENT_SERVER_CERT: &[u8] = b"tls.current_server_serial";
+/// The one-time code that claims a box without admins, kept until the first admin exists.
+const KEY_SETUP_CODE: &[u8] = b"auth.setup_code";
+/// The latest wall-clock time (Unix seconds) enrolld saw while it trusted the clock.
+const KEY_LATEST_TIME: &[u8] = b"clock.latest_seen";
 const COUNTER_PREFIX: &str = "count.";
 
 #[derive(Debug, thiserror::Error)]
@@ -414,6 +418,47 @@ impl Store {
         }
     }
 
+    /// The setup code that claims a box without admins, if one was made.
+    pub fn setup_code(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.trees[tree::META].get(KEY_SETUP_CODE)?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// The setup code kept from an earlier start, or `make()`'s, kept now; one transaction, so two callers get the
+    /// same code.
+    pub fn setup_code_or_insert(&self, make: impl Fn() -> String) -> Result<String, StoreError> {
+        self.transact::<_, StoreError>(|tx| {
+            if let Some(code) = tx.setup_code()? {
+                return Ok(code);
+            }
+            let code = make();
+            tx.views[tree::META].insert(KEY_SETUP_CODE, code.as_bytes())?;
+            Ok(code)
+        })
+        .map_err(|failure| match failure {
+            TxFailure::Abort(error) | TxFailure::Store(error) => error,
+        })
+    }
+
+    /// Forgets the setup code (the box has an admin, made some other way than with the code).
+    pub fn remove_setup_code(&self) -> Result<(), StoreError> {
+        self.trees[tree::META].remove(KEY_SETUP_CODE)?;
+        Ok(())
+    }
+
+    /// The latest time (Unix seconds) recorded with [`Store::record_time_seen`].
+    pub fn latest_time_seen(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self.trees[tree::META].get(KEY_LATEST_TIME)?.as_deref().and_then(decode_i64))
+    }
+
+    /// Records `unix` as a time the clock was trusted at, unless a later one is recorded already.
+    pub fn record_time_seen(&self, unix: i64) -> Result<(), StoreError> {
+        self.trees[tree::META].fetch_and_update(KEY_LATEST_TIME, |old| {
+            let latest = old.and_then(decode_i64).map_or(unix, |old| old.max(unix));
+            Some(latest.to_be_bytes().to_vec())
+        })?;
+        Ok(())
+    }
+
     /// Every certificate the appliance's CA issued, in serial order.
     pub fn issued_certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
         self.all(|_| true)
@@ -552,6 +597,17 @@ impl Tx<'_> {
             self.add_to_counter(&name, -1)?;
         }
         self.views[R::TREE].remove(old.key())?;
+        Ok(())
+    }
+
+    /// The setup code as this transaction sees it.
+    pub fn setup_code<E>(&self) -> Result<Option<String>, TxError<E>> {
+        Ok(self.views[tree::META].get(KEY_SETUP_CODE)?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// Removes the setup code with the rest of this transaction (the first admin is being created).
+    pub fn remove_setup_code<E>(&self) -> Result<(), TxError<E>> {
+        self.views[tree::META].remove(KEY_SETUP_CODE)?;
         Ok(())
     }
 
@@ -825,5 +881,16 @@ mod tests {
         store.trees[tree::CERTIFICATES].insert(b"bad", b"{not json".as_slice()).unwrap();
         let message = store.issued_certificates().unwrap_err().to_string();
         assert!(message.contains("\"bad\" in certificates cannot be read"), "{message}");
+    }
+
+    #[test]
+    fn the_latest_time_seen_only_moves_forward() {
+        let store = Store::open_temporary().unwrap();
+        assert_eq!(store.latest_time_seen().unwrap(), None);
+        store.record_time_seen(1_800_000_000).unwrap();
+        store.record_time_seen(1_700_000_000).unwrap();
+        assert_eq!(store.latest_time_seen().unwrap(), Some(1_800_000_000), "an earlier time does not lower it");
+        store.record_time_seen(1_800_000_060).unwrap();
+        assert_eq!(store.latest_time_seen().unwrap(), Some(1_800_000_060));
     }
 }

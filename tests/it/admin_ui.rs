@@ -195,6 +195,7 @@ async fn an_admin_runs_the_appliance_from_the_browser() {
     sink.wait_for(8);
 
     // A device enrolled through the device-side protocol appears under Managed.
+    daemon.wait_device_ca().await;
     let login = json!({"username": "admin", "password": PASSWORD});
     let (_, signed_in) = crate::common::api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
     let appliance = Appliance { token: signed_in["token"].as_str().unwrap().to_owned(), daemon, ca: ca.clone() };

@@ -113,6 +113,23 @@ impl Daemon {
         }
     }
 
+    /// Waits until the device-identity CA is ready (on a first start it is made after the daemon is ready):
+    /// SCEP GetCACert answers 200, and HTTPS asks for client certificates.
+    pub async fn wait_device_ca(&self) {
+        let ca = parse_pem_certs(&get_plain(self.http, "enroll.local", "/ca.crt").await.body).remove(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let path = "/scep?operation=GetCACert";
+            let (status, _, _) = fetch_bytes(self.https, &ca, hyper::Method::GET, path, &[], Vec::new()).await;
+            if status == 200 {
+                return;
+            }
+            assert_eq!(status, 503, "GetCACert answered neither 200 nor 503");
+            assert!(Instant::now() < deadline, "the device-identity CA was never made:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit, returning the status and how long it took.
     pub fn terminate(mut self) -> (ExitStatus, Duration) {
         let mut child = self.child.take().unwrap();

@@ -14,6 +14,7 @@ mod common;
 mod config_errors;
 mod daemon;
 mod enroll;
+mod firstboot;
 mod mail;
 mod mdm;
 mod mdns;

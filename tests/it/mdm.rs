@@ -196,6 +196,7 @@ async fn an_apple_device_enrolls_over_scep_and_check_in_is_managed_and_checks_ou
         ],
     );
     daemon.wait_healthy();
+    daemon.wait_device_ca().await;
     let ca_pem = get_plain(daemon.http, "enroll.local", "/ca.crt").await.body;
     let ca = parse_pem_certs(&ca_pem).remove(0);
     let login = json!({"username": "admin", "password": PASSWORD});
@@ -505,6 +506,7 @@ impl Appliance {
             ],
         );
         daemon.wait_healthy();
+        daemon.wait_device_ca().await;
         let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
         let login = json!({"username": "admin", "password": PASSWORD});
         let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;

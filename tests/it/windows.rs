@@ -40,6 +40,7 @@ impl Appliance {
     async fn start(state: &std::path::Path) -> Appliance {
         let daemon = Daemon::spawn(state, &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
         daemon.wait_healthy();
+        daemon.wait_device_ca().await;
         let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
         let login = json!({"username": "admin", "password": PASSWORD});
         let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;

@@ -293,14 +293,14 @@ async fn password_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePe
 }
 
 /// What the sign-in and setup pages say when they refuse; a failure of the appliance itself is logged, not shown.
-fn sign_in_problem(error: AuthError, doing: &str) -> String {
+fn sign_in_problem(state: &AppState, error: AuthError, doing: &str) -> String {
     match error {
         AuthError::TooManyAttempts { retry_after_secs } => {
             format!("Too many failed attempts. Wait {} seconds and try again.", retry_after_secs.max(1))
         }
         AuthError::BadCredentials => "The username or password is not right.".to_owned(),
         AuthError::BadSetupCode => {
-            "That setup code is not right; copy it from the log line that says “enter the setup code”.".to_owned()
+            format!("That setup code is not right; copy it as shown {}.", state.setup_code_place)
         }
         AuthError::WeakPassword(reason) => reason,
         AuthError::AlreadySetUp => "This appliance is set up already; sign in instead.".to_owned(),
@@ -340,7 +340,7 @@ async fn login(
     let outcome = tokio::task::spawn_blocking(move || auth.login(&name, &password, client)).await;
     let problem = match outcome {
         Ok(Ok(signed_in)) => return with_session_cookie(&state, &signed_in.token, signed_in.expires_at, "/admin"),
-        Ok(Err(error)) => sign_in_problem(error, "signing in"),
+        Ok(Err(error)) => sign_in_problem(&state, error, "signing in"),
         Err(_) => "Something went wrong; try again.".to_owned(),
     };
     let values = Value::from_pairs([("problem", Value::from(problem)), ("username", Value::from(username))]);
@@ -365,7 +365,8 @@ async fn setup_page(State(state): State<AppState>) -> Response {
     let auth = state.auth.clone();
     match blocking(move || auth.needs_setup()).await {
         Ok(true) => {
-            render(&state, None, StatusCode::OK, "setup.html", Value::from_pairs([("title", "Set up enrolld")]))
+            let values = Value::from_pairs([("title", "Set up enrolld"), ("code_place", state.setup_code_place)]);
+            render(&state, None, StatusCode::OK, "setup.html", values)
         }
         _ => Redirect::to("/admin/login").into_response(),
     }
@@ -385,8 +386,11 @@ async fn setup(
     let username = fields.get("username").unwrap_or("admin").trim().to_lowercase();
     let password = fields.get("password").unwrap_or_default().to_owned();
     if Some(password.as_str()) != fields.get("confirm") {
-        let values =
-            Value::from_pairs([("title", "Set up enrolld"), ("problem", "The two passwords are not the same.")]);
+        let values = Value::from_pairs([
+            ("title", "Set up enrolld"),
+            ("problem", "The two passwords are not the same."),
+            ("code_place", state.setup_code_place),
+        ]);
         return render(&state, None, StatusCode::UNPROCESSABLE_ENTITY, "setup.html", values);
     }
     let _permit = match password_slot(&state).await {
@@ -400,10 +404,14 @@ async fn setup(
             return with_session_cookie(&state, &signed_in.token, signed_in.expires_at, "/admin/setup/appliance");
         }
         Ok(Err(AuthError::AlreadySetUp)) => return Redirect::to("/admin/login").into_response(),
-        Ok(Err(error)) => sign_in_problem(error, "setup"),
+        Ok(Err(error)) => sign_in_problem(&state, error, "setup"),
         Err(_) => "Something went wrong; try again.".to_owned(),
     };
-    let values = Value::from_pairs([("title", Value::from("Set up enrolld")), ("problem", Value::from(problem))]);
+    let values = Value::from_pairs([
+        ("title", Value::from("Set up enrolld")),
+        ("problem", Value::from(problem)),
+        ("code_place", Value::from(state.setup_code_place)),
+    ]);
     render(&state, None, StatusCode::UNPROCESSABLE_ENTITY, "setup.html", values)
 }
 
@@ -449,8 +457,14 @@ async fn dashboard(State(state): State<AppState>, SignedIn(admin): SignedIn) -> 
             ("days_left", Value::from(days(info.not_after))),
         ])
     });
+    let clock = state.clock_status.report();
+    let clock = Value::from_pairs([
+        ("state", Value::from(clock.state.describe())),
+        ("jump", Value::from(clock.last_jump.map(|jump| jump.describe()))),
+    ]);
     let values = Value::from_pairs([
         ("title", Value::from("Dashboard")),
+        ("clock", clock),
         ("counts", ser(&counts)),
         ("outbox", ser(&outbox)),
         ("relay", Value::from(state.mail.relay().is_some())),

@@ -88,10 +88,10 @@ async fn restore(
     let actor = Actor { name: "setup".into(), client };
     let auth = state.auth.clone();
     match tokio::task::spawn_blocking(move || auth.check_setup_code(&actor, &code)).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(_)) => {}
         Ok(Err(crate::domain::auth::AuthError::AlreadySetUp)) => return Redirect::to("/admin/login").into_response(),
         Ok(Err(error)) => {
-            return refused(&state, StatusCode::UNPROCESSABLE_ENTITY, &sign_in_problem(error, "restore"));
+            return refused(&state, StatusCode::UNPROCESSABLE_ENTITY, &sign_in_problem(&state, error, "restore"));
         }
         Err(_) => return refused(&state, StatusCode::SERVICE_UNAVAILABLE, "Something went wrong; try again."),
     }

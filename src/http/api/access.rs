@@ -138,7 +138,7 @@ pub async fn setup_status(State(state): State<AppState>) -> Result<Json<SetupSta
     Ok(Json(SetupStatus { needs_setup }))
 }
 
-/// The first admin's account, claimed with the setup code from enrolld's log.
+/// The first admin's account, claimed with the setup code enrolld shows at start (its log, the box's console).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetupRequest {

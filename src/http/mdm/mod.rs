@@ -6,7 +6,6 @@
 pub mod messages;
 pub mod profile;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -17,12 +16,12 @@ use axum::routing::{get, put};
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::AppState;
+use super::{AppState, HttpError};
 use crate::domain::{Actor, ChallengeProblem};
 use crate::model::{AppleIdentity, Id};
 use crate::pki::CertificateAuthority;
 use crate::pki::cms::{self, SigningKey};
-use crate::pki::scep::{CAPABILITIES, FailInfo, ScepAuthority, ScepError};
+use crate::pki::scep::{CAPABILITIES, DeviceCa, FailInfo, ScepAuthority, ScepError};
 use crate::push::Pusher;
 use crate::tls::ServingCertificate;
 use messages::{CheckIn, CommandReport};
@@ -32,8 +31,8 @@ const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Largest SCEP request read.
 const MAX_SCEP_BYTES: usize = 64 << 10;
 
-/// The device-management handle in [`AppState`]: the CAs, the serving certificate (profiles are signed with it),
-/// and the push client.
+/// The device-management handle in [`AppState`]: the appliance CA, the device-identity CA (pending on a first
+/// start until its key is made), the serving certificate (profiles are signed with it), and the push client.
 #[derive(Clone, Debug, Default)]
 pub struct Mdm {
     inner: Option<Arc<Inner>>,
@@ -42,47 +41,42 @@ pub struct Mdm {
 #[derive(Debug)]
 struct Inner {
     ca: Arc<CertificateAuthority>,
-    pki_dir: PathBuf,
-    scep: tokio::sync::OnceCell<Arc<ScepAuthority>>,
+    device_ca: DeviceCa,
     serving: Option<Arc<ServingCertificate>>,
     pusher: Pusher,
 }
 
+/// How long a device is asked to wait while the device-identity CA is being made.
+pub const RETRY_AFTER_SECS: u64 = 10;
+
 impl Mdm {
     pub fn new(
         ca: Arc<CertificateAuthority>,
-        pki_dir: PathBuf,
+        device_ca: DeviceCa,
         serving: Option<Arc<ServingCertificate>>,
         pusher: Pusher,
-        scep: Option<Arc<ScepAuthority>>,
     ) -> Mdm {
-        let scep = tokio::sync::OnceCell::new_with(scep);
-        Mdm { inner: Some(Arc::new(Inner { ca, pki_dir, scep, serving, pusher })) }
+        Mdm { inner: Some(Arc::new(Inner { ca, device_ca, serving, pusher })) }
     }
 
-    /// The SCEP CA, made on first use (RSA key generation runs on the blocking pool).
-    pub(crate) async fn scep(&self, now: time::OffsetDateTime) -> Result<Arc<ScepAuthority>, Response> {
-        let Some(inner) = self.inner.clone() else {
-            return Err(
-                (StatusCode::SERVICE_UNAVAILABLE, "device management is not running on this server").into_response()
-            );
+    /// The device-identity (SCEP) CA if it is ready; otherwise why not, as a 503 with `Retry-After` (it is being
+    /// made on a first start) or because device management does not run here.
+    pub(crate) fn scep(&self) -> Result<Arc<ScepAuthority>, HttpError> {
+        let Some(inner) = &self.inner else {
+            return Err(HttpError::unavailable("device management is not running on this server"));
         };
-        inner
-            .scep
-            .get_or_try_init(|| async {
-                let (ca, dir) = (inner.ca.clone(), inner.pki_dir.clone());
-                match tokio::task::spawn_blocking(move || ScepAuthority::load_or_create(&dir, &ca, now)).await {
-                    Ok(Ok(scep)) => Ok(Arc::new(scep)),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(error) => Err(error.to_string()),
-                }
-            })
-            .await
-            .cloned()
-            .map_err(|error| {
-                tracing::error!(%error, "the SCEP CA cannot be loaded or created");
-                (StatusCode::SERVICE_UNAVAILABLE, "the SCEP CA is not available; see the server log").into_response()
-            })
+        inner.device_ca.get().ok_or_else(|| {
+            let message = match inner.device_ca.problem() {
+                None => "the device-identity CA is being made (this box's first start); try again in a moment".into(),
+                Some(problem) => format!(
+                    "the device-identity CA could not be made ({problem}); enrolld tries again every minute, see its log"
+                ),
+            };
+            HttpError {
+                retry_after: Some(RETRY_AFTER_SECS),
+                ..HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "device_ca_pending", message)
+            }
+        })
     }
 
     /// The key and chain that sign enrollment profiles: the HTTPS certificate's. `None` when enrolld serves plain
@@ -166,9 +160,9 @@ async fn scep_get(State(state): State<AppState>, Query(query): Query<ScepQuery>)
     match query.operation.as_deref() {
         Some("GetCACaps") => ([(header::CONTENT_TYPE, "text/plain")], CAPABILITIES).into_response(),
         Some("GetCACert") => {
-            let scep = match state.mdm.scep(state.clock.now()).await {
+            let scep = match state.mdm.scep() {
                 Ok(scep) => scep,
-                Err(response) => return response,
+                Err(refusal) => return refusal.into_response(),
             };
             match scep.ca_certificates() {
                 Ok(body) => ([(header::CONTENT_TYPE, "application/x-x509-ca-ra-cert")], body).into_response(),
@@ -219,9 +213,9 @@ fn scep_problem(text: &str) -> Response {
 /// A refused request gets a `CertRep` with a `failInfo`, not an HTTP error, as SCEP clients expect.
 async fn pki_operation(state: &AppState, body: &[u8]) -> Response {
     let now = state.clock.now();
-    let scep = match state.mdm.scep(now).await {
+    let scep = match state.mdm.scep() {
         Ok(scep) => scep,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     let (reader, body) = (scep.clone(), body.to_vec());
     let opened = tokio::task::spawn_blocking(move || reader.read_request(&body)).await;
@@ -324,7 +318,7 @@ async fn signed_by(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Resul
         return Err(refuse("Mdm-Signature is not base64"));
     };
     let now = state.clock.now();
-    let scep = state.mdm.scep(now).await?;
+    let scep = state.mdm.scep().map_err(IntoResponse::into_response)?;
     let body = body.clone();
     let checked = tokio::task::spawn_blocking(move || -> Result<String, String> {
         let verified = cms::verify(&signature, Some(&body)).map_err(|e| e.to_string())?;
@@ -468,4 +462,86 @@ async fn server(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         tokio::task::spawn_blocking(move || messages::handle_report(&domain, &device_id, &report, &profile_identifier))
             .await;
     answer(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{Limits, https_router};
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// A router whose device-identity CA is pending, and the work that makes it.
+    fn pending() -> (axum::Router, crate::pki::scep::DeviceCaCreation, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = Arc::new(CertificateAuthority::load_or_create(dir.path(), "enroll", now).unwrap().0);
+        let (device_ca, creation) = DeviceCa::open(dir.path(), ca.clone(), now).unwrap();
+        let config = crate::config::Layers::default().resolve(None).unwrap();
+        let mut state = crate::http::api::tests::state_with(
+            crate::store::Store::open_temporary().unwrap(),
+            Arc::new(crate::clock::SystemClock),
+        );
+        state.mdm = Mdm::new(ca, device_ca, None, Pusher::new(&config.apns).unwrap());
+        let limits = Limits {
+            request_timeout: std::time::Duration::from_secs(30),
+            max_body_bytes: 1 << 16,
+            import_max_bytes: 1 << 16,
+        };
+        (https_router(state, limits), creation.unwrap(), dir)
+    }
+
+    async fn send(router: &axum::Router, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let response = router.clone().oneshot(request).await.unwrap();
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn windows_enrollment() -> Request<Body> {
+        let soap = format!(
+            r#"<s:Envelope xmlns:s="{}"><s:Header><a:MessageID xmlns:a="http://www.w3.org/2005/08/addressing">urn:uuid:1</a:MessageID></s:Header><s:Body><RequestSecurityToken><BinarySecurityToken ValueType="http://schemas.microsoft.com/windows/pki/2009/01/enrollment#PKCS10">TUlJQg==</BinarySecurityToken></RequestSecurityToken></s:Body></s:Envelope>"#,
+            "http://www.w3.org/2003/05/soap-envelope"
+        );
+        Request::post("/EnrollmentServer/Enrollment.svc")
+            .header(header::CONTENT_TYPE, "application/soap+xml; charset=utf-8")
+            .body(Body::from(soap))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn routes_that_need_the_device_ca_ask_to_come_back_until_it_is_made() {
+        let (router, creation, _dir) = pending();
+        let get_ca_cert = || Request::get("/scep?operation=GetCACert").body(Body::empty()).unwrap();
+        let (status, headers, body) = send(&router, get_ca_cert()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(headers[header::RETRY_AFTER], RETRY_AFTER_SECS.to_string().as_str());
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["error"], "device_ca_pending");
+        // GetCACaps needs no CA.
+        let caps = Request::get("/scep?operation=GetCACaps").body(Body::empty()).unwrap();
+        assert_eq!(send(&router, caps).await.0, StatusCode::OK);
+
+        let (status, headers, body) = send(&router, windows_enrollment()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        assert!(body.contains("s:EnrollmentServer") && body.contains("being made"), "a SOAP fault: {body}");
+
+        let checkin = Request::put("/mdm/apple/checkin").header("mdm-signature", "AAAA").body(Body::from("x"));
+        let (status, headers, _) = send(&router, checkin.unwrap()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        let management = Request::post("/ManagementServer/MDM.svc").body(Body::from("<SyncML/>")).unwrap();
+        assert_eq!(send(&router, management).await.0, StatusCode::SERVICE_UNAVAILABLE, "no certificate could be asked");
+
+        creation.run().unwrap();
+        let (status, headers, _) = send(&router, get_ca_cert()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/x-x509-ca-ra-cert");
+        let management = Request::post("/ManagementServer/MDM.svc").body(Body::from("<SyncML/>")).unwrap();
+        assert_eq!(send(&router, management).await.0, StatusCode::UNAUTHORIZED, "now a certificate is asked for");
+        let (status, _, body) = send(&router, windows_enrollment()).await;
+        assert_ne!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
 }

@@ -58,23 +58,29 @@ pub struct Fault {
     sender: bool,
     subcode: &'static str,
     reason: String,
+    /// Set for a server that will be able to answer shortly: the fault goes out as 503 with `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl Fault {
     fn format(reason: impl Into<String>) -> Fault {
-        Fault { sender: true, subcode: "MessageFormat", reason: reason.into() }
+        Fault { sender: true, subcode: "MessageFormat", reason: reason.into(), retry_after: None }
     }
     fn authentication(reason: impl Into<String>) -> Fault {
-        Fault { sender: true, subcode: "Authentication", reason: reason.into() }
+        Fault { sender: true, subcode: "Authentication", reason: reason.into(), retry_after: None }
     }
     fn authorization(reason: impl Into<String>) -> Fault {
-        Fault { sender: false, subcode: "Authorization", reason: reason.into() }
+        Fault { sender: false, subcode: "Authorization", reason: reason.into(), retry_after: None }
     }
     fn certificate(reason: impl Into<String>) -> Fault {
-        Fault { sender: true, subcode: "CertificateRequest", reason: reason.into() }
+        Fault { sender: true, subcode: "CertificateRequest", reason: reason.into(), retry_after: None }
+    }
+    /// The server cannot answer yet (the device-identity CA is being made): 503, try again after a while.
+    fn busy(reason: impl Into<String>, retry_after: u64) -> Fault {
+        Fault { sender: false, subcode: "EnrollmentServer", reason: reason.into(), retry_after: Some(retry_after) }
     }
     fn server(reason: impl Into<String>) -> Fault {
-        Fault { sender: false, subcode: "EnrollmentServer", reason: reason.into() }
+        Fault { sender: false, subcode: "EnrollmentServer", reason: reason.into(), retry_after: None }
     }
 
     fn respond(&self, action: &str, relates_to: &str) -> Response {
@@ -89,8 +95,16 @@ impl Fault {
                 reason => self.reason.clone(),
             },
         );
-        let status = if self.sender { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
-        (status, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
+        let status = match (self.sender, self.retry_after) {
+            (_, Some(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            (true, None) => StatusCode::BAD_REQUEST,
+            (false, None) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut response = (status, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -410,17 +424,21 @@ async fn enroll(
         os_version: context("OSVersion"),
     };
     let device_store = if context("EnrollmentType").as_deref() == Some("Device") { "System" } else { "User" };
+    let issuer = match state.mdm.scep() {
+        Ok(issuer) => issuer,
+        Err(refusal) => {
+            let fault = match refusal.retry_after {
+                Some(seconds) => Fault::busy(refusal.message, seconds),
+                None => Fault::server(refusal.message),
+            };
+            return fault.respond(ACTION, &relates_to);
+        }
+    };
     let invite = match authenticate(&state, client.clone(), &doc).await {
         Ok(invite) => invite,
         Err(fault) => return fault.respond(ACTION, &relates_to),
     };
     let now = state.clock.now();
-    let issuer = match state.mdm.scep(now).await {
-        Ok(issuer) => issuer,
-        Err(_) => {
-            return Fault::server("the device CA is not available; see the server log").respond(ACTION, &relates_to);
-        }
-    };
     let common_name = format!("enrolld Windows {}", invite.id);
     let organisation = state.naming.organisation();
     let issued = match issuer.issue_csr(&csr, &common_name, &organisation, now) {

@@ -41,6 +41,10 @@ pub async fn session(
     body: Bytes,
 ) -> Response {
     let Some(Extension(ClientCertificate(der))) = certificate else {
+        // Until the device-identity CA is ready, TLS asks for no certificate: that is not the device's fault.
+        if let Err(refusal) = state.mdm.scep() {
+            return refusal.into_response();
+        }
         return (StatusCode::UNAUTHORIZED, "present the client certificate issued at enrollment").into_response();
     };
     let Ok(text) = std::str::from_utf8(&body) else {
