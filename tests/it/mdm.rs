@@ -19,6 +19,7 @@ use hyper::Method;
 use hyper::body::Bytes;
 use plist::Value as P;
 use serde_json::{Value, json};
+use sha2::Digest as _;
 
 use crate::apple_device::{Device, check, payload_keys, plist_xml, schema};
 use crate::common::{Daemon, PASSWORD, api, browse, fetch_bytes, get_plain, parse_pem_certs};
@@ -283,9 +284,12 @@ async fn an_apple_device_enrolls_over_scep_and_check_in_is_managed_and_checks_ou
     let caps = get_bytes(&b, "/scep?operation=GetCACaps").await;
     let caps = String::from_utf8(caps).unwrap();
     assert!(caps.contains("AES") && caps.contains("POSTPKIOperation") && caps.contains("SHA-256"), "{caps}");
-    let ca_certs = enrolld::pki::cms::verify(&get_bytes(&b, "/scep?operation=GetCACert").await, Some(b""));
-    assert!(ca_certs.is_err(), "a certificates-only message has no signer");
-    let scep_ca = scep_ca_certificate(&get_bytes(&b, "/scep?operation=GetCACert").await);
+    // GetCACert: the SCEP CA alone, the certificate to encrypt to, which the profile names by its SHA-256.
+    let (status, headers, answer) =
+        fetch_bytes(b.daemon.https, &b.ca, Method::GET, "/scep?operation=GetCACert", &[], Vec::new()).await;
+    assert_eq!((status, headers["content-type"].to_str().unwrap()), (200, "application/x-x509-ca-cert"));
+    let scep_ca = scep_ca_certificate(&answer);
+    assert_eq!(scep["CAFingerprint"].as_data(), Some(sha2::Sha256::digest(&scep_ca).as_slice()));
     let (_, scep_ca_parsed) = x509_parser::parse_x509_certificate(&scep_ca).unwrap();
     let (_, appliance_ca) = x509_parser::parse_x509_certificate(&b.ca).unwrap();
     scep_ca_parsed
@@ -711,18 +715,74 @@ async fn get_bytes(b: &Appliance, path: &str) -> Vec<u8> {
     body
 }
 
-/// The RSA certificate of a `GetCACert` answer (the one a client encrypts to).
-fn scep_ca_certificate(certs_only: &[u8]) -> Vec<u8> {
-    use der::{Decode, Encode};
-    let info = cms::content_info::ContentInfo::from_der(certs_only).unwrap();
-    let signed: cms::signed_data::SignedData = info.content.decode_as().unwrap();
-    let certs: Vec<Vec<u8>> = signed.certificates.unwrap().0.iter().map(|c| c.to_der().unwrap()).collect();
-    assert_eq!(certs.len(), 2, "the SCEP CA and the appliance CA");
-    certs
-        .into_iter()
-        .find(|der| {
-            let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-            cert.public_key().algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1"
-        })
-        .unwrap()
+/// The certificate of a `GetCACert` answer: one DER certificate, the SCEP CA's RSA one (the one a client encrypts
+/// to; the ECDSA appliance CA is not offered, since clients encrypt to every certificate they get).
+fn scep_ca_certificate(answer: &[u8]) -> Vec<u8> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(answer).expect("one DER certificate");
+    assert!(rest.is_empty(), "nothing after the one certificate");
+    assert_eq!(cert.public_key().algorithm.algorithm.to_id_string(), "1.2.840.113549.1.1.1", "an RSA key");
+    answer.to_vec()
+}
+
+/// `scepclient` from Debian's `scep` package (micromdm/scep), unmodified and with its default options, against the
+/// real binary: it encrypts its request to every certificate `GetCACert` gives it, in single DES, and reads the
+/// reply with the same PKCS#7 library. The profile's challenge works once; a wrong one is refused, and an attempt
+/// that fails does not use the challenge up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_scep_client_gets_one_certificate_per_challenge() {
+    let dir = tempfile::tempdir().unwrap();
+    let apns = Apns::start(dir.path()).await;
+    let b = Appliance::start(dir.path(), &apns).await;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, get_plain(b.daemon.http, "enroll.local", "/ca.crt").await.body).unwrap();
+    let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": "Sy", "email": "sy@example.com"}))).await;
+    let body = json!({"user_id": user["id"], "platform": "macos", "ownership": "corporate"});
+    let (invite_id, challenge, _) = b.invite_and_profile(body, "macos").await;
+    let url = format!("https://127.0.0.1:{}/scep", b.daemon.https.port());
+    // Each run in a directory of its own: scepclient keeps its key, CSR (with the challenge) and certificate there.
+    let run = |name: &str, challenge: &str, extra: &[&str]| {
+        let work = dir.path().join(name);
+        std::fs::create_dir(&work).unwrap();
+        let mut command = std::process::Command::new("scepclient");
+        command
+            .args(["-server-url", &url, "-challenge", challenge, "-private-key"])
+            .arg(work.join("key.pem"))
+            .args(extra)
+            // Go's TLS client trusts the appliance CA through the standard variable; no proxy for loopback.
+            .env("SSL_CERT_FILE", &ca_file)
+            .env_remove("SSL_CERT_DIR");
+        for proxy in ["https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+            command.env_remove(proxy);
+        }
+        let output = command.output().expect("scepclient is installed by tests/run (Debian package scep)");
+        let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), std::fs::read_to_string(work.join("client.pem")).ok(), said)
+    };
+
+    let (ok, cert, said) = run("wrong", "not-the-challenge", &[]);
+    assert!(!ok && cert.is_none(), "a wrong challenge is refused: {said}");
+    assert!(said.contains("badRequest"), "as a SCEP failure the client reads: {said}");
+    // The right challenge, but a 1024-bit key, which enrolld does not accept: refused, and the challenge is kept.
+    let (ok, cert, said) = run("weak", &challenge, &["-keySize", "1024"]);
+    assert!(!ok && cert.is_none(), "a 1024-bit key is refused: {said}");
+
+    let (ok, cert, said) = run("first", &challenge, &[]);
+    assert!(ok, "scepclient with its defaults gets a certificate: {said}\n{}", b.daemon.log());
+    let issued = parse_pem_certs(&cert.expect("client.pem written")).remove(0);
+    let (_, issued) = x509_parser::parse_x509_certificate(&issued).unwrap();
+    let scep_ca = scep_ca_certificate(&get_bytes(&b, "/scep?operation=GetCACert").await);
+    let (_, scep_ca) = x509_parser::parse_x509_certificate(&scep_ca).unwrap();
+    issued.verify_signature(Some(scep_ca.public_key())).expect("issued by the SCEP CA");
+    assert!(issued.subject().to_string().contains(&invite_id), "{}", issued.subject());
+    assert!(issued.extended_key_usage().unwrap().unwrap().value.client_auth);
+    // Its request came in single DES (its library's default); the answer went back in 3DES, never in DES.
+    assert!(b.daemon.log().contains("reply_cipher=3DES-CBC"), "{}", b.daemon.log());
+
+    let (ok, cert, said) = run("again", &challenge, &[]);
+    assert!(!ok && cert.is_none(), "the same challenge again is refused: {said}");
+    assert!(said.contains("badRequest"), "{said}");
+    let (_, audit) = b.api(Method::GET, "/api/v1/audit?limit=100", None).await;
+    let issued_events = audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "apple.identity").count();
+    assert_eq!(issued_events, 1, "one identity for one challenge: {audit}");
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }

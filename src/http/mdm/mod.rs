@@ -164,13 +164,8 @@ async fn scep_get(State(state): State<AppState>, Query(query): Query<ScepQuery>)
                 Ok(scep) => scep,
                 Err(refusal) => return refusal.into_response(),
             };
-            match scep.ca_certificates() {
-                Ok(body) => ([(header::CONTENT_TYPE, "application/x-x509-ca-ra-cert")], body).into_response(),
-                Err(error) => {
-                    tracing::error!(%error, "GetCACert failed");
-                    StatusCode::INTERNAL_SERVER_ERROR.into_response()
-                }
-            }
+            // One certificate, the one to encrypt to (RFC 8894 §4.2.1.1); see `ScepAuthority::ca_certificate`.
+            ([(header::CONTENT_TYPE, "application/x-x509-ca-cert")], scep.ca_certificate().to_vec()).into_response()
         }
         // RFC 8894 §4.3: the message may come base64-encoded in the query when the client cannot POST.
         Some("PKIOperation") => {
@@ -283,7 +278,7 @@ async fn pki_operation(state: &AppState, body: &[u8]) -> Response {
         }
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-    tracing::info!(invite = %invite.id, "issued a device identity over SCEP");
+    tracing::info!(invite = %invite.id, reply_cipher = %request.cipher, "issued a device identity over SCEP");
     cert_rep(&scep, &request, Ok(&issued), now)
 }
 
@@ -538,7 +533,7 @@ mod tests {
         creation.run().unwrap();
         let (status, headers, _) = send(&router, get_ca_cert()).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers[header::CONTENT_TYPE], "application/x-x509-ca-ra-cert");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/x-x509-ca-cert");
         let management = Request::post("/ManagementServer/MDM.svc").body(Body::from("<SyncML/>")).unwrap();
         assert_eq!(send(&router, management).await.0, StatusCode::UNAUTHORIZED, "now a certificate is asked for");
         let (status, _, body) = send(&router, windows_enrollment()).await;
