@@ -230,20 +230,37 @@ async fn an_apple_device_enrolls_over_scep_and_check_in_is_managed_and_checks_ou
     assert_eq!(status, 200);
     assert_eq!(headers["content-type"], "application/x-apple-aspen-config");
 
-    // Signed: OpenSSL verifies the CMS signature against the appliance CA and gives back the profile.
+    // Signed: OpenSSL verifies the CMS signature against the appliance CA alone (the leaf comes with the signature)
+    // for its default purpose, S/MIME signing, and gives back the profile.
     let signed_file = dir.path().join("enroll.mobileconfig");
     std::fs::write(&signed_file, &signed_profile).unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
+    let signer_file = dir.path().join("signer.pem");
     let openssl = std::process::Command::new("openssl")
-        .args(["cms", "-verify", "-inform", "DER", "-purpose", "any", "-in"])
+        .args(["cms", "-verify", "-inform", "DER", "-in"])
         .arg(&signed_file)
         .arg("-CAfile")
         .arg(&ca_file)
+        .arg("-signer")
+        .arg(&signer_file)
         .output()
         .expect("openssl is installed by tests/run");
     assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
     let profile = dict(&openssl.stdout);
+    // The signer is the profile-signing certificate, not the HTTPS one: made for signing, issued by the CA.
+    let signer_der = parse_pem_certs(&std::fs::read_to_string(&signer_file).unwrap()).remove(0);
+    let (_, signer) = x509_parser::parse_x509_certificate(&signer_der).unwrap();
+    assert!(signer.key_usage().unwrap().unwrap().value.digital_signature());
+    let eku = signer.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.email_protection && !eku.server_auth, "{eku:?}");
+    let state_pki = b.daemon.state_dir.join("pki");
+    let kept = parse_pem_certs(&std::fs::read_to_string(state_pki.join("profile-signing.crt")).unwrap()).remove(0);
+    assert_eq!(signer_der, kept, "the one kept in pki/");
+    let verified = enrolld::pki::cms::verify(&signed_profile, None).unwrap();
+    let chain = cms_certificates(&signed_profile);
+    assert_eq!(chain.len(), 2, "the leaf and the appliance CA travel with the signature");
+    assert!(chain.contains(&b.ca.to_vec()) && chain.contains(&verified.signer));
 
     // Checked against Apple's schemas: the top level, then each payload (with the common payload keys).
     let common = payload_keys(&schema("mdm/profiles/CommonPayloadKeys.yaml"));
@@ -707,6 +724,14 @@ async fn a_mac_is_erased_with_a_pin_the_admin_can_read() {
     let problems = check(&payload_keys(&schema("mdm/commands/device.erase.yaml")), &command, "macOS", &["RequestType"]);
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}
+
+/// The certificates a CMS SignedData carries.
+fn cms_certificates(message: &[u8]) -> Vec<Vec<u8>> {
+    use der::{Decode, Encode};
+    let info = cms::content_info::ContentInfo::from_der(message).unwrap();
+    let signed: cms::signed_data::SignedData = info.content.decode_as().unwrap();
+    signed.certificates.unwrap().0.iter().map(|c| c.to_der().unwrap()).collect()
 }
 
 async fn get_bytes(b: &Appliance, path: &str) -> Vec<u8> {

@@ -20,8 +20,9 @@ use super::{AppState, HttpError};
 use crate::domain::{Actor, ChallengeProblem};
 use crate::model::{AppleIdentity, Id};
 use crate::pki::CertificateAuthority;
-use crate::pki::cms::{self, SigningKey};
+use crate::pki::cms;
 use crate::pki::scep::{CAPABILITIES, DeviceCa, FailInfo, ScepAuthority, ScepError};
+use crate::pki::signing::ProfileSigner;
 use crate::push::Pusher;
 use crate::tls::ServingCertificate;
 use messages::{CheckIn, CommandReport};
@@ -32,7 +33,8 @@ const MAX_MESSAGE_BYTES: usize = 1 << 20;
 const MAX_SCEP_BYTES: usize = 64 << 10;
 
 /// The device-management handle in [`AppState`]: the appliance CA, the device-identity CA (pending on a first
-/// start until its key is made), the serving certificate (profiles are signed with it), and the push client.
+/// start until its key is made), the profile signer, the serving certificate (for the dashboard), and the push
+/// client.
 #[derive(Clone, Debug, Default)]
 pub struct Mdm {
     inner: Option<Arc<Inner>>,
@@ -42,6 +44,8 @@ pub struct Mdm {
 struct Inner {
     ca: Arc<CertificateAuthority>,
     device_ca: DeviceCa,
+    /// Signs enrollment profiles (a certificate of its own from the appliance CA, kept current by the keeper).
+    profile_signer: Option<Arc<ProfileSigner>>,
     serving: Option<Arc<ServingCertificate>>,
     pusher: Pusher,
 }
@@ -53,10 +57,11 @@ impl Mdm {
     pub fn new(
         ca: Arc<CertificateAuthority>,
         device_ca: DeviceCa,
+        profile_signer: Option<Arc<ProfileSigner>>,
         serving: Option<Arc<ServingCertificate>>,
         pusher: Pusher,
     ) -> Mdm {
-        Mdm { inner: Some(Arc::new(Inner { ca, device_ca, serving, pusher })) }
+        Mdm { inner: Some(Arc::new(Inner { ca, device_ca, profile_signer, serving, pusher })) }
     }
 
     /// The device-identity (SCEP) CA if it is ready; otherwise why not, as a 503 with `Retry-After` (it is being
@@ -79,27 +84,15 @@ impl Mdm {
         })
     }
 
-    /// The key and chain that sign enrollment profiles: the HTTPS certificate's. `None` when enrolld serves plain
-    /// HTTP behind a TLS proxy (the profile then goes out unsigned).
-    fn profile_signer(&self) -> Option<(SigningKey, Vec<Vec<u8>>)> {
-        let serving = self.inner.as_ref()?.serving.as_ref()?.certificate();
-        let key = SigningKey::from_pkcs8(serving.key_pkcs8())
-            .inspect_err(|error| tracing::warn!(%error, "enrollment profiles go out unsigned"))
-            .ok()?;
-        Some((key, serving.chain.iter().map(|c| c.to_vec()).collect()))
-    }
-
     /// The HTTPS certificate being served, for the dashboard.
     pub fn serving_info(&self) -> Option<crate::pki::CertInfo> {
         Some(self.inner.as_ref()?.serving.as_ref()?.certificate().info.clone())
     }
 
-    /// Signs an enrollment profile (CMS SignedData carrying it, with the HTTPS certificate chain). `None` when
-    /// there is no key to sign with: the profile then goes out unsigned.
+    /// Signs an enrollment profile (CMS SignedData carrying it, with the profile-signing certificate and the
+    /// appliance CA). `None` only without device management (tests): the profile then goes out unsigned.
     pub fn sign_profile(&self, xml: &[u8], now: time::OffsetDateTime) -> Option<Result<Vec<u8>, cms::CmsError>> {
-        let (key, chain) = self.profile_signer()?;
-        let chain: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
-        Some(cms::sign(Some(xml), &key, &chain, Vec::new(), now))
+        Some(self.inner.as_ref()?.profile_signer.as_ref()?.sign(xml, now))
     }
 
     /// Wakes a device so it fetches its waiting commands: looks up its push address and the push certificate and
@@ -478,7 +471,7 @@ mod tests {
             crate::store::Store::open_temporary().unwrap(),
             Arc::new(crate::clock::SystemClock),
         );
-        state.mdm = Mdm::new(ca, device_ca, None, Pusher::new(&config.apns).unwrap());
+        state.mdm = Mdm::new(ca, device_ca, None, None, Pusher::new(&config.apns).unwrap());
         let limits = Limits {
             request_timeout: std::time::Duration::from_secs(30),
             max_body_bytes: 1 << 16,
