@@ -33,14 +33,14 @@ pub use android::{
 };
 pub use apple::StoredPushCertificate;
 pub use devices::{
-    DeprovisionKind, DeviceFacts, DeviceQuery, IdentityProblem, NewStaged, StagedAssignment, StagedQuery,
+    CommandFor, DeprovisionKind, DeviceFacts, DeviceQuery, IdentityProblem, NewStaged, StagedAssignment, StagedQuery,
 };
 pub use import::{ExportList, ImportRequest};
 pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
-pub use mdm::ChallengeProblem;
+pub use mdm::{AppleClaim, ChallengeProblem};
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
 pub use settings::{LastBackup, PolicyChange, saved_names_in};
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};

@@ -811,3 +811,68 @@ async fn a_stock_scep_client_gets_one_certificate_per_challenge() {
     assert_eq!(issued_events, 1, "one identity for one challenge: {audit}");
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }
+
+/// A device speaks only for itself: device A's identity cannot check in as device B (its UDID), nor answer B's
+/// commands, and each refusal is a 403 in the audit log. B's record and queue stay as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_speak_for_another_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let apns = Apns::start(dir.path()).await;
+    let b = Appliance::start(dir.path(), &apns).await;
+    let mut devices = Vec::new();
+    for (name, udid, token) in [("Al", "UDID-AL", 0x11), ("Bea", "UDID-BEA", 0x22)] {
+        let email = format!("{}@example.com", name.to_lowercase());
+        let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": name, "email": email}))).await;
+        let (invite_id, challenge, _) =
+            b.invite_and_profile(json!({"user_id": user["id"], "platform": "ipados"}), "ipados").await;
+        let mut device = Device::new();
+        assert_eq!(b.scep(&mut device, &challenge).await.status, "0");
+        assert_eq!(b.check_in(&device, udid, token).await, (200, 200));
+        let id = b.invite(&invite_id).await["device_id"].as_str().unwrap().to_owned();
+        devices.push((device, id));
+    }
+    let ((al, al_id), (_, bea_id)) = (&devices[0], &devices[1]);
+    let bea_before = b.device(bea_id).await;
+    let bea_command = bea_before["pending_commands"][0]["id"].as_str().unwrap().to_owned();
+
+    let signed = |entries: Vec<(&str, P)>| {
+        let body = plist_xml(entries);
+        let signature = al.mdm_signature(&body);
+        (body, signature)
+    };
+    // A check-in naming Bea's UDID.
+    let (body, signature) = signed(vec![
+        ("MessageType", P::from("Authenticate")),
+        ("Topic", P::from(TOPIC)),
+        ("UDID", P::from("UDID-BEA")),
+        ("DeviceName", P::from("not Bea's")),
+    ]);
+    assert_eq!(b.send("/mdm/apple/checkin", &body, Some(&signature)).await.0, 403);
+    // A report naming Bea's UDID.
+    let (body, signature) = signed(vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-BEA"))]);
+    assert_eq!(b.send("/mdm/apple/server", &body, Some(&signature)).await.0, 403);
+    // Al's own UDID, but the answer to Bea's DeviceInformation, carrying made-up facts.
+    let (body, signature) = signed(vec![
+        ("Status", P::from("Acknowledged")),
+        ("UDID", P::from("UDID-AL")),
+        ("CommandUUID", P::from(bea_command.as_str())),
+        ("QueryResponses", P::Dictionary(plist::Dictionary::from_iter([("DeviceName", P::from("Spoofed"))]))),
+    ]);
+    let (status, answer) = b.send("/mdm/apple/server", &body, Some(&signature)).await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&answer));
+
+    let bea_after = b.device(bea_id).await;
+    assert_eq!(bea_after["pending_commands"], bea_before["pending_commands"], "Bea's command is still hers");
+    assert_eq!(bea_after["name"], bea_before["name"]);
+    assert_ne!(b.device(al_id).await["name"], "Spoofed", "nothing of it landed on Al's record either");
+    let (_, audit) = b.api(Method::GET, "/api/v1/audit?limit=100", None).await;
+    let refusals: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "device.refused").collect();
+    assert_eq!(refusals.len(), 3, "{audit}");
+    assert!(refusals.iter().all(|e| e["target"] == al_id.as_str()), "{refusals:?}");
+
+    // Al speaking for Al still works.
+    let next = report(&b, al, vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-AL"))]).await;
+    assert_eq!(command_of(&next.unwrap()).1["RequestType"].as_string(), Some("DeviceInformation"));
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}

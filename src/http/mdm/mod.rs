@@ -17,7 +17,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::{AppState, HttpError};
-use crate::domain::{Actor, ChallengeProblem};
+use crate::domain::{Actor, AppleClaim, ChallengeProblem};
 use crate::model::{AppleIdentity, Id};
 use crate::pki::CertificateAuthority;
 use crate::pki::cms;
@@ -360,13 +360,16 @@ async fn checkin(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         Ok(identity) => identity,
         Err(response) => return response,
     };
-    let message = match CheckIn::parse(&body) {
-        Ok(message) => message,
+    let (message, claim) = match CheckIn::parse(&body) {
+        Ok(parsed) => parsed,
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
+    let actor = Actor::device(None);
+    if let Some(refusal) = speaks_for_itself(&state, &actor, &identity.sha256, vec![claim]).await {
+        return refusal;
+    }
     let domain = state.enrollment.clone();
     let sha256 = identity.sha256.clone();
-    let actor = Actor::device(None);
     match message {
         CheckIn::Authenticate(facts) => {
             let done = tokio::task::spawn_blocking(move || domain.apple_authenticate(&sha256, &facts)).await;
@@ -397,6 +400,37 @@ async fn checkin(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
             (StatusCode::BAD_REQUEST, format!("MessageType {kind} is not supported")).into_response()
         }
     }
+}
+
+/// Refuses (403, audited by the domain) a message that names another device than the identity that signed it;
+/// `None` when every device it names is that identity's own (the first one named binds it).
+async fn speaks_for_itself(state: &AppState, actor: &Actor, sha256: &str, claims: Vec<AppleClaim>) -> Option<Response> {
+    let (domain, actor, sha256) = (state.enrollment.clone(), actor.clone(), sha256.to_owned());
+    let checked = tokio::task::spawn_blocking(move || {
+        for claim in &claims {
+            if let Err(problem) = domain.apple_claim(&actor, &sha256, claim)? {
+                return Ok(Err(problem));
+            }
+        }
+        Ok::<_, crate::domain::DomainError>(Ok(()))
+    })
+    .await;
+    match checked {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(_))) => Some(other_device()),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "checking the device a message names failed");
+            Some(StatusCode::SERVICE_UNAVAILABLE.into_response())
+        }
+        Err(_) => Some(StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+    }
+}
+
+/// The answer to a message that speaks for another device than the one that signed it.
+fn other_device() -> Response {
+    tracing::warn!("an MDM message naming another device was refused");
+    (StatusCode::FORBIDDEN, "refused: this message names another device than the identity that signed it")
+        .into_response()
 }
 
 /// The HTTP answer for a domain call made for a device.
@@ -438,6 +472,15 @@ async fn server(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Ok(report) => report,
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
+    let actor = Actor::device(None);
+    // The report names its device, and a DeviceInformation answer names it again.
+    let mut claims = vec![report.claim.clone()];
+    if let Some(facts) = &report.facts {
+        claims.push(AppleClaim { udid: facts.udid.clone(), enrollment_id: facts.enrollment_id.clone() });
+    }
+    if let Some(refusal) = speaks_for_itself(&state, &actor, &identity.sha256, claims).await {
+        return refusal;
+    }
     if report.user_channel {
         // The user channel (macOS) is not managed: nothing waits for it.
         return StatusCode::OK.into_response();
@@ -446,10 +489,17 @@ async fn server(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         profile::identifiers(state.mdm.inner.as_ref().map(|i| i.ca.cert_der().to_vec()).unwrap_or_default().as_slice())
             .enrollment;
     let domain = state.enrollment.clone();
-    let done =
-        tokio::task::spawn_blocking(move || messages::handle_report(&domain, &device_id, &report, &profile_identifier))
-            .await;
-    answer(done)
+    let sha256 = identity.sha256.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        messages::handle_report(&domain, &actor, &device_id, &sha256, &report, &profile_identifier)
+    })
+    .await;
+    match done {
+        Ok(Ok(Err(_))) => other_device(),
+        Ok(Ok(Ok(value))) => answer(Ok(Ok(value))),
+        Ok(Err(error)) => answer(Ok(Err(error))),
+        Err(error) => answer(Err(error)),
+    }
 }
 
 #[cfg(test)]
