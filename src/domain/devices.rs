@@ -7,8 +7,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::invites::{AdditionalInvite, CreatedInvite, NewInvite, link_state};
 use super::{
-    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, clamp_limit, decode_cursor, optional_text, paged,
-    validate_imei,
+    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, clamp_limit, decode_cursor, optional_field,
+    optional_text, paged, validate_imei,
 };
 use crate::model::{
     Channels, CommandKind, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobChannel, JobKind,
@@ -540,7 +540,7 @@ impl Enrollment {
 
     /// Registers a device ahead of enrollment.
     pub fn create_staged(&self, actor: &Actor, new: &NewStaged) -> DomainResult<StagedDevice> {
-        let serial = optional_text(new.serial.as_deref()).map(|s| s.to_ascii_uppercase());
+        let serial = optional_field("serial", new.serial.as_deref(), 64)?.map(|s| s.to_ascii_uppercase());
         let imei = optional_text(new.imei.as_deref()).map(|i| validate_imei(&i)).transpose()?;
         if serial.is_none() && imei.is_none() {
             return Err(DomainError::invalid("serial", "give a serial number, an IMEI, or both"));
@@ -550,7 +550,7 @@ impl Enrollment {
             id: self.new_id(),
             serial,
             imei,
-            name: optional_text(new.name.as_deref()),
+            name: optional_field("name", new.name.as_deref(), 200)?,
             platform: new.platform,
             user_id: new.user_id,
             email,
