@@ -211,6 +211,8 @@ struct RecordReader<R: std::io::BufRead> {
     after_cr: bool,
     /// The input ended or failed; nothing more is read.
     done: bool,
+    /// The line a record that failed to read starts on (a too-long one), to report it there.
+    failed_at: Option<u64>,
 }
 
 impl<R: std::io::BufRead> RecordReader<R> {
@@ -223,6 +225,7 @@ impl<R: std::io::BufRead> RecordReader<R> {
             lines: 0,
             after_cr: false,
             done: false,
+            failed_at: None,
         }
     }
 
@@ -266,9 +269,10 @@ impl<R: std::io::BufRead> RecordReader<R> {
                 Step::OutputEndsFull if self.ends.len() < MAX_RECORD_BYTES => self.ends.resize(self.ends.len() * 2, 0),
                 Step::OutputFull | Step::OutputEndsFull => {
                     self.done = true;
+                    let start = start.unwrap_or(self.lines + 1);
+                    self.failed_at = Some(start);
                     return Err(std::io::Error::other(format!(
-                        "the row that starts on line {} is longer than 1 MiB (a double quote that never closes?); the rest of the file was not read",
-                        start.unwrap_or(self.lines + 1)
+                        "the row that starts on line {start} is longer than 1 MiB (a double quote that never closes?); the rest of the file was not read"
                     )));
                 }
                 Step::InputEmpty if at_end => {
@@ -381,7 +385,7 @@ impl<R: Read> CsvReader<R> {
                 Ok(Some(line)) => line,
                 Ok(None) => return None,
                 Err(error) => {
-                    let line = self.records.lines + 1;
+                    let line = self.records.failed_at.unwrap_or(self.records.lines + 1);
                     let reason = format!("the file cannot be read here: {error}");
                     return Some(Err(vec![RowProblem { line, column: None, value: String::new(), reason }]));
                 }
@@ -409,9 +413,20 @@ impl<R: Read> CsvReader<R> {
             return Err(problems);
         }
         let mut cells: [Option<String>; 14] = Default::default();
+        // Cells already reported (not UTF-8, a control character): their other checks would only repeat it.
+        let mut reported = [false; 14];
         for (raw, column) in self.record.iter().zip(&self.columns) {
             let Some(column) = column else { continue };
             match std::str::from_utf8(raw) {
+                Ok(text) if text.trim().chars().any(char::is_control) => {
+                    reported[*column as usize] = true;
+                    problems.push(RowProblem {
+                        line,
+                        column: Some(column.header().to_owned()),
+                        value: crate::domain::visible_controls(text.trim()),
+                        reason: crate::domain::control_character_reason(column.header(), text.trim()),
+                    });
+                }
                 Ok(text) => {
                     let text = text.trim();
                     // Undo the export's guard against spreadsheet formulas ('=…).
@@ -423,17 +438,20 @@ impl<R: Read> CsvReader<R> {
                         cells[*column as usize] = Some(text.to_owned());
                     }
                 }
-                Err(_) => problems.push(RowProblem {
-                    line,
-                    column: Some(column.header().to_owned()),
-                    value: String::from_utf8_lossy(raw).into_owned(),
-                    reason: not_utf8(),
-                }),
+                Err(_) => {
+                    reported[*column as usize] = true;
+                    problems.push(RowProblem {
+                        line,
+                        column: Some(column.header().to_owned()),
+                        value: String::from_utf8_lossy(raw).into_owned(),
+                        reason: not_utf8(),
+                    })
+                }
             }
         }
         let cell = |column: Column| cells[column as usize].clone();
         let mut check = |column: Column, problem: Option<String>| {
-            if let Some(reason) = problem {
+            if let Some(reason) = problem.filter(|_| !reported[column as usize]) {
                 problems.push(RowProblem {
                     line,
                     column: Some(column.header().to_owned()),
@@ -686,11 +704,13 @@ mod tests {
 
     #[test]
     fn a_quoted_value_may_span_lines_and_line_numbers_stay_true() {
-        let file = b"USER NAME,EMAIL ADDRESS,PLATFORM TYPE\n\"Ann\nLee\",ann@example.com,iOS\nBob,bob@,iOS\n";
+        // No column takes a line break (a name over two lines is refused), but the quoting is read and the
+        // lines after it keep their true numbers.
+        let file = b"USER NAME,EMAIL ADDRESS,PLATFORM TYPE\n\"Ann\nLee\",ann@example.com,iOS\nBob,bob@,iOS\n\"Cy\",cy@example.com,iOS\n";
         let (rows, problems) = invites(file);
-        assert_eq!(rows[0].user_name, "Ann\nLee");
-        assert_eq!(problems.len(), 1);
-        assert_eq!((problems[0].line, problems[0].column.as_deref()), (4, Some("EMAIL ADDRESS")));
+        assert_eq!((rows[0].line, rows[0].user_name.as_str()), (5, "Cy"));
+        let found: Vec<(u64, &str)> = problems.iter().map(|p| (p.line, p.column.as_deref().unwrap())).collect();
+        assert_eq!(found, [(2, "USER NAME"), (4, "EMAIL ADDRESS")]);
     }
 
     #[test]
@@ -735,6 +755,36 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!((problems[0].line, problems[0].column.as_deref()), (3, Some("USER NAME")));
         assert!(problems[0].reason.contains("not UTF-8"), "{}", problems[0].reason);
+        assert_eq!(problems.len(), 1, "the encoding alone, not also \"USER NAME is required\": {problems:?}");
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_cell_with_the_column_named() {
+        let file = b"USER NAME,EMAIL ADDRESS,PLATFORM TYPE,GROUP NAME,DOMAIN NAME\nAn\0n,ann@example.com,iOS,Sales,\n\"Bob\nLee\",bob@example.com,iOS,,\nCy,cy@example.com,iOS,Sa\x1bles,\nDi,di@example.com,iOS,,corp\x07\nEd,ed@example.com,iOS,,\n";
+        let (rows, problems) = invites(file);
+        assert_eq!(rows.iter().map(|r| r.user_name.as_str()).collect::<Vec<_>>(), ["Ed"]);
+        let found: Vec<(u64, &str)> = problems.iter().map(|p| (p.line, p.column.as_deref().unwrap())).collect();
+        assert_eq!(found, [(2, "USER NAME"), (3, "USER NAME"), (5, "GROUP NAME"), (6, "DOMAIN NAME")], "{problems:?}");
+        assert!(
+            problems[0].reason.contains("USER NAME contains a control character (U+0000"),
+            "{}",
+            problems[0].reason
+        );
+        assert_eq!(problems[0].value, "An\\u{0}n", "shown written out, not as the raw byte");
+        assert!(problems[1].reason.contains("U+000A"), "a line break inside a name: {}", problems[1].reason);
+    }
+
+    #[test]
+    fn a_too_long_quoted_field_over_many_lines_is_reported_at_the_line_it_starts_on() {
+        let mut file = b"USER NAME,EMAIL ADDRESS,PLATFORM TYPE\nAnn,ann@example.com,iOS\n\"Bob".to_vec();
+        for _ in 0..200_000 {
+            file.extend_from_slice(b"xxxxx\n");
+        }
+        let (rows, problems) = invites(&file);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].line, 3, "{}", problems[0].reason);
+        assert!(problems[0].reason.contains("starts on line 3"), "{}", problems[0].reason);
     }
 
     #[test]

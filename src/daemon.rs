@@ -302,7 +302,7 @@ pub async fn run(
     // seconds on a small board), and until then HTTPS asks for no client certificate and the routes that need it
     // answer 503 with Retry-After.
     let (device_ca, device_ca_creation) = DeviceCa::open(&state_dir.pki(), ca.clone(), env.clock.now())?;
-    state.mdm = http::mdm::Mdm::new(ca.clone(), device_ca.clone(), serving, pusher);
+    state.mdm = http::mdm::Mdm::new(ca.clone(), device_ca.clone(), Some(keeper.profile_signer()), serving, pusher);
     state.tls_renewer = keeper.renewer();
     state.android = http::android::Android::new(state_dir.path().join("android"));
     let upgrades = crate::upgrade::Upgrades::new(state_dir.path(), &config.release_file, crate::upgrade::MAX_BYTES);

@@ -428,6 +428,9 @@ pub struct AppleFacts {
     pub build_version: Option<String>,
     pub device_name: Option<String>,
     pub imei: Option<String>,
+    /// A User Enrollment's stand-in for the UDID (such devices do not tell their UDID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_id: Option<String>,
 }
 
 /// An Apple device's push address: the APNs device token (hex), the magic string the MDM push carries, and the

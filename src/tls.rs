@@ -1,6 +1,6 @@
 //! The HTTPS identity: the rustls configuration (ring provider, TLS 1.2 and 1.3), a certificate that can be swapped
 //! while connections stay up, and the [`CertificateKeeper`] that re-issues it when it nears expiry or the box's
-//! addresses change.
+//! addresses change (and renews the profile-signing certificate on the same checks).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ use crate::clock::Clock;
 use crate::config::{Config, SubjectName, TlsSource};
 use crate::naming::Naming;
 use crate::pki::scep::DeviceCa;
+use crate::pki::signing::ProfileSigner;
 use crate::pki::{self, CertificateAuthority, PkiError, ServerCertificate};
 use crate::store::{CertificateRecord, Store, StoreError};
 
@@ -226,6 +227,16 @@ pub struct CertificateKeeper {
     serving: Arc<ServingCertificate>,
     clock: Arc<dyn Clock>,
     renewer: Renewer,
+    /// The profile-signing certificate, renewed on the same checks whichever certificate serves HTTPS.
+    profiles: ProfileSigning,
+}
+
+/// What renewing the profile-signing certificate takes.
+struct ProfileSigning {
+    signer: Arc<ProfileSigner>,
+    ca: Arc<CertificateAuthority>,
+    pki_dir: PathBuf,
+    naming: Naming,
 }
 
 /// The admin's say over the HTTPS certificate, handed to the pages: a new self-issued certificate now (an admin's
@@ -333,6 +344,12 @@ impl CertificateKeeper {
         clock: Arc<dyn Clock>,
         naming: Naming,
     ) -> Result<Self, TlsError> {
+        let profiles = ProfileSigning {
+            signer: Arc::new(ProfileSigner::start(&ca, &pki_dir, &naming.hostname(), clock.now())?),
+            ca: ca.clone(),
+            pki_dir: pki_dir.clone(),
+            naming: naming.clone(),
+        };
         match &config.tls {
             TlsSource::Files { cert, key } => {
                 let loaded = ServerCertificate::load_files(cert, key)?;
@@ -346,6 +363,7 @@ impl CertificateKeeper {
                     },
                     clock,
                     renewer: Renewer::default(),
+                    profiles,
                 })
             }
             TlsSource::SelfIssued => {
@@ -379,6 +397,7 @@ impl CertificateKeeper {
                         own: own_fingerprint,
                     })),
                     clock,
+                    profiles,
                 })
             }
         }
@@ -394,9 +413,23 @@ impl CertificateKeeper {
         self.renewer.clone()
     }
 
-    /// Checks the certificate once and replaces it if needed (or if an admin asked for a new one).
+    /// The signer of enrollment profiles, whose certificate this keeper renews.
+    pub fn profile_signer(&self) -> Arc<ProfileSigner> {
+        self.profiles.signer.clone()
+    }
+
+    /// Checks the certificate once and replaces it if needed (or if an admin asked for a new one); renews the
+    /// profile-signing certificate if it is due (what happened to it is logged, not returned).
     pub fn check(&mut self) -> Result<CheckOutcome, TlsError> {
         let now = self.clock.now();
+        let ProfileSigning { signer, ca, pki_dir, naming } = &self.profiles;
+        match signer.renew_if_due(ca, pki_dir, &naming.hostname(), now) {
+            Ok(None) => {}
+            Ok(Some(reason)) => tracing::info!(%reason, "now signing profiles with a new certificate"),
+            Err(error) => {
+                tracing::error!(%error, "renewing the profile-signing certificate failed; keeping the current one")
+            }
+        }
         let asked = self.renewer.wanted.swap(false, std::sync::atomic::Ordering::SeqCst);
         match &mut self.mode {
             KeeperMode::SelfIssued(keep) => {
@@ -603,8 +636,14 @@ mod tests {
     fn renewed_thirty_days_before_expiry_by_the_same_ca() {
         let mut f = fixture();
         let before = pki::parse_certificate(&f.keeper.serving().leaf()).unwrap();
+        let signer = f.keeper.profile_signer();
+        let signing_before = signer.info();
         f.clock.advance(Duration::days(368));
         let CheckOutcome::Replaced(reason) = f.keeper.check().unwrap() else { panic!("not renewed") };
+        // The profile-signing certificate too, on the same check, by the same CA.
+        assert_ne!(signer.info().serial, signing_before.serial);
+        assert!(signer.info().not_after > signing_before.not_after);
+        assert!(signer.info().subject.contains("profile signing"), "{}", signer.info().subject);
         assert!(reason.starts_with("it expires on"), "{reason}");
         let after = pki::parse_certificate(&f.keeper.serving().leaf()).unwrap();
         assert_ne!(after.serial, before.serial);

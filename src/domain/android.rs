@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::accounts::Credentials;
+use super::devices::{CommandFor, same_device};
 use super::{
     Actor, DeviceFacts, DomainError, DomainResult, Enrollment, IdentityProblem, LinkProblem, PasscodeCheck, sha256_hex,
 };
@@ -348,16 +349,43 @@ impl Enrollment {
         self.managed_under(&identity.device_id, &identity.secret_hash)
     }
 
-    /// A check-in: the results of commands the agent ran (results for commands no longer queued are ignored),
-    /// the facts it sent, and the last-contact time. Returns the device as it now is, with what is still queued.
+    /// A check-in: the results of commands the agent ran (results for commands queued nowhere, such as ones
+    /// answered already, are ignored), the facts it sent, and the last-contact time. Returns the device as it now
+    /// is, with what is still queued. A check-in that speaks for another device (a result for a command queued for
+    /// another device, or an Android ID or serial other than the ones on record) is refused before anything
+    /// is written, and audited.
     pub fn android_checkin(
         &self,
         actor: &Actor,
         device_id: &Id,
         results: &[(Id, CommandOutcome, String)],
         facts: Option<&AndroidFacts>,
-    ) -> DomainResult<Device> {
+    ) -> DomainResult<Result<Device, IdentityProblem>> {
+        let device = self.device(device_id)?;
+        let refuse = |what: String| -> DomainResult<Result<Device, IdentityProblem>> {
+            Ok(Err(self.refuse_other_device(actor, Some(device_id), "", &what)?))
+        };
+        if let Some(facts) = facts {
+            for (name, recorded, sent) in
+                [("Android ID", &device.hardware_id, &facts.android_id), ("serial", &device.serial, &facts.serial)]
+            {
+                if !same_device(recorded.as_deref(), sent.as_deref()) {
+                    let (recorded, sent) = (recorded.as_deref().unwrap_or(""), sent.as_deref().unwrap_or(""));
+                    return refuse(format!("a check-in with the secret of {name} {recorded} named {name} {sent}"));
+                }
+            }
+        }
+        let mut queued = Vec::new();
         for (command, outcome, detail) in results {
+            match self.command_for(&device, command)? {
+                CommandFor::Queued(_) => queued.push((command, outcome, detail)),
+                CommandFor::Nobody => {}
+                CommandFor::OtherDevice => {
+                    return refuse(format!("a result for command {command}, which is queued for another device"));
+                }
+            }
+        }
+        for (command, outcome, detail) in queued {
             let done = match outcome {
                 CommandOutcome::Done => true,
                 CommandOutcome::Failed => false,
@@ -371,7 +399,11 @@ impl Enrollment {
         let reported = facts.is_some_and(|f| *f != AndroidFacts::default());
         let facts = facts.map(AndroidFacts::device_facts).unwrap_or_default();
         let device = self.device_checked_in(device_id, &facts)?;
-        if reported { self.facts_arrived(actor, device, "facts sent with the check-in") } else { Ok(device) }
+        if reported {
+            self.facts_arrived(actor, device, "facts sent with the check-in").map(Ok)
+        } else {
+            Ok(Ok(device))
+        }
     }
 }
 
@@ -481,7 +513,7 @@ mod tests {
         assert_eq!(d.android_device("not the secret").unwrap().unwrap_err(), IdentityProblem::Unknown);
         let info = found.pending_commands[0].clone();
         assert_eq!(info.kind, CommandKind::DeviceInformation);
-        let checked = d.android_checkin(&device_actor, &device.id, &[], Some(&pixel())).unwrap();
+        let checked = d.android_checkin(&device_actor, &device.id, &[], Some(&pixel())).unwrap().unwrap();
         assert!(checked.pending_commands.is_empty(), "the facts answer the request for them");
 
         d.deprovision_device(&admin(), &device.id, DeprovisionKind::RevokeMdm).unwrap();
@@ -493,9 +525,9 @@ mod tests {
             &[(queued[0].id, CommandOutcome::NotNow, String::new())],
             None,
         );
-        assert_eq!(later.unwrap().pending_commands.len(), 1, "not now keeps it queued");
+        assert_eq!(later.unwrap().unwrap().pending_commands.len(), 1, "not now keeps it queued");
         let results = [(queued[0].id, CommandOutcome::Done, "work profile removed".to_owned())];
-        let done = d.android_checkin(&device_actor, &device.id, &results, None).unwrap();
+        let done = d.android_checkin(&device_actor, &device.id, &results, None).unwrap().unwrap();
         assert_eq!(done.status, DeviceStatus::Unmanaged);
         assert_eq!(d.android_device(&enrolled.secret).unwrap().unwrap_err(), IdentityProblem::Unmanaged);
     }

@@ -1,8 +1,9 @@
 //! Admin accounts and sign-in: argon2id password hashes, the one-time setup code that lets the first admin claim an
 //! unconfigured box, sessions and bearer tokens stored only as SHA-256 hashes, and growing delays after failed
-//! logins, per account and per client address.
+//! logins, per account and client address together and per client address (so guesses from one address never
+//! keep the admin out from another), under a ceiling of failures a minute for the whole box.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
@@ -20,6 +21,10 @@ use crate::store::{Scan, tree};
 const FREE_FAILURES: u32 = 3;
 /// The longest delay a run of failures earns.
 const MAX_DELAY: Duration = Duration::minutes(15);
+/// Failed sign-ins a minute the whole box takes, from every address together, before it refuses every sign-in
+/// until the minute has passed: a bound on guessing from many addresses at once (and on password hashing). One
+/// address's own delays keep it far below this (about ten a minute).
+pub const GLOBAL_FAILURES_PER_MINUTE: usize = 100;
 /// Shortest admin password accepted.
 pub const MIN_PASSWORD_CHARS: usize = 10;
 
@@ -175,11 +180,15 @@ impl Auth {
     /// Checks a username and password; on success starts a session.
     pub fn login(&self, username: &str, password: &str, client: Option<String>) -> Result<SignedIn, AuthError> {
         let username = truncate(&username.trim().to_lowercase());
-        let account_key = format!("user:{username}");
-        let client_key = client.as_deref().map(|c| format!("client:{}", client_network(c)));
+        // Delays are per account *from* an address (and per address across accounts), never per account alone:
+        // an attacker's wrong guesses then cannot keep the admin out from their own address.
+        let network = client.as_deref().map_or_else(|| "-".to_owned(), client_network);
+        let account_key = format!("user:{username} client:{network}");
+        let client_key = format!("client:{network}");
         let actor = Actor { name: username.clone(), client: client.clone() };
         // The attempt is counted before the password is checked, so parallel guesses cannot all slip through.
-        self.reserve_attempt(&actor, &account_key, client_key.as_deref())?;
+        self.reserve_attempt(&actor, &account_key, Some(&client_key))?;
+        self.reserve_global(&actor)?;
         let admin = self.domain.store().get::<Admin>(username.as_bytes())?;
         let hash = admin.as_ref().map_or(DECOY_HASH, |a| a.password_hash.as_str());
         let verified = verify_password(password, hash) && admin.is_some();
@@ -187,7 +196,8 @@ impl Auth {
             self.domain.record(&actor, "login.failed", Some(username.clone()), "wrong username or password")?;
             return Err(AuthError::BadCredentials);
         }
-        self.clear_failures(&account_key, client_key.as_deref());
+        self.clear_failures(&account_key, Some(&client_key));
+        self.refund_global();
         self.domain.record(&actor, "login", Some(username.clone()), "")?;
         self.start_session(&username, client)
     }
@@ -411,6 +421,47 @@ impl Auth {
         }
     }
 
+    /// Counts a sign-in against the box's ceiling ([`GLOBAL_FAILURES_PER_MINUTE`]), or refuses it while the
+    /// ceiling is reached. The first refusal of each minute is audited.
+    fn reserve_global(&self, actor: &Actor) -> Result<(), AuthError> {
+        let now = self.domain.now();
+        let refused = {
+            let mut limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
+            let global = &mut limiter.global;
+            while global.failures.front().is_some_and(|at| *at <= now - Duration::MINUTE) {
+                global.failures.pop_front();
+            }
+            match global.failures.front() {
+                Some(oldest) if global.failures.len() >= GLOBAL_FAILURES_PER_MINUTE => {
+                    let first = !global.reported;
+                    global.reported = true;
+                    Some((*oldest + Duration::MINUTE, first))
+                }
+                _ => {
+                    global.failures.push_back(now);
+                    global.reported = false;
+                    None
+                }
+            }
+        };
+        match refused {
+            None => Ok(()),
+            Some((until, first)) => {
+                if first {
+                    let detail = "every sign-in refused for a while: too many failures from everywhere this minute";
+                    self.domain.record(actor, "login.throttled", None, detail)?;
+                }
+                Err(AuthError::TooManyAttempts { retry_after_secs: (until - now).whole_seconds().max(1) as u64 })
+            }
+        }
+    }
+
+    /// A sign-in counted by [`Self::reserve_global`] succeeded: it was no failure.
+    fn refund_global(&self) {
+        let mut limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
+        limiter.global.failures.pop_back();
+    }
+
     fn clear_failures(&self, account: &str, client: Option<&str>) {
         let mut limiter = self.limiter.lock().unwrap_or_else(PoisonError::into_inner);
         for key in [Some(account), client].into_iter().flatten() {
@@ -422,11 +473,21 @@ impl Auth {
 /// Most keys the limiter tracks; past this, keys that are not blocked are forgotten first.
 const LIMITER_CAPACITY: usize = 10_000;
 
-/// Attempts per key (account, client network, setup client), with the time the key may try again. After
-/// [`FREE_FAILURES`] the delay doubles with each failure, from 1 s up to [`MAX_DELAY`].
+/// Attempts per key (account and client network, client network, setup client), with the time the key may try
+/// again. After [`FREE_FAILURES`] the delay doubles with each failure, from 1 s up to [`MAX_DELAY`]; with 3 free
+/// failures, the fourth earns 1 s, so a quick fifth try is the first one refused.
 #[derive(Debug, Default)]
 struct Limiter {
     entries: HashMap<String, Attempts>,
+    global: GlobalFailures,
+}
+
+/// The box's failed sign-ins of the last minute (at most [`GLOBAL_FAILURES_PER_MINUTE`] kept).
+#[derive(Debug, Default)]
+struct GlobalFailures {
+    failures: VecDeque<OffsetDateTime>,
+    /// Whether a refusal while the ceiling is reached was already audited.
+    reported: bool,
 }
 
 #[derive(Debug)]
@@ -641,7 +702,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_logins_earn_growing_delays_per_account_and_per_client() {
+    fn failed_logins_earn_growing_delays_per_account_and_client() {
         let (auth, clock) = auth();
         auth.bootstrap("admin", Some(PASSWORD)).unwrap();
         let from = || Some("198.51.100.9".to_owned());
@@ -649,8 +710,8 @@ mod tests {
             assert!(matches!(auth.login("admin", "nope nope nope", from()), Err(AuthError::BadCredentials)));
         }
         assert!(matches!(auth.login("admin", "nope nope nope", from()), Err(AuthError::BadCredentials)));
-        // Now even the right password waits: the delay is per account.
-        match auth.login("admin", PASSWORD, Some("203.0.113.5".into())) {
+        // The fifth try from that address waits, even with the right password.
+        match auth.login("admin", PASSWORD, from()) {
             Err(AuthError::TooManyAttempts { retry_after_secs }) => assert_eq!(retry_after_secs, 1),
             other => panic!("{other:?}"),
         }
@@ -660,10 +721,30 @@ mod tests {
             Err(AuthError::TooManyAttempts { retry_after_secs }) => assert_eq!(retry_after_secs, 2, "doubled"),
             other => panic!("{other:?}"),
         }
+        // Meanwhile the admin signs in from elsewhere: one address's guesses do not lock the account.
+        assert!(auth.login("admin", PASSWORD, Some("203.0.113.5".into())).is_ok());
         clock.advance(Duration::seconds(3));
         assert!(auth.login("admin", PASSWORD, from()).is_ok(), "the right password after the wait");
         let log = auth.domain.audit_log(None, 50).unwrap();
         assert_eq!(log.items.iter().filter(|e| e.action == "login.failed").count(), 5);
+    }
+
+    #[test]
+    fn guesses_from_many_addresses_meet_the_ceiling_of_the_whole_box() {
+        let (auth, clock) = auth();
+        auth.bootstrap("admin", Some(PASSWORD)).unwrap();
+        for n in 0..GLOBAL_FAILURES_PER_MINUTE {
+            let from = Some(format!("198.51.{}.{}", n / 200, n % 200));
+            assert!(matches!(auth.login("admin", "wrong wrong", from), Err(AuthError::BadCredentials)), "{n}");
+        }
+        match auth.login("admin", PASSWORD, Some("203.0.113.5".into())) {
+            Err(AuthError::TooManyAttempts { retry_after_secs }) => assert_eq!(retry_after_secs, 60),
+            other => panic!("{other:?}"),
+        }
+        clock.advance(Duration::seconds(61));
+        assert!(auth.login("admin", PASSWORD, Some("203.0.113.5".into())).is_ok(), "once the minute has passed");
+        let log = auth.domain.audit_log(None, 500).unwrap();
+        assert_eq!(log.items.iter().filter(|e| e.action == "login.throttled").count(), 1);
     }
 
     #[test]
@@ -703,7 +784,7 @@ mod tests {
         let other = auth.login("somebody", "x", Some("2001:db8:1:2::99".into()));
         assert!(matches!(other, Err(AuthError::TooManyAttempts { .. })), "{other:?}");
         for _ in 0..3 {
-            let _ = auth.login("admin", PASSWORD, None);
+            let _ = auth.login("admin", PASSWORD, Some("2001:db8:1:2::7".into()));
         }
         let log = auth.domain.audit_log(None, 500).unwrap();
         assert_eq!(log.items.iter().filter(|e| e.action == "login.throttled" && e.actor == "admin").count(), 1);

@@ -7,8 +7,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::invites::{AdditionalInvite, CreatedInvite, NewInvite, link_state};
 use super::{
-    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, clamp_limit, decode_cursor, optional_text, paged,
-    validate_imei,
+    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, clamp_limit, decode_cursor, optional_field,
+    optional_text, paged, validate_imei,
 };
 use crate::model::{
     Channels, CommandKind, DeliveryJob, Device, DeviceStatus, Group, Id, Invite, InviteStatus, JobChannel, JobKind,
@@ -37,6 +37,32 @@ pub enum IdentityProblem {
     Superseded,
     /// The device is no longer managed (unenrolled or wiped).
     Unmanaged,
+    /// The message named another device than the one this identity belongs to (its hardware id, or a command
+    /// queued for another device). Refused and audited as `device.refused`: a device speaks only for itself.
+    OtherDevice,
+}
+
+/// Whether a result names a command queued for the device that sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandFor {
+    /// Queued for this device: the result applies.
+    Queued(PendingCommand),
+    /// Not queued anywhere (answered already, replaced by the admin's later action, or never made): nothing to do.
+    Nobody,
+    /// Queued for another device: the message is refused.
+    OtherDevice,
+}
+
+/// Whether an identifier a message names (`claimed`) is the one the identity is bound to (`bound`). Either one
+/// missing says nothing; identifiers are compared without regard to case or surrounding blanks.
+pub(crate) fn same_device(bound: Option<&str>, claimed: Option<&str>) -> bool {
+    fn given(value: Option<&str>) -> Option<&str> {
+        value.map(str::trim).filter(|v| !v.is_empty())
+    }
+    match (given(bound), given(claimed)) {
+        (Some(bound), Some(claimed)) => bound.eq_ignore_ascii_case(claimed),
+        _ => true,
+    }
 }
 
 /// A model named with its maker ("Google Pixel 8"), unless the model's name already starts with it.
@@ -313,6 +339,31 @@ impl Enrollment {
         Ok(Ok(device))
     }
 
+    /// Refuses a device's message that named another device (`what` says how), auditing it as `device.refused`
+    /// against the device the identity manages (or the identity, before it enrolled).
+    pub fn refuse_other_device(
+        &self,
+        actor: &Actor,
+        device: Option<&Id>,
+        identity: &str,
+        what: &str,
+    ) -> DomainResult<IdentityProblem> {
+        let target = device.map_or_else(|| format!("identity {identity}"), Id::to_string);
+        self.record(actor, "device.refused", Some(target), &format!("{what}; the message was refused"))?;
+        Ok(IdentityProblem::OtherDevice)
+    }
+
+    /// Whether `command`, named in a result `device` sent, is queued for it. Only a command queued nowhere else
+    /// (looked for in every device, which happens only for a result that is not the device's own) is let pass.
+    pub fn command_for(&self, device: &Device, command: &Id) -> DomainResult<CommandFor> {
+        if let Some(queued) = device.pending_commands.iter().find(|c| c.id == *command) {
+            return Ok(CommandFor::Queued(queued.clone()));
+        }
+        let elsewhere =
+            self.store.all::<Device>(|d| d.id != device.id && d.pending_commands.iter().any(|c| c.id == *command))?;
+        Ok(if elsewhere.is_empty() { CommandFor::Nobody } else { CommandFor::OtherDevice })
+    }
+
     /// Facts arrived with a device's own message (`how`): a request for them still queued is answered by them.
     pub(super) fn facts_arrived(&self, actor: &Actor, device: Device, how: &str) -> DomainResult<Device> {
         match device.pending_commands.iter().find(|c| c.kind == CommandKind::DeviceInformation) {
@@ -489,7 +540,7 @@ impl Enrollment {
 
     /// Registers a device ahead of enrollment.
     pub fn create_staged(&self, actor: &Actor, new: &NewStaged) -> DomainResult<StagedDevice> {
-        let serial = optional_text(new.serial.as_deref()).map(|s| s.to_ascii_uppercase());
+        let serial = optional_field("serial", new.serial.as_deref(), 64)?.map(|s| s.to_ascii_uppercase());
         let imei = optional_text(new.imei.as_deref()).map(|i| validate_imei(&i)).transpose()?;
         if serial.is_none() && imei.is_none() {
             return Err(DomainError::invalid("serial", "give a serial number, an IMEI, or both"));
@@ -499,7 +550,7 @@ impl Enrollment {
             id: self.new_id(),
             serial,
             imei,
-            name: optional_text(new.name.as_deref()),
+            name: optional_field("name", new.name.as_deref(), 200)?,
             platform: new.platform,
             user_id: new.user_id,
             email,

@@ -393,7 +393,7 @@ impl Enrollment {
     fn apply_batch(&self, actor: &Actor, import: &mut Import, batch: &[Row], totals: &mut Totals) -> DomainResult<()> {
         let secrets: Vec<Secrets> = batch.iter().map(|_| new_secrets()).collect();
         let last_line = batch.last().map_or(import.last_line, Row::line);
-        let outcome = self.transact(|tx| {
+        let (outcome, progress) = self.transact(|tx| {
             let mut outcome = BatchOutcome::default();
             for (row, secrets) in batch.iter().zip(&secrets) {
                 match row {
@@ -401,28 +401,22 @@ impl Enrollment {
                     Row::Staged(row) => self.import_staged_row(tx, import, row, &mut outcome)?,
                 }
             }
+            // The job's progress and report, counting this batch, are written with it: an import cut short
+            // after this batch reports exactly what it made.
             let mut progress = import.clone();
             progress.rows_done += batch.len() as u64;
             progress.last_line = last_line;
+            tally(&mut progress.report, totals, &outcome);
             tx.put(None, &progress)?;
-            Ok(outcome)
+            Ok((outcome, progress))
         })?;
-        import.rows_done += batch.len() as u64;
-        import.last_line = last_line;
+        *import = progress;
         totals.created_users.extend(outcome.new_users);
         for email in outcome.matched_users {
             if !totals.created_users.contains(&email) {
                 totals.matched_users.insert(email);
             }
         }
-        let report = &mut import.report;
-        report.users_created = totals.created_users.len() as u64;
-        report.users_matched = totals.matched_users.len() as u64;
-        report.invites_created += outcome.invites;
-        report.staged_created += outcome.staged;
-        report.groups_created.extend(outcome.new_groups);
-        report.rows_rejected += outcome.refused.len() as u64;
-        keep_problems(report, outcome.refused);
         Ok(())
     }
 
@@ -742,6 +736,26 @@ struct RowChecks {
 }
 
 /// Adds problems to a report, at most [`PROBLEMS_KEPT`] of them, each value and reason cut to a readable length.
+/// Adds a batch's outcome to the report (the running `totals` are those before the batch).
+fn tally(report: &mut ImportReport, totals: &Totals, outcome: &BatchOutcome) {
+    let new_matched: HashSet<&String> = outcome
+        .matched_users
+        .iter()
+        .filter(|email| {
+            !totals.created_users.contains(*email)
+                && !totals.matched_users.contains(*email)
+                && !outcome.new_users.contains(email)
+        })
+        .collect();
+    report.users_created = (totals.created_users.len() + outcome.new_users.len()) as u64;
+    report.users_matched = (totals.matched_users.len() + new_matched.len()) as u64;
+    report.invites_created += outcome.invites;
+    report.staged_created += outcome.staged;
+    report.groups_created.extend(outcome.new_groups.iter().cloned());
+    report.rows_rejected += outcome.refused.len() as u64;
+    keep_problems(report, outcome.refused.clone());
+}
+
 fn keep_problems(report: &mut ImportReport, problems: Vec<RowProblem>) {
     let cut = |text: String, max: usize| {
         if text.chars().count() > max { text.chars().take(max).collect::<String>() + "…" } else { text }
@@ -976,6 +990,8 @@ mod tests {
         );
         let (pending, _, queued) = f.counts();
         assert_eq!((pending, queued), (500, 1_000), "no invite without its messages");
+        let report = &recovered[0].report;
+        assert_eq!((report.invites_created, report.users_created), (500, 500), "the report counts what it made");
     }
 
     #[test]

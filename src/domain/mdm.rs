@@ -4,7 +4,7 @@
 
 use base64::Engine as _;
 
-use super::devices::DeviceFacts;
+use super::devices::{DeviceFacts, IdentityProblem, same_device};
 use super::invites::link_state;
 use super::{Actor, DomainError, DomainResult, Enrollment, optional_text, random_bytes, sha256_hex};
 use crate::model::{AppleFacts, AppleIdentity, ApplePush, Device, Id, Invite, Platform, Remark, ScepChallenge};
@@ -26,6 +26,7 @@ impl AppleFacts {
             build_version: keep(&newer.build_version, &self.build_version),
             device_name: keep(&newer.device_name, &self.device_name),
             imei: keep(&newer.imei, &self.imei),
+            enrollment_id: keep(&newer.enrollment_id, &self.enrollment_id),
         }
     }
 
@@ -58,6 +59,13 @@ impl AppleFacts {
             os_version: os,
         }
     }
+}
+
+/// The device a check-in or command report names: its `UDID`, or a User Enrollment's `EnrollmentID`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppleClaim {
+    pub udid: Option<String>,
+    pub enrollment_id: Option<String>,
 }
 
 /// Why a SCEP challenge gets no certificate. Deliberately coarse: a device learns nothing about other invites.
@@ -155,6 +163,47 @@ impl Enrollment {
     /// The identity with this certificate fingerprint, if enrolld issued it.
     pub fn apple_identity(&self, sha256: &str) -> DomainResult<Option<AppleIdentity>> {
         Ok(self.store.get::<AppleIdentity>(sha256.as_bytes())?)
+    }
+
+    /// Whether a message signed by identity `sha256` names the device that identity belongs to. The first message
+    /// naming a device binds the identity to it (`Authenticate` does so in practice); a later one naming another
+    /// UDID or EnrollmentID is refused and audited (`device.refused`). A device enrolling again gets a new
+    /// identity, so it is bound afresh.
+    pub fn apple_claim(
+        &self,
+        actor: &Actor,
+        sha256: &str,
+        claim: &AppleClaim,
+    ) -> DomainResult<Result<(), IdentityProblem>> {
+        let mismatch = self.transact(|tx| {
+            let old: AppleIdentity =
+                tx.get(sha256.as_bytes())?.ok_or_else(|| DomainError::not_found("identity", sha256))?;
+            let facts = &old.facts;
+            for (name, bound, claimed) in
+                [("UDID", &facts.udid, &claim.udid), ("EnrollmentID", &facts.enrollment_id, &claim.enrollment_id)]
+            {
+                if !same_device(bound.as_deref(), claimed.as_deref()) {
+                    let (bound, claimed) = (bound.as_deref().unwrap_or(""), claimed.as_deref().unwrap_or(""));
+                    return Ok(Some((
+                        old.device_id,
+                        format!("a message signed by the identity of {name} {bound} named {name} {claimed}"),
+                    )));
+                }
+            }
+            let bound = AppleFacts {
+                udid: facts.udid.clone().or(optional_text(claim.udid.as_deref())),
+                enrollment_id: facts.enrollment_id.clone().or(optional_text(claim.enrollment_id.as_deref())),
+                ..facts.clone()
+            };
+            if bound != *facts {
+                tx.put(Some(&old), &AppleIdentity { facts: bound, ..old.clone() })?;
+            }
+            Ok(None)
+        })?;
+        match mismatch {
+            None => Ok(Ok(())),
+            Some((device, what)) => Ok(Err(self.refuse_other_device(actor, device.as_ref(), sha256, &what)?)),
+        }
     }
 
     /// `Authenticate`: the device says what it is. Nothing is enrolled yet; an already enrolled device (one that

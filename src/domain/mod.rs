@@ -33,14 +33,14 @@ pub use android::{
 };
 pub use apple::StoredPushCertificate;
 pub use devices::{
-    DeprovisionKind, DeviceFacts, DeviceQuery, IdentityProblem, NewStaged, StagedAssignment, StagedQuery,
+    CommandFor, DeprovisionKind, DeviceFacts, DeviceQuery, IdentityProblem, NewStaged, StagedAssignment, StagedQuery,
 };
 pub use import::{ExportList, ImportRequest};
 pub use invites::{
     AdditionalInvite, BulkOutcome, BulkSelection, CreatedInvite, GroupInviteMode, GroupInvitePlan, GroupInviteResult,
     InviteQuery, InviteView, LinkProblem, NewInvite, PasscodeCheck,
 };
-pub use mdm::ChallengeProblem;
+pub use mdm::{AppleClaim, ChallengeProblem};
 pub use outbox::{Attempt, Claimed, OutboxCounts, RetryPolicy, redact};
 pub use settings::{LastBackup, PolicyChange, saved_names_in};
 pub use users::{NewGroup, NewUser, UserChoiceForDevices, UserPatch};
@@ -384,7 +384,42 @@ pub(crate) fn required_text(field: &'static str, value: &str, max: usize) -> Dom
     if value.chars().count() > max {
         return Err(DomainError::invalid(field, format!("{field} is longer than {max} characters")));
     }
+    no_control_characters(field, value)?;
     Ok(value.to_owned())
+}
+
+/// An optional text field an admin enters (blank is none): checked as [`required_text`] checks.
+pub(crate) fn optional_field(field: &'static str, value: Option<&str>, max: usize) -> DomainResult<Option<String>> {
+    optional_text(value).map(|value| required_text(field, &value, max)).transpose()
+}
+
+/// Refuses control characters (Unicode Cc: NUL, line breaks, tabs, escapes, …) in a text field: no name, address
+/// or group has them, and shown as they are they garble pages, mails and exports.
+pub(crate) fn no_control_characters(field: &'static str, value: &str) -> DomainResult<()> {
+    if value.chars().any(char::is_control) {
+        return Err(DomainError::invalid(field, control_character_reason(field, value)));
+    }
+    Ok(())
+}
+
+/// A free text that may run over several lines (notes, a description): line breaks and tabs are its only control
+/// characters.
+pub(crate) fn multi_line_text(field: &'static str, value: &str) -> DomainResult<()> {
+    if value.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
+        return Err(DomainError::invalid(field, control_character_reason(field, value)));
+    }
+    Ok(())
+}
+
+/// What is wrong with a value holding a control character, naming the field and the first such character.
+pub fn control_character_reason(field: &str, value: &str) -> String {
+    let code = value.chars().find(|c| c.is_control()).map_or(0, u32::from);
+    format!("{field} contains a control character (U+{code:04X}, such as a NUL or a line break); remove it")
+}
+
+/// The value with its control characters written out (`\u{0}`), safe to show in a report.
+pub fn visible_controls(value: &str) -> String {
+    value.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
 }
 
 pub(crate) fn optional_text(value: Option<&str>) -> Option<String> {

@@ -5,8 +5,8 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{
-    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, decode_cursor, normalize_email, normalize_phone,
-    optional_text, paged, required_text,
+    Actor, DomainError, DomainResult, Enrollment, Paged, TxResult, decode_cursor, multi_line_text, normalize_email,
+    normalize_phone, optional_field, optional_text, paged, required_text,
 };
 use crate::model::{CommandKind, Device, DeviceStatus, Group, Id, Invite, InviteStatus, PendingCommand, Remark, User};
 use crate::store::{Scan, Tx, tree};
@@ -71,6 +71,7 @@ impl Enrollment {
     pub fn create_user(&self, actor: &Actor, new: &NewUser) -> DomainResult<User> {
         let name = required_text("name", &new.name, 200)?;
         let email = normalize_email(&new.email)?;
+        multi_line_text("notes", &new.notes)?;
         let phone = optional_text(new.phone.as_deref()).map(|p| normalize_phone(&p)).transpose()?;
         let now = self.now();
         let user = User {
@@ -78,7 +79,7 @@ impl Enrollment {
             name,
             email,
             phone,
-            domain: optional_text(new.domain.as_deref()),
+            domain: optional_field("domain", new.domain.as_deref(), 200)?,
             notes: new.notes.trim().to_owned(),
             groups: dedup(&new.groups),
             created_at: now,
@@ -118,6 +119,10 @@ impl Enrollment {
             Some(_) => Some(None),
             None => None,
         };
+        let domain = patch.domain.as_ref().map(|d| optional_field("domain", d.as_deref(), 200)).transpose()?;
+        if let Some(notes) = &patch.notes {
+            multi_line_text("notes", notes)?;
+        }
         let now = self.now();
         self.transact(|tx| {
             let old: User = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("user", id))?;
@@ -136,8 +141,8 @@ impl Enrollment {
             if let Some(phone) = &phone {
                 user.phone = phone.clone();
             }
-            if let Some(domain) = &patch.domain {
-                user.domain = optional_text(domain.as_deref());
+            if let Some(domain) = &domain {
+                user.domain = domain.clone();
             }
             if let Some(notes) = &patch.notes {
                 user.notes = notes.trim().to_owned();
@@ -245,6 +250,7 @@ impl Enrollment {
 
     pub fn create_group(&self, actor: &Actor, new: &NewGroup) -> DomainResult<Group> {
         let name = required_text("name", &new.name, 100)?;
+        multi_line_text("description", &new.description)?;
         let group = Group {
             id: self.new_id(),
             name,
@@ -275,6 +281,7 @@ impl Enrollment {
 
     pub fn update_group(&self, actor: &Actor, id: &Id, change: &NewGroup) -> DomainResult<Group> {
         let name = required_text("name", &change.name, 100)?;
+        multi_line_text("description", &change.description)?;
         self.transact(|tx| {
             let old: Group = tx.get_id(id)?.ok_or_else(|| DomainError::not_found("group", id))?;
             if name.to_lowercase() != old.name.to_lowercase()
@@ -372,6 +379,11 @@ mod tests {
             (NewUser { name: " ".into(), ..ann() }, "name"),
             (NewUser { email: "ann.example.com".into(), ..ann() }, "email"),
             (NewUser { phone: Some("555-0100".into()), ..ann() }, "phone"),
+            (NewUser { name: "Ann\0Lee".into(), ..ann() }, "name"),
+            (NewUser { name: "Ann\nLee".into(), ..ann() }, "name"),
+            (NewUser { email: "ann\u{7}@example.com".into(), ..ann() }, "email"),
+            (NewUser { domain: Some("corp\u{1b}[31m".into()), ..ann() }, "domain"),
+            (NewUser { notes: "fine\nover lines, but not\0this".into(), ..ann() }, "notes"),
         ];
         for (new, field) in cases {
             match d.create_user(&admin(), &new) {
@@ -386,6 +398,13 @@ mod tests {
         let (d, _) = domain();
         let sales = d.create_group(&admin(), &NewGroup { name: "Sales".into(), description: String::new() }).unwrap();
         assert!(d.create_group(&admin(), &NewGroup { name: "sales".into(), description: String::new() }).is_err());
+        match d.create_group(&admin(), &NewGroup { name: "Sa\0les".into(), description: String::new() }) {
+            Err(DomainError::Invalid { field, message }) => {
+                assert_eq!(field, "name");
+                assert!(message.contains("control character"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
         let renamed = d
             .update_group(&admin(), &sales.id, &NewGroup { name: "Field sales".into(), description: "x".into() })
             .unwrap();

@@ -3,6 +3,7 @@
 //! as the device's identity; the first OMA-DM session under it enrolls the device, in one transaction.
 
 use super::accounts::{Credentials, Judged};
+use super::devices::same_device;
 use super::invites::link_state;
 use super::{Actor, DeviceFacts, DomainError, DomainResult, Enrollment, IdentityProblem, InviteQuery, LinkProblem};
 use crate::model::{Device, EnrollAuth, Id, Invite, InviteStatus, Platform, WindowsIdentity};
@@ -149,8 +150,18 @@ impl Enrollment {
         };
         let device = match identity.device_id {
             Some(id) => {
-                if let Err(problem) = self.managed_under(&id, sha256)? {
-                    return Ok(Err(problem));
+                let device = match self.managed_under(&id, sha256)? {
+                    Ok(device) => device,
+                    Err(problem) => return Ok(Err(problem)),
+                };
+                // The PC's DevId was recorded at its first session; a session naming another is not this PC's.
+                if !same_device(device.hardware_id.as_deref(), dev_info.dev_id.as_deref()) {
+                    let what = format!(
+                        "a session under the certificate of DevId {} named DevId {}",
+                        device.hardware_id.as_deref().unwrap_or_default(),
+                        dev_info.dev_id.as_deref().unwrap_or_default()
+                    );
+                    return Ok(Err(self.refuse_other_device(actor, Some(&id), sha256, &what)?));
                 }
                 self.device_checked_in(&id, &facts)?
             }

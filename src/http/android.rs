@@ -206,6 +206,7 @@ fn refusal(refusal: AndroidRefusal) -> HttpError {
     responses(
         (status = 200, body = CheckinResponse),
         (status = 401, description = "no device has this secret, or it enrolled again since (`unknown_device`, `superseded`)"),
+        (status = 403, description = "the check-in speaks for another device: an Android ID or serial other than this device's, or a result for a command queued for another device (`other_device`); nothing is recorded"),
         (status = 410, description = "the device is no longer managed (`unmanaged`); the agent should stop checking in"),
     ))]
 pub async fn checkin(
@@ -242,7 +243,7 @@ pub async fn checkin(
             return Ok(Err(IdentityProblem::Unmanaged));
         }
         let results: Vec<_> = results.into_iter().map(|r| (r.id, r.outcome, r.detail.unwrap_or_default())).collect();
-        domain.android_checkin(&actor, &device.id, &results, facts.as_ref()).map(Ok)
+        domain.android_checkin(&actor, &device.id, &results, facts.as_ref())
     })
     .await?;
     let device = device.map_err(|problem| match problem {
@@ -257,6 +258,11 @@ pub async fn checkin(
         IdentityProblem::Unmanaged => {
             HttpError::new(StatusCode::GONE, "unmanaged", "this device is no longer managed; stop checking in")
         }
+        IdentityProblem::OtherDevice => HttpError::new(
+            StatusCode::FORBIDDEN,
+            "other_device",
+            "this check-in speaks for another device (its facts or a command's result); nothing was recorded",
+        ),
     })?;
     let commands = device
         .pending_commands

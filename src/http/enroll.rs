@@ -467,9 +467,21 @@ async fn enrollment_profile(
         Err(page) => return page,
     };
     let Some(ca) = ca_der(&state) else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
+    // The profile names the SCEP CA by its fingerprint, so it waits for that CA (made seconds after a first start).
+    let Ok(scep) = state.mdm.scep() else {
+        let mut page = problem_page(
+            &state,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The appliance is still starting",
+            "Its device certificates are being prepared. Wait a minute, then tap the download button again.",
+        );
+        page.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(super::mdm::RETRY_AFTER_SECS));
+        return page;
+    };
     let (organisation, public_url) = (state.naming.organisation(), state.naming.public_url());
     let profile = profile::EnrollmentProfile {
         ca_der: &ca,
+        scep_ca_der: scep.ca_certificate(),
         organisation: &organisation,
         public_url: &public_url,
         topic: &push.topic,

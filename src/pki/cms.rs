@@ -1,6 +1,7 @@
 //! Cryptographic Message Syntax (RFC 5652), the parts device management needs: signing (profiles, SCEP replies),
 //! verifying a signature and finding the certificate that made it (SCEP requests, `Mdm-Signature`), certificate-only
-//! messages (`GetCACert`), and RSA key-transport envelopes (SCEP's encrypted requests and replies).
+//! messages (the certificate in a SCEP `CertRep`), and RSA key-transport envelopes (SCEP's encrypted requests and
+//! replies).
 //!
 //! The ASN.1 types come from the `cms` crate; keys and signatures are ring's, except RSA decryption, which ring does
 //! not offer and the `rsa` crate does.
@@ -41,6 +42,7 @@ const AES128_CBC: Oid = Oid::new_unwrap("2.16.840.1.101.3.4.1.2");
 const AES192_CBC: Oid = Oid::new_unwrap("2.16.840.1.101.3.4.1.22");
 const AES256_CBC: Oid = Oid::new_unwrap("2.16.840.1.101.3.4.1.42");
 const DES_EDE3_CBC: Oid = Oid::new_unwrap("1.2.840.113549.3.7");
+const DES_CBC: Oid = Oid::new_unwrap("1.3.14.3.2.7");
 
 #[derive(Debug, thiserror::Error)]
 pub enum CmsError {
@@ -179,8 +181,7 @@ pub fn sign(
     Ok(ContentInfo { content_type: ID_SIGNED_DATA, content: Any::encode_from(&signed_data)? }.to_der()?)
 }
 
-/// A "certificates-only" message (degenerate SignedData: no content, no signers), as `GetCACert` answers and a
-/// SCEP `CertRep` carries.
+/// A "certificates-only" message (degenerate SignedData: no content, no signers), as a SCEP `CertRep` carries.
 pub fn certificates_only(certificates: &[&[u8]]) -> Result<Vec<u8>, CmsError> {
     let signed_data = SignedData {
         version: CmsVersion::V1,
@@ -331,7 +332,8 @@ fn subject_key_id(cert: &Certificate) -> Option<Vec<u8>> {
     OctetString::from_der(ext.extn_value.as_bytes()).ok().map(|o| o.into_bytes())
 }
 
-/// The content cipher of an envelope; a reply uses the one its request used.
+/// A cipher enrolld seals envelopes with (and opens them with); a reply uses the one its request used, or 3DES for
+/// a request in single DES (see [`OpeningCipher`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentCipher {
     Aes128Cbc,
@@ -340,17 +342,18 @@ pub enum ContentCipher {
     DesEde3Cbc,
 }
 
-impl ContentCipher {
-    fn from_oid(oid: &Oid) -> Result<Self, CmsError> {
-        match *oid {
-            AES128_CBC => Ok(ContentCipher::Aes128Cbc),
-            AES192_CBC => Ok(ContentCipher::Aes192Cbc),
-            AES256_CBC => Ok(ContentCipher::Aes256Cbc),
-            DES_EDE3_CBC => Ok(ContentCipher::DesEde3Cbc),
-            other => Err(CmsError::Unsupported(format!("content cipher {other}"))),
-        }
+impl std::fmt::Display for ContentCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ContentCipher::Aes128Cbc => "AES-128-CBC",
+            ContentCipher::Aes192Cbc => "AES-192-CBC",
+            ContentCipher::Aes256Cbc => "AES-256-CBC",
+            ContentCipher::DesEde3Cbc => "3DES-CBC",
+        })
     }
+}
 
+impl ContentCipher {
     fn oid(self) -> Oid {
         match self {
             ContentCipher::Aes128Cbc => AES128_CBC,
@@ -375,22 +378,6 @@ impl ContentCipher {
         }
     }
 
-    fn decrypt(self, key: &[u8], iv: &[u8], data: &[u8]) -> Result<Vec<u8>, CmsError> {
-        use cbc::cipher::{BlockDecryptMut, KeyIvInit, block_padding::Pkcs7};
-        fn run<C: BlockDecryptMut + KeyIvInit>(key: &[u8], iv: &[u8], data: &[u8]) -> Result<Vec<u8>, CmsError> {
-            C::new_from_slices(key, iv)
-                .map_err(|_| CmsError::Envelope("the content key or IV has the wrong length"))?
-                .decrypt_padded_vec_mut::<Pkcs7>(data)
-                .map_err(|_| CmsError::Envelope("the content does not decrypt (wrong key or damaged data)"))
-        }
-        match self {
-            ContentCipher::Aes128Cbc => run::<cbc::Decryptor<aes::Aes128>>(key, iv, data),
-            ContentCipher::Aes192Cbc => run::<cbc::Decryptor<aes::Aes192>>(key, iv, data),
-            ContentCipher::Aes256Cbc => run::<cbc::Decryptor<aes::Aes256>>(key, iv, data),
-            ContentCipher::DesEde3Cbc => run::<cbc::Decryptor<des::TdesEde3>>(key, iv, data),
-        }
-    }
-
     fn encrypt(self, key: &[u8], iv: &[u8], data: &[u8]) -> Result<Vec<u8>, CmsError> {
         use cbc::cipher::{BlockEncryptMut, KeyIvInit, block_padding::Pkcs7};
         fn run<C: BlockEncryptMut + KeyIvInit>(key: &[u8], iv: &[u8], data: &[u8]) -> Result<Vec<u8>, CmsError> {
@@ -407,8 +394,65 @@ impl ContentCipher {
     }
 }
 
+/// A cipher an envelope may be opened with: every [`ContentCipher`], and single DES-CBC, the default of SCEP
+/// clients built on older PKCS#7 libraries (micromdm/scep's `scepclient` among them). Single DES is accepted for
+/// opening only, and only because of what it guards here: a SCEP request holds a CSR and a one-time challenge, and it
+/// travels inside TLS. Nothing is ever sealed with it; a reply to a single-DES request is sealed with 3DES, which
+/// every client that speaks DES also reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpeningCipher {
+    Sealing(ContentCipher),
+    DesCbc,
+}
+
+impl OpeningCipher {
+    fn from_oid(oid: &Oid) -> Result<Self, CmsError> {
+        match *oid {
+            AES128_CBC => Ok(OpeningCipher::Sealing(ContentCipher::Aes128Cbc)),
+            AES192_CBC => Ok(OpeningCipher::Sealing(ContentCipher::Aes192Cbc)),
+            AES256_CBC => Ok(OpeningCipher::Sealing(ContentCipher::Aes256Cbc)),
+            DES_EDE3_CBC => Ok(OpeningCipher::Sealing(ContentCipher::DesEde3Cbc)),
+            DES_CBC => Ok(OpeningCipher::DesCbc),
+            other => Err(CmsError::Unsupported(format!("content cipher {other}"))),
+        }
+    }
+
+    /// The cipher a reply to an envelope sealed with this one uses.
+    fn reply(self) -> ContentCipher {
+        match self {
+            OpeningCipher::Sealing(cipher) => cipher,
+            OpeningCipher::DesCbc => ContentCipher::DesEde3Cbc,
+        }
+    }
+
+    fn key_len(self) -> usize {
+        match self {
+            OpeningCipher::Sealing(cipher) => cipher.key_len(),
+            OpeningCipher::DesCbc => 8,
+        }
+    }
+
+    fn decrypt(self, key: &[u8], iv: &[u8], data: &[u8]) -> Result<Vec<u8>, CmsError> {
+        use cbc::cipher::{BlockDecryptMut, KeyIvInit, block_padding::Pkcs7};
+        fn run<C: BlockDecryptMut + KeyIvInit>(key: &[u8], iv: &[u8], data: &[u8]) -> Result<Vec<u8>, CmsError> {
+            C::new_from_slices(key, iv)
+                .map_err(|_| CmsError::Envelope("the content key or IV has the wrong length"))?
+                .decrypt_padded_vec_mut::<Pkcs7>(data)
+                .map_err(|_| CmsError::Envelope("the content does not decrypt (wrong key or damaged data)"))
+        }
+        match self {
+            OpeningCipher::Sealing(ContentCipher::Aes128Cbc) => run::<cbc::Decryptor<aes::Aes128>>(key, iv, data),
+            OpeningCipher::Sealing(ContentCipher::Aes192Cbc) => run::<cbc::Decryptor<aes::Aes192>>(key, iv, data),
+            OpeningCipher::Sealing(ContentCipher::Aes256Cbc) => run::<cbc::Decryptor<aes::Aes256>>(key, iv, data),
+            OpeningCipher::Sealing(ContentCipher::DesEde3Cbc) => run::<cbc::Decryptor<des::TdesEde3>>(key, iv, data),
+            OpeningCipher::DesCbc => run::<cbc::Decryptor<des::Des>>(key, iv, data),
+        }
+    }
+}
+
 /// Opens an EnvelopedData addressed (by key transport, RSA PKCS#1 v1.5) to `key`, whose certificate is
-/// `recipient` (DER). Returns the content and the cipher it was sealed with.
+/// `recipient` (DER). Returns the content and the cipher a reply to it is sealed with: the envelope's own, or 3DES
+/// for one in single DES (which is opened, never used to seal).
 ///
 /// Only the recipient entry naming `recipient` is tried, once. RSA decryption is blinded, and a key that does not
 /// decrypt is replaced by one derived from the ciphertext (implicit rejection), so a malformed key and a wrong one
@@ -425,7 +469,7 @@ pub fn open_envelope(
     }
     let enveloped: EnvelopedData = join_encrypted_content(&info.content)?.decode_as()?;
     let encrypted = &enveloped.encrypted_content;
-    let cipher = ContentCipher::from_oid(&encrypted.content_enc_alg.oid)?;
+    let cipher = OpeningCipher::from_oid(&encrypted.content_enc_alg.oid)?;
     let iv = encrypted
         .content_enc_alg
         .parameters
@@ -476,7 +520,7 @@ pub fn open_envelope(
         .map(|(s, r)| subtle::ConditionallySelectable::conditional_select(s, r, valid))
         .collect();
     let content = cipher.decrypt(&content_key, iv.as_bytes(), data.as_bytes())?;
-    Ok((content, cipher))
+    Ok((content, cipher.reply()))
 }
 
 /// BER lets `encryptedContent` (`[0] IMPLICIT OCTET STRING`) come in constructed, chunked form, which only the
@@ -501,6 +545,24 @@ fn join_encrypted_content(enveloped: &Any) -> Result<Any, CmsError> {
 
 /// Seals `content` in an EnvelopedData for the holder of `recipient` (an RSA certificate, DER), with `cipher`.
 pub fn seal_envelope(content: &[u8], recipient: &[u8], cipher: ContentCipher) -> Result<Vec<u8>, CmsError> {
+    let mut content_key = vec![0; cipher.key_len()];
+    let mut iv = vec![0; cipher.iv_len()];
+    let rng = ring::rand::SystemRandom::new();
+    ring::rand::SecureRandom::fill(&rng, &mut content_key).map_err(|_| CmsError::Envelope("no randomness"))?;
+    ring::rand::SecureRandom::fill(&rng, &mut iv).map_err(|_| CmsError::Envelope("no randomness"))?;
+    let sealed = cipher.encrypt(&content_key, &iv, content)?;
+    envelope(recipient, cipher.oid(), &content_key, iv, sealed)
+}
+
+/// The EnvelopedData around content already `sealed` under `content_key` (the cipher `cipher`, its IV `iv`), the
+/// key transported to `recipient` with RSA PKCS#1 v1.5.
+fn envelope(
+    recipient: &[u8],
+    cipher: Oid,
+    content_key: &[u8],
+    iv: Vec<u8>,
+    sealed: Vec<u8>,
+) -> Result<Vec<u8>, CmsError> {
     use rsa::pkcs1::DecodeRsaPublicKey as _;
     let cert = Certificate::from_der(recipient)?;
     let spki = &cert.tbs_certificate.subject_public_key_info;
@@ -509,15 +571,9 @@ pub fn seal_envelope(content: &[u8], recipient: &[u8], cipher: ContentCipher) ->
     }
     let public = rsa::RsaPublicKey::from_pkcs1_der(spki.subject_public_key.raw_bytes())
         .map_err(|e| CmsError::Malformed(format!("the recipient's RSA key: {e}")))?;
-    let mut content_key = vec![0; cipher.key_len()];
-    let mut iv = vec![0; cipher.iv_len()];
-    let rng = ring::rand::SystemRandom::new();
-    ring::rand::SecureRandom::fill(&rng, &mut content_key).map_err(|_| CmsError::Envelope("no randomness"))?;
-    ring::rand::SecureRandom::fill(&rng, &mut iv).map_err(|_| CmsError::Envelope("no randomness"))?;
     let encrypted_key = public
-        .encrypt(&mut rand_core::OsRng, rsa::Pkcs1v15Encrypt, &content_key)
+        .encrypt(&mut rand_core::OsRng, rsa::Pkcs1v15Encrypt, content_key)
         .map_err(|_| CmsError::Envelope("RSA encryption failed"))?;
-    let sealed = cipher.encrypt(&content_key, &iv, content)?;
     let recipient_info = RecipientInfo::Ktri(KeyTransRecipientInfo {
         version: CmsVersion::V0,
         rid: RecipientIdentifier::IssuerAndSerialNumber(IssuerAndSerialNumber {
@@ -534,7 +590,7 @@ pub fn seal_envelope(content: &[u8], recipient: &[u8], cipher: ContentCipher) ->
         encrypted_content: EncryptedContentInfo {
             content_type: ID_DATA,
             content_enc_alg: AlgorithmIdentifierOwned {
-                oid: cipher.oid(),
+                oid: cipher,
                 parameters: Some(Any::new(Tag::OctetString, iv)?),
             },
             encrypted_content: Some(OctetString::new(sealed)?),
@@ -608,7 +664,45 @@ mod tests {
             let key = vec![7; cipher.key_len()];
             let iv = vec![9; cipher.iv_len()];
             let sealed = cipher.encrypt(&key, &iv, b"certificate request").unwrap();
-            assert_eq!(cipher.decrypt(&key, &iv, &sealed).unwrap(), b"certificate request");
+            let opening = OpeningCipher::Sealing(cipher);
+            assert_eq!(opening.decrypt(&key, &iv, &sealed).unwrap(), b"certificate request");
+            assert_eq!(opening.reply(), cipher, "answered in the request's own cipher");
         }
+    }
+
+    fn rsa_recipient() -> (rsa::RsaPrivateKey, Vec<u8>) {
+        use rsa::pkcs8::EncodePrivateKey as _;
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+        let pkcs8 = key.to_pkcs8_der().unwrap();
+        let signer = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()),
+            &rcgen::PKCS_RSA_SHA256,
+        )
+        .unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["scep.example".into()]).unwrap().self_signed(&signer).unwrap();
+        (key, cert.der().to_vec())
+    }
+
+    #[test]
+    fn a_single_des_envelope_opens_and_is_answered_in_3des() {
+        use cbc::cipher::{BlockEncryptMut, KeyIvInit, block_padding::Pkcs7};
+        let (key, cert) = rsa_recipient();
+        let (content_key, iv) = ([0x13u8; 8], vec![0x24u8; 8]);
+        let sealed = cbc::Encryptor::<des::Des>::new_from_slices(&content_key, &iv)
+            .unwrap()
+            .encrypt_padded_vec_mut::<Pkcs7>(b"certificate request");
+        let message = envelope(&cert, DES_CBC, &content_key, iv, sealed).unwrap();
+        let (content, reply) = open_envelope(&message, &key, &cert).unwrap();
+        assert_eq!(content, b"certificate request");
+        assert_eq!(reply, ContentCipher::DesEde3Cbc, "never sealed with single DES");
+
+        // The reply's envelope names 3DES, and the holder of the key opens it.
+        let answer = seal_envelope(b"issued", &cert, reply).unwrap();
+        let (opened, again) = open_envelope(&answer, &key, &cert).unwrap();
+        assert_eq!((opened.as_slice(), again), (&b"issued"[..], ContentCipher::DesEde3Cbc));
+
+        // RC2 and the like are still refused.
+        let rc2 = envelope(&cert, Oid::new_unwrap("1.2.840.113549.3.2"), &[0; 16], vec![0; 8], vec![0; 16]).unwrap();
+        assert!(matches!(open_envelope(&rc2, &key, &cert), Err(CmsError::Unsupported(_))));
     }
 }

@@ -1,5 +1,5 @@
-//! The appliance's own certificate authority and the HTTPS certificates it issues, kept as PEM files in the state
-//! directory (keys mode 0600).
+//! The appliance's own certificate authority and the HTTPS certificates it issues (and, in `signing`, the
+//! certificate that signs enrollment profiles), kept as PEM files in the state directory (keys mode 0600).
 //!
 //! The CA is ECDSA P-256 and valid for ten years. Server certificates follow what Apple and Windows clients accept
 //! from a private CA: at most 397 days, `serverAuth`, every name in the SAN extension.
@@ -22,6 +22,7 @@ mod ber;
 pub mod cms;
 pub mod push;
 pub mod scep;
+pub mod signing;
 
 use crate::config::SubjectName;
 use crate::state_dir::write_private;
@@ -374,6 +375,21 @@ pub fn reissue_reason(
     ca_not_after: OffsetDateTime,
     now: OffsetDateTime,
 ) -> Option<String> {
+    if let Some(reason) = renewal_reason(info, ca_not_after, now) {
+        return Some(reason);
+    }
+    if &info.names != wanted {
+        let added: Vec<String> = wanted.difference(&info.names).map(|n| format!("+{n}")).collect();
+        let removed: Vec<String> = info.names.difference(wanted).map(|n| format!("-{n}")).collect();
+        return Some(format!("names changed: {}", [added, removed].concat().join(" ")));
+    }
+    None
+}
+
+/// Why a certificate the appliance CA issued (an HTTPS or a profile-signing one) must be renewed for its dates
+/// alone: it is not valid yet (issued while the clock was wrong), or it ends within [`RENEW_BEFORE`] (unless it was
+/// cut short to the CA's own end, which a new one could not pass either).
+pub fn renewal_reason(info: &CertInfo, ca_not_after: OffsetDateTime, now: OffsetDateTime) -> Option<String> {
     if now < info.not_before {
         return Some(format!(
             "it is not valid until {} (the clock was wrong when it was issued)",
@@ -382,11 +398,6 @@ pub fn reissue_reason(
     }
     if now + RENEW_BEFORE >= info.not_after && info.not_after < ca_not_after {
         return Some(format!("it expires on {}", info.not_after.date()));
-    }
-    if &info.names != wanted {
-        let added: Vec<String> = wanted.difference(&info.names).map(|n| format!("+{n}")).collect();
-        let removed: Vec<String> = info.names.difference(wanted).map(|n| format!("-{n}")).collect();
-        return Some(format!("names changed: {}", [added, removed].concat().join(" ")));
     }
     None
 }

@@ -36,9 +36,10 @@ const SENDER_NONCE: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.5");
 const RECIPIENT_NONCE: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.6");
 const TRANSACTION_ID: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.7");
 
-/// What `GetCACaps` answers (RFC 8894 §3.5.2): AES and SHA-256 (what `SCEPStandard` promises), POST, and the
-/// legacy algorithms older clients ask for.
-pub const CAPABILITIES: &str = "AES\nDES3\nPOSTPKIOperation\nSHA-1\nSHA-256\nSCEPStandard\n";
+/// What `GetCACaps` answers (RFC 8894 §3.5.2): AES and SHA-256 first (what `SCEPStandard` promises), POST, then
+/// the legacy algorithms older clients ask for. Single DES is not advertised: requests sealed with it are opened (see
+/// `cms::open_envelope`) because some clients send nothing else, but no client should choose it.
+pub const CAPABILITIES: &str = "AES\nSHA-256\nPOSTPKIOperation\nSCEPStandard\nDES3\nSHA-1\n";
 
 /// Why a request gets a SCEP failure rather than a certificate (`failInfo`, RFC 8894 §3.2.1.4.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +69,7 @@ pub struct PkiRequest {
     /// The certificate that signed the request (the device's throw-away self-signed one); the reply is encrypted
     /// to it.
     pub signer: Vec<u8>,
+    /// The cipher the reply is sealed with: the request's own, or 3DES for a request in single DES.
     pub cipher: ContentCipher,
     /// The PKCS#10 request inside the envelope, with its signature checked.
     pub csr: Vec<u8>,
@@ -237,10 +239,13 @@ impl ScepAuthority {
         &self.cert
     }
 
-    /// The `GetCACert` answer: the SCEP CA and the appliance CA as a certificates-only message
-    /// (`application/x-x509-ca-ra-cert`). Only the SCEP CA can encrypt, so that is the one clients encrypt to.
-    pub fn ca_certificates(&self) -> Result<Vec<u8>, CmsError> {
-        cms::certificates_only(&[&self.cert, &self.ca])
+    /// The `GetCACert` answer: the SCEP CA alone, as one DER certificate (`application/x-x509-ca-cert`, RFC 8894
+    /// §4.2.1.1). It is the only certificate a client may use: clients encrypt their request to every certificate
+    /// they are given, and the appliance CA above it has an ECDSA key nothing can be encrypted to. Devices get the
+    /// appliance CA from the enrollment profile (and `/ca.crt`), and find the SCEP CA by its SHA-256 there
+    /// (`CAFingerprint`).
+    pub fn ca_certificate(&self) -> &[u8] {
+        &self.cert
     }
 
     /// Opens a `PKIOperation` message: checks its signature, reads the SCEP attributes, opens the envelope and

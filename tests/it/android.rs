@@ -276,3 +276,58 @@ fn ring_sha256_hex(der: &[u8]) -> String {
     use sha2::Digest as _;
     sha2::Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A device speaks only for itself: an agent's secret cannot report another device's command results or facts.
+/// Each attempt is refused with 403 (`other_device`) before anything is written, and audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cannot_speak_for_another_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    let _sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
+    let b = Box::start(&dir.path().join("state"), smtp_port).await;
+    let mut agents = Vec::new();
+    for (email, serial, android_id) in
+        [("al@example.com", "SER-AL", "aaaaaaaaaaaaaaaa"), ("bea@example.com", "SER-BEA", "bbbbbbbbbbbbbbbb")]
+    {
+        let created = b.user_and_invite(email, "corporate", true).await;
+        let facts = json!({"serial": serial, "model": "Pixel 8", "android_id": android_id});
+        let body = json!({"token": created["link_token"], "passcode": created["passcode"], "device": facts});
+        let (status, enrolled) = b.agent("/android/v1/enroll", None, body).await;
+        assert_eq!(status, 200, "{enrolled}");
+        agents.push((
+            enrolled["device_secret"].as_str().unwrap().to_owned(),
+            enrolled["device_id"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let ((al_secret, al_id), (_, bea_id)) = (&agents[0], &agents[1]);
+    let (_, bea_before) = b.admin(Method::GET, &format!("/api/v1/devices/{bea_id}"), None).await;
+    let bea_command = bea_before["pending_commands"][0]["id"].clone();
+    assert!(bea_command.is_string(), "{bea_before}");
+
+    let attempts = [
+        json!({"results": [{"id": bea_command, "outcome": "done"}]}),
+        json!({"device": {"android_id": "bbbbbbbbbbbbbbbb", "name": "not Bea's"}}),
+        json!({"device": {"serial": "SER-BEA"}}),
+    ];
+    for attempt in attempts {
+        let (status, answer) = b.agent("/android/v1/checkin", Some(al_secret), attempt.clone()).await;
+        assert_eq!((status, answer["error"].as_str()), (403, Some("other_device")), "{attempt}: {answer}");
+    }
+    let (_, bea_after) = b.admin(Method::GET, &format!("/api/v1/devices/{bea_id}"), None).await;
+    assert_eq!(bea_after["pending_commands"], bea_before["pending_commands"], "Bea's command is still hers");
+    let (_, al) = b.admin(Method::GET, &format!("/api/v1/devices/{al_id}"), None).await;
+    assert_ne!(al["name"], "not Bea's");
+    let (_, audit) = b.admin(Method::GET, "/api/v1/audit?limit=100", None).await;
+    let refusals: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "device.refused").collect();
+    assert_eq!(refusals.len(), 3, "{audit}");
+    assert!(refusals.iter().all(|e| e["target"] == al_id.as_str()), "{refusals:?}");
+
+    // Al speaking for Al still works, and a result for a command queued nowhere is simply ignored.
+    let own = json!({"results": [{"id": al["pending_commands"][0]["id"], "outcome": "done"}],
+        "device": {"android_id": "AAAAAAAAAAAAAAAA", "serial": "SER-AL"}});
+    let (status, answer) = b.agent("/android/v1/checkin", Some(al_secret), own.clone()).await;
+    assert_eq!((status, answer["commands"].clone()), (200, json!([])), "{answer}");
+    assert_eq!(b.agent("/android/v1/checkin", Some(al_secret), own).await.0, 200, "an answer sent twice");
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}

@@ -19,6 +19,7 @@ use hyper::Method;
 use hyper::body::Bytes;
 use plist::Value as P;
 use serde_json::{Value, json};
+use sha2::Digest as _;
 
 use crate::apple_device::{Device, check, payload_keys, plist_xml, schema};
 use crate::common::{Daemon, PASSWORD, api, browse, fetch_bytes, get_plain, parse_pem_certs};
@@ -229,20 +230,37 @@ async fn an_apple_device_enrolls_over_scep_and_check_in_is_managed_and_checks_ou
     assert_eq!(status, 200);
     assert_eq!(headers["content-type"], "application/x-apple-aspen-config");
 
-    // Signed: OpenSSL verifies the CMS signature against the appliance CA and gives back the profile.
+    // Signed: OpenSSL verifies the CMS signature against the appliance CA alone (the leaf comes with the signature)
+    // for its default purpose, S/MIME signing, and gives back the profile.
     let signed_file = dir.path().join("enroll.mobileconfig");
     std::fs::write(&signed_file, &signed_profile).unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
+    let signer_file = dir.path().join("signer.pem");
     let openssl = std::process::Command::new("openssl")
-        .args(["cms", "-verify", "-inform", "DER", "-purpose", "any", "-in"])
+        .args(["cms", "-verify", "-inform", "DER", "-in"])
         .arg(&signed_file)
         .arg("-CAfile")
         .arg(&ca_file)
+        .arg("-signer")
+        .arg(&signer_file)
         .output()
         .expect("openssl is installed by tests/run");
     assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
     let profile = dict(&openssl.stdout);
+    // The signer is the profile-signing certificate, not the HTTPS one: made for signing, issued by the CA.
+    let signer_der = parse_pem_certs(&std::fs::read_to_string(&signer_file).unwrap()).remove(0);
+    let (_, signer) = x509_parser::parse_x509_certificate(&signer_der).unwrap();
+    assert!(signer.key_usage().unwrap().unwrap().value.digital_signature());
+    let eku = signer.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.email_protection && !eku.server_auth, "{eku:?}");
+    let state_pki = b.daemon.state_dir.join("pki");
+    let kept = parse_pem_certs(&std::fs::read_to_string(state_pki.join("profile-signing.crt")).unwrap()).remove(0);
+    assert_eq!(signer_der, kept, "the one kept in pki/");
+    let verified = enrolld::pki::cms::verify(&signed_profile, None).unwrap();
+    let chain = cms_certificates(&signed_profile);
+    assert_eq!(chain.len(), 2, "the leaf and the appliance CA travel with the signature");
+    assert!(chain.contains(&b.ca.to_vec()) && chain.contains(&verified.signer));
 
     // Checked against Apple's schemas: the top level, then each payload (with the common payload keys).
     let common = payload_keys(&schema("mdm/profiles/CommonPayloadKeys.yaml"));
@@ -283,9 +301,12 @@ async fn an_apple_device_enrolls_over_scep_and_check_in_is_managed_and_checks_ou
     let caps = get_bytes(&b, "/scep?operation=GetCACaps").await;
     let caps = String::from_utf8(caps).unwrap();
     assert!(caps.contains("AES") && caps.contains("POSTPKIOperation") && caps.contains("SHA-256"), "{caps}");
-    let ca_certs = enrolld::pki::cms::verify(&get_bytes(&b, "/scep?operation=GetCACert").await, Some(b""));
-    assert!(ca_certs.is_err(), "a certificates-only message has no signer");
-    let scep_ca = scep_ca_certificate(&get_bytes(&b, "/scep?operation=GetCACert").await);
+    // GetCACert: the SCEP CA alone, the certificate to encrypt to, which the profile names by its SHA-256.
+    let (status, headers, answer) =
+        fetch_bytes(b.daemon.https, &b.ca, Method::GET, "/scep?operation=GetCACert", &[], Vec::new()).await;
+    assert_eq!((status, headers["content-type"].to_str().unwrap()), (200, "application/x-x509-ca-cert"));
+    let scep_ca = scep_ca_certificate(&answer);
+    assert_eq!(scep["CAFingerprint"].as_data(), Some(sha2::Sha256::digest(&scep_ca).as_slice()));
     let (_, scep_ca_parsed) = x509_parser::parse_x509_certificate(&scep_ca).unwrap();
     let (_, appliance_ca) = x509_parser::parse_x509_certificate(&b.ca).unwrap();
     scep_ca_parsed
@@ -705,24 +726,153 @@ async fn a_mac_is_erased_with_a_pin_the_admin_can_read() {
     assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }
 
+/// The certificates a CMS SignedData carries.
+fn cms_certificates(message: &[u8]) -> Vec<Vec<u8>> {
+    use der::{Decode, Encode};
+    let info = cms::content_info::ContentInfo::from_der(message).unwrap();
+    let signed: cms::signed_data::SignedData = info.content.decode_as().unwrap();
+    signed.certificates.unwrap().0.iter().map(|c| c.to_der().unwrap()).collect()
+}
+
 async fn get_bytes(b: &Appliance, path: &str) -> Vec<u8> {
     let (status, _, body) = fetch_bytes(b.daemon.https, &b.ca, Method::GET, path, &[], Vec::new()).await;
     assert_eq!(status, 200, "{path}");
     body
 }
 
-/// The RSA certificate of a `GetCACert` answer (the one a client encrypts to).
-fn scep_ca_certificate(certs_only: &[u8]) -> Vec<u8> {
-    use der::{Decode, Encode};
-    let info = cms::content_info::ContentInfo::from_der(certs_only).unwrap();
-    let signed: cms::signed_data::SignedData = info.content.decode_as().unwrap();
-    let certs: Vec<Vec<u8>> = signed.certificates.unwrap().0.iter().map(|c| c.to_der().unwrap()).collect();
-    assert_eq!(certs.len(), 2, "the SCEP CA and the appliance CA");
-    certs
-        .into_iter()
-        .find(|der| {
-            let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-            cert.public_key().algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1"
-        })
-        .unwrap()
+/// The certificate of a `GetCACert` answer: one DER certificate, the SCEP CA's RSA one (the one a client encrypts
+/// to; the ECDSA appliance CA is not offered, since clients encrypt to every certificate they get).
+fn scep_ca_certificate(answer: &[u8]) -> Vec<u8> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(answer).expect("one DER certificate");
+    assert!(rest.is_empty(), "nothing after the one certificate");
+    assert_eq!(cert.public_key().algorithm.algorithm.to_id_string(), "1.2.840.113549.1.1.1", "an RSA key");
+    answer.to_vec()
+}
+
+/// `scepclient` from Debian's `scep` package (micromdm/scep), unmodified and with its default options, against the
+/// real binary: it encrypts its request to every certificate `GetCACert` gives it, in single DES, and reads the
+/// reply with the same PKCS#7 library. The profile's challenge works once; a wrong one is refused, and an attempt
+/// that fails does not use the challenge up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_scep_client_gets_one_certificate_per_challenge() {
+    let dir = tempfile::tempdir().unwrap();
+    let apns = Apns::start(dir.path()).await;
+    let b = Appliance::start(dir.path(), &apns).await;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, get_plain(b.daemon.http, "enroll.local", "/ca.crt").await.body).unwrap();
+    let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": "Sy", "email": "sy@example.com"}))).await;
+    let body = json!({"user_id": user["id"], "platform": "macos", "ownership": "corporate"});
+    let (invite_id, challenge, _) = b.invite_and_profile(body, "macos").await;
+    let url = format!("https://127.0.0.1:{}/scep", b.daemon.https.port());
+    // Each run in a directory of its own: scepclient keeps its key, CSR (with the challenge) and certificate there.
+    let run = |name: &str, challenge: &str, extra: &[&str]| {
+        let work = dir.path().join(name);
+        std::fs::create_dir(&work).unwrap();
+        let mut command = std::process::Command::new("scepclient");
+        command
+            .args(["-server-url", &url, "-challenge", challenge, "-private-key"])
+            .arg(work.join("key.pem"))
+            .args(extra)
+            // Go's TLS client trusts the appliance CA through the standard variable; no proxy for loopback.
+            .env("SSL_CERT_FILE", &ca_file)
+            .env_remove("SSL_CERT_DIR");
+        for proxy in ["https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+            command.env_remove(proxy);
+        }
+        let output = command.output().expect("scepclient is installed by tests/run (Debian package scep)");
+        let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), std::fs::read_to_string(work.join("client.pem")).ok(), said)
+    };
+
+    let (ok, cert, said) = run("wrong", "not-the-challenge", &[]);
+    assert!(!ok && cert.is_none(), "a wrong challenge is refused: {said}");
+    assert!(said.contains("badRequest"), "as a SCEP failure the client reads: {said}");
+    // The right challenge, but a 1024-bit key, which enrolld does not accept: refused, and the challenge is kept.
+    let (ok, cert, said) = run("weak", &challenge, &["-keySize", "1024"]);
+    assert!(!ok && cert.is_none(), "a 1024-bit key is refused: {said}");
+
+    let (ok, cert, said) = run("first", &challenge, &[]);
+    assert!(ok, "scepclient with its defaults gets a certificate: {said}\n{}", b.daemon.log());
+    let issued = parse_pem_certs(&cert.expect("client.pem written")).remove(0);
+    let (_, issued) = x509_parser::parse_x509_certificate(&issued).unwrap();
+    let scep_ca = scep_ca_certificate(&get_bytes(&b, "/scep?operation=GetCACert").await);
+    let (_, scep_ca) = x509_parser::parse_x509_certificate(&scep_ca).unwrap();
+    issued.verify_signature(Some(scep_ca.public_key())).expect("issued by the SCEP CA");
+    assert!(issued.subject().to_string().contains(&invite_id), "{}", issued.subject());
+    assert!(issued.extended_key_usage().unwrap().unwrap().value.client_auth);
+    // Its request came in single DES (its library's default); the answer went back in 3DES, never in DES.
+    assert!(b.daemon.log().contains("reply_cipher=3DES-CBC"), "{}", b.daemon.log());
+
+    let (ok, cert, said) = run("again", &challenge, &[]);
+    assert!(!ok && cert.is_none(), "the same challenge again is refused: {said}");
+    assert!(said.contains("badRequest"), "{said}");
+    let (_, audit) = b.api(Method::GET, "/api/v1/audit?limit=100", None).await;
+    let issued_events = audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "apple.identity").count();
+    assert_eq!(issued_events, 1, "one identity for one challenge: {audit}");
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}
+
+/// A device speaks only for itself: device A's identity cannot check in as device B (its UDID), nor answer B's
+/// commands, and each refusal is a 403 in the audit log. B's record and queue stay as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_cannot_speak_for_another_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let apns = Apns::start(dir.path()).await;
+    let b = Appliance::start(dir.path(), &apns).await;
+    let mut devices = Vec::new();
+    for (name, udid, token) in [("Al", "UDID-AL", 0x11), ("Bea", "UDID-BEA", 0x22)] {
+        let email = format!("{}@example.com", name.to_lowercase());
+        let (_, user) = b.api(Method::POST, "/api/v1/users", Some(json!({"name": name, "email": email}))).await;
+        let (invite_id, challenge, _) =
+            b.invite_and_profile(json!({"user_id": user["id"], "platform": "ipados"}), "ipados").await;
+        let mut device = Device::new();
+        assert_eq!(b.scep(&mut device, &challenge).await.status, "0");
+        assert_eq!(b.check_in(&device, udid, token).await, (200, 200));
+        let id = b.invite(&invite_id).await["device_id"].as_str().unwrap().to_owned();
+        devices.push((device, id));
+    }
+    let ((al, al_id), (_, bea_id)) = (&devices[0], &devices[1]);
+    let bea_before = b.device(bea_id).await;
+    let bea_command = bea_before["pending_commands"][0]["id"].as_str().unwrap().to_owned();
+
+    let signed = |entries: Vec<(&str, P)>| {
+        let body = plist_xml(entries);
+        let signature = al.mdm_signature(&body);
+        (body, signature)
+    };
+    // A check-in naming Bea's UDID.
+    let (body, signature) = signed(vec![
+        ("MessageType", P::from("Authenticate")),
+        ("Topic", P::from(TOPIC)),
+        ("UDID", P::from("UDID-BEA")),
+        ("DeviceName", P::from("not Bea's")),
+    ]);
+    assert_eq!(b.send("/mdm/apple/checkin", &body, Some(&signature)).await.0, 403);
+    // A report naming Bea's UDID.
+    let (body, signature) = signed(vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-BEA"))]);
+    assert_eq!(b.send("/mdm/apple/server", &body, Some(&signature)).await.0, 403);
+    // Al's own UDID, but the answer to Bea's DeviceInformation, carrying made-up facts.
+    let (body, signature) = signed(vec![
+        ("Status", P::from("Acknowledged")),
+        ("UDID", P::from("UDID-AL")),
+        ("CommandUUID", P::from(bea_command.as_str())),
+        ("QueryResponses", P::Dictionary(plist::Dictionary::from_iter([("DeviceName", P::from("Spoofed"))]))),
+    ]);
+    let (status, answer) = b.send("/mdm/apple/server", &body, Some(&signature)).await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&answer));
+
+    let bea_after = b.device(bea_id).await;
+    assert_eq!(bea_after["pending_commands"], bea_before["pending_commands"], "Bea's command is still hers");
+    assert_eq!(bea_after["name"], bea_before["name"]);
+    assert_ne!(b.device(al_id).await["name"], "Spoofed", "nothing of it landed on Al's record either");
+    let (_, audit) = b.api(Method::GET, "/api/v1/audit?limit=100", None).await;
+    let refusals: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "device.refused").collect();
+    assert_eq!(refusals.len(), 3, "{audit}");
+    assert!(refusals.iter().all(|e| e["target"] == al_id.as_str()), "{refusals:?}");
+
+    // Al speaking for Al still works.
+    let next = report(&b, al, vec![("Status", P::from("Idle")), ("UDID", P::from("UDID-AL"))]).await;
+    assert_eq!(command_of(&next.unwrap()).1["RequestType"].as_string(), Some("DeviceInformation"));
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
 }

@@ -383,3 +383,47 @@ fn text_in(node: roxmltree::Node<'_, '_>, local: &str) -> String {
         .trim()
         .to_owned()
 }
+
+/// A PC speaks only for itself: a session under one PC's certificate whose DevInfo names another PC's DevId is
+/// refused with 403 and audited, and leaves the other PC's record alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pc_cannot_speak_for_another_pc() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Appliance::start(&dir.path().join("state")).await;
+    let mut pcs = Vec::new();
+    for (email, id) in [
+        ("al@contoso.com", "0C6F4A6E-0000-4000-8000-0000000000A1"),
+        ("bea@contoso.com", "0C6F4A6E-0000-4000-8000-0000000000B2"),
+    ] {
+        let (_, passcode) = b.invite(email, "corporate").await;
+        let mut pc = Pc::new(id);
+        b.enroll(&mut pc, email, &passcode).await;
+        assert_eq!(b.syncml(&pc, pc.session(&fixture("syncml-first-session.xml")), true).await.0, 200);
+        pcs.push(pc);
+    }
+    let (_, devices) = b.admin(Method::GET, "/api/v1/devices?platform=windows", None).await;
+    let id_of = |hardware_id: &str| {
+        devices["items"].as_array().unwrap().iter().find(|d| d["hardware_id"] == hardware_id).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (al_id, bea_id) = (id_of(pcs[0].id), id_of(pcs[1].id));
+    let (_, bea_before) = b.admin(Method::GET, &format!("/api/v1/devices/{bea_id}"), None).await;
+
+    // Al's certificate, Bea's DevId.
+    let posing = pcs[1].session(&fixture("syncml-first-session.xml"));
+    let (status, answer) = b.syncml(&pcs[0], posing, true).await;
+    assert_eq!(status, 403, "{answer}");
+    let (_, bea_after) = b.admin(Method::GET, &format!("/api/v1/devices/{bea_id}"), None).await;
+    assert_eq!(bea_after, bea_before);
+    let (_, audit) = b.admin(Method::GET, "/api/v1/audit?limit=100", None).await;
+    let refusals: Vec<&Value> =
+        audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "device.refused").collect();
+    assert_eq!(refusals.len(), 1, "{audit}");
+    assert_eq!(refusals[0]["target"], al_id.as_str());
+
+    // Al's own session still works.
+    assert_eq!(b.syncml(&pcs[0], pcs[0].session(&fixture("syncml-first-session.xml")), true).await.0, 200);
+    assert_eq!(b.daemon.terminate().0.code(), Some(0));
+}

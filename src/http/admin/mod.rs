@@ -338,13 +338,25 @@ async fn login(
     let auth = state.auth.clone();
     let name = username.clone();
     let outcome = tokio::task::spawn_blocking(move || auth.login(&name, &password, client)).await;
+    // Throttled, the page answers as the API does: 429 with Retry-After.
+    let mut retry_after = None;
     let problem = match outcome {
         Ok(Ok(signed_in)) => return with_session_cookie(&state, &signed_in.token, signed_in.expires_at, "/admin"),
-        Ok(Err(error)) => sign_in_problem(&state, error, "signing in"),
+        Ok(Err(error)) => {
+            if let AuthError::TooManyAttempts { retry_after_secs } = error {
+                retry_after = Some(retry_after_secs.max(1));
+            }
+            sign_in_problem(&state, error, "signing in")
+        }
         Err(_) => "Something went wrong; try again.".to_owned(),
     };
     let values = Value::from_pairs([("problem", Value::from(problem)), ("username", Value::from(username))]);
-    render(&state, None, StatusCode::UNAUTHORIZED, "login.html", values)
+    let status = if retry_after.is_some() { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::UNAUTHORIZED };
+    let mut response = render(&state, None, status, "login.html", values);
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }
 
 async fn logout(State(state): State<AppState>, Posted { admin, .. }: Posted) -> Response {

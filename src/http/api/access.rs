@@ -109,7 +109,7 @@ pub struct Credentials {
 }
 
 /// Sign in. Returns a bearer token and sets the session cookie. Failed attempts are slowed down per account and
-/// per client address.
+/// client address together and per client address, never per account alone, under a ceiling for the whole box.
 #[utoipa::path(post, path = "/api/v1/login", tag = "access", request_body = Credentials, security(()),
     responses((status = 200, body = SignedIn), (status = 401, description = "wrong username or password"),
         (status = 429, description = "too many failed attempts; see Retry-After")))]

@@ -48,11 +48,17 @@ struct Call<'a> {
     cookie: Option<&'a str>,
     csrf: Option<&'a str>,
     body: Option<Value>,
+    /// The TCP peer, as the accept loop records it.
+    from: Option<std::net::SocketAddr>,
 }
 
 impl<'a> Call<'a> {
     fn new(method: Method, path: &'a str) -> Self {
-        Call { method, path, bearer: None, cookie: None, csrf: None, body: None }
+        Call { method, path, bearer: None, cookie: None, csrf: None, body: None, from: None }
+    }
+    fn from(mut self, peer: &str) -> Self {
+        self.from = Some(peer.parse().unwrap());
+        self
     }
     fn bearer(mut self, token: &'a str) -> Self {
         self.bearer = Some(token);
@@ -80,7 +86,11 @@ impl<'a> Call<'a> {
             }
             None => Body::empty(),
         };
-        let response = router.clone().oneshot(request.body(body).unwrap()).await.unwrap();
+        let mut request = request.body(body).unwrap();
+        if let Some(peer) = self.from {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        }
+        let response = router.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
@@ -194,6 +204,52 @@ async fn repeated_failures_are_answered_429_with_retry_after() {
     assert!(headers[header::RETRY_AFTER].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     let log = state.enrollment.audit_log(None, 50).unwrap();
     assert_eq!(log.items.iter().filter(|e| e.action == "login.failed").count(), 4);
+}
+
+/// The sign-in page's form post from `peer`: its status and headers.
+async fn page_login(router: &Router, peer: &str, password: &str) -> (StatusCode, HeaderMap) {
+    let mut request = Request::post("/admin/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header("sec-fetch-site", "same-origin")
+        .body(Body::from(format!("username=admin&password={}", password.replace(' ', "+"))))
+        .unwrap();
+    request.extensions_mut().insert(axum::extract::ConnectInfo(peer.parse::<std::net::SocketAddr>().unwrap()));
+    let response = router.clone().oneshot(request).await.unwrap();
+    (response.status(), response.headers().clone())
+}
+
+#[tokio::test]
+async fn guesses_from_one_address_do_not_keep_the_admin_out_from_another() {
+    let (router, _) = app();
+    let (attacker, admin) = ("192.0.2.66:40000", "198.51.100.7:50000");
+    let wrong = json!({"username": "admin", "password": "not the password"});
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let call = Call::new(Method::POST, "/api/v1/login").json(wrong.clone()).from(attacker);
+        statuses.push(call.send(&router).await.0.as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 429, 429, 429, 429], "the fifth try is the first refused");
+    // The attacker's address waits, on the API and the page alike: 429 with Retry-After.
+    let right = json!({"username": "admin", "password": PASSWORD});
+    let (status, headers, _) =
+        Call::new(Method::POST, "/api/v1/login").json(right.clone()).from(attacker).send(&router).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers[header::RETRY_AFTER].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let (status, headers) = page_login(&router, attacker, PASSWORD).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers[header::RETRY_AFTER].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    // The admin, from their own address, signs in on both while the guessing goes on.
+    for _ in 0..3 {
+        let (status, _, body) =
+            Call::new(Method::POST, "/api/v1/login").json(right.clone()).from(admin).send(&router).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, headers) = page_login(&router, admin, PASSWORD).await;
+        assert_eq!(
+            (status, headers.get(header::LOCATION).map(|l| l.to_str().unwrap())),
+            (StatusCode::SEE_OTHER, Some("/admin"))
+        );
+        Call::new(Method::POST, "/api/v1/login").json(wrong.clone()).from(attacker).send(&router).await;
+    }
 }
 
 #[tokio::test]

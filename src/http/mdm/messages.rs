@@ -5,7 +5,9 @@
 
 use plist::{Dictionary, Value};
 
-use crate::domain::{Actor, AppleFacts, DeviceFacts, DomainError, DomainResult, Enrollment};
+use crate::domain::{
+    Actor, AppleClaim, AppleFacts, CommandFor, DeviceFacts, DomainError, DomainResult, Enrollment, IdentityProblem,
+};
 use crate::model::{ApplePush, CommandKind, Id, PendingCommand};
 
 /// What `DeviceInformation` asks for: what the device list shows.
@@ -46,17 +48,25 @@ fn facts_from(dict: &Dictionary) -> AppleFacts {
         build_version: text(dict, "BuildVersion"),
         device_name: text(dict, "DeviceName"),
         imei: text(dict, "IMEI"),
+        enrollment_id: text(dict, "EnrollmentID"),
     }
 }
 
+/// The device a message names (every check-in and report carries `UDID`, or `EnrollmentID` for a User Enrollment).
+fn claim_of(dict: &Dictionary) -> AppleClaim {
+    AppleClaim { udid: text(dict, "UDID"), enrollment_id: text(dict, "EnrollmentID") }
+}
+
 impl CheckIn {
-    pub fn parse(body: &[u8]) -> Result<CheckIn, String> {
+    /// The message, and the device it names.
+    pub fn parse(body: &[u8]) -> Result<(CheckIn, AppleClaim), String> {
         let dict = read(body)?;
+        let claim = claim_of(&dict);
         let kind = text(&dict, "MessageType").ok_or("the message has no MessageType")?;
         if dict.contains_key("UserID") && kind != "UserAuthenticate" {
-            return Ok(CheckIn::UserChannel(kind));
+            return Ok((CheckIn::UserChannel(kind), claim));
         }
-        Ok(match kind.as_str() {
+        let message = match kind.as_str() {
             "Authenticate" => CheckIn::Authenticate(facts_from(&dict)),
             "TokenUpdate" => {
                 let token = dict.get("Token").and_then(Value::as_data).ok_or("TokenUpdate without Token")?;
@@ -72,7 +82,8 @@ impl CheckIn {
             "CheckOut" => CheckIn::CheckOut,
             "UserAuthenticate" => CheckIn::UserAuthenticate,
             _ => CheckIn::Other(kind),
-        })
+        };
+        Ok((message, claim))
     }
 }
 
@@ -87,6 +98,8 @@ pub struct CommandReport {
     pub error: Option<String>,
     /// Sent on the user channel (it carries `UserID`).
     pub user_channel: bool,
+    /// The device the report names.
+    pub claim: AppleClaim,
 }
 
 impl CommandReport {
@@ -108,47 +121,67 @@ impl CommandReport {
                 .join("; ")
         });
         let user_channel = dict.contains_key("UserID");
-        Ok(CommandReport { status, command_uuid: text(&dict, "CommandUUID"), facts, error, user_channel })
+        let claim = claim_of(&dict);
+        Ok(CommandReport { status, command_uuid: text(&dict, "CommandUUID"), facts, error, user_channel, claim })
     }
 }
 
-/// Handles a command report and returns the next command for the device, if one waits.
+/// Handles a command report from the device `device_id` (managed under `identity`) and returns the next command for
+/// it, if one waits. A result applies only to a command queued for this device: one for a command queued for
+/// another device refuses the whole report (audited); one for a command queued nowhere (answered already, or
+/// replaced by the admin's later action) changes nothing.
 pub fn handle_report(
     domain: &Enrollment,
+    actor: &Actor,
     device_id: &Id,
+    identity: &str,
     report: &CommandReport,
     profile_identifier: &str,
-) -> DomainResult<Option<Value>> {
-    let actor = Actor::device(None);
+) -> DomainResult<Result<Option<Value>, IdentityProblem>> {
+    let device = domain.device(device_id)?;
+    let command = match report.command_uuid.as_deref().and_then(|uuid| uuid.parse::<Id>().ok()) {
+        None => None,
+        Some(id) => match domain.command_for(&device, &id)? {
+            CommandFor::Queued(command) => Some(command),
+            CommandFor::Nobody => None,
+            CommandFor::OtherDevice => {
+                let what = format!("a result for command {id}, which is queued for another device");
+                return Ok(Err(domain.refuse_other_device(actor, Some(device_id), identity, &what)?));
+            }
+        },
+    };
     domain.device_checked_in(device_id, &DeviceFacts::default())?;
-    let command = report.command_uuid.as_deref().and_then(|uuid| uuid.parse::<Id>().ok());
-    let finish = |succeeded: bool, detail: &str| -> DomainResult<()> {
-        let Some(command) = command else { return Ok(()) };
-        match domain.command_finished(&actor, device_id, &command, succeeded, detail) {
-            // A command answered twice, or one the admin's later action replaced: nothing left to do.
+    let finish = |command: &PendingCommand, succeeded: bool, detail: &str| -> DomainResult<()> {
+        match domain.command_finished(actor, device_id, &command.id, succeeded, detail) {
+            // Answered twice at once, or replaced by the admin meanwhile: nothing left to do.
             Ok(_) | Err(DomainError::NotFound { .. }) => Ok(()),
             Err(error) => Err(error),
         }
     };
     match report.status.as_str() {
         "Acknowledged" => {
-            if let Some(facts) = &report.facts {
-                domain.device_checked_in(device_id, &facts.device_facts())?;
+            if let Some(command) = &command {
+                // Facts are taken only as the answer to this device's own DeviceInformation.
+                if let (CommandKind::DeviceInformation, Some(facts)) = (command.kind, &report.facts) {
+                    domain.device_checked_in(device_id, &facts.device_facts())?;
+                }
+                finish(command, true, "acknowledged by the device")?;
             }
-            finish(true, "acknowledged by the device")?;
             domain.record_device_problem(device_id, None)?;
         }
         "Error" | "CommandFormatError" => {
-            let detail = report.error.clone().unwrap_or_else(|| report.status.clone());
-            finish(false, &detail)?;
-            domain.record_device_problem(device_id, Some(format!("the device refused a command: {detail}")))?;
+            if let Some(command) = &command {
+                let detail = report.error.clone().unwrap_or_else(|| report.status.clone());
+                finish(command, false, &detail)?;
+                domain.record_device_problem(device_id, Some(format!("the device refused a command: {detail}")))?;
+            }
         }
         // The device is busy (locked, in Setup Assistant): the command stays queued for its next check-in.
-        "NotNow" => return Ok(None),
+        "NotNow" => return Ok(Ok(None)),
         _ => {}
     }
     let device = domain.device(device_id)?;
-    Ok(device.pending_commands.first().map(|command| command_plist(command, profile_identifier)))
+    Ok(Ok(device.pending_commands.first().map(|command| command_plist(command, profile_identifier))))
 }
 
 /// A queued command as Apple's command plist.

@@ -17,11 +17,12 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::{AppState, HttpError};
-use crate::domain::{Actor, ChallengeProblem};
+use crate::domain::{Actor, AppleClaim, ChallengeProblem};
 use crate::model::{AppleIdentity, Id};
 use crate::pki::CertificateAuthority;
-use crate::pki::cms::{self, SigningKey};
+use crate::pki::cms;
 use crate::pki::scep::{CAPABILITIES, DeviceCa, FailInfo, ScepAuthority, ScepError};
+use crate::pki::signing::ProfileSigner;
 use crate::push::Pusher;
 use crate::tls::ServingCertificate;
 use messages::{CheckIn, CommandReport};
@@ -32,7 +33,8 @@ const MAX_MESSAGE_BYTES: usize = 1 << 20;
 const MAX_SCEP_BYTES: usize = 64 << 10;
 
 /// The device-management handle in [`AppState`]: the appliance CA, the device-identity CA (pending on a first
-/// start until its key is made), the serving certificate (profiles are signed with it), and the push client.
+/// start until its key is made), the profile signer, the serving certificate (for the dashboard), and the push
+/// client.
 #[derive(Clone, Debug, Default)]
 pub struct Mdm {
     inner: Option<Arc<Inner>>,
@@ -42,6 +44,8 @@ pub struct Mdm {
 struct Inner {
     ca: Arc<CertificateAuthority>,
     device_ca: DeviceCa,
+    /// Signs enrollment profiles (a certificate of its own from the appliance CA, kept current by the keeper).
+    profile_signer: Option<Arc<ProfileSigner>>,
     serving: Option<Arc<ServingCertificate>>,
     pusher: Pusher,
 }
@@ -53,10 +57,11 @@ impl Mdm {
     pub fn new(
         ca: Arc<CertificateAuthority>,
         device_ca: DeviceCa,
+        profile_signer: Option<Arc<ProfileSigner>>,
         serving: Option<Arc<ServingCertificate>>,
         pusher: Pusher,
     ) -> Mdm {
-        Mdm { inner: Some(Arc::new(Inner { ca, device_ca, serving, pusher })) }
+        Mdm { inner: Some(Arc::new(Inner { ca, device_ca, profile_signer, serving, pusher })) }
     }
 
     /// The device-identity (SCEP) CA if it is ready; otherwise why not, as a 503 with `Retry-After` (it is being
@@ -79,27 +84,15 @@ impl Mdm {
         })
     }
 
-    /// The key and chain that sign enrollment profiles: the HTTPS certificate's. `None` when enrolld serves plain
-    /// HTTP behind a TLS proxy (the profile then goes out unsigned).
-    fn profile_signer(&self) -> Option<(SigningKey, Vec<Vec<u8>>)> {
-        let serving = self.inner.as_ref()?.serving.as_ref()?.certificate();
-        let key = SigningKey::from_pkcs8(serving.key_pkcs8())
-            .inspect_err(|error| tracing::warn!(%error, "enrollment profiles go out unsigned"))
-            .ok()?;
-        Some((key, serving.chain.iter().map(|c| c.to_vec()).collect()))
-    }
-
     /// The HTTPS certificate being served, for the dashboard.
     pub fn serving_info(&self) -> Option<crate::pki::CertInfo> {
         Some(self.inner.as_ref()?.serving.as_ref()?.certificate().info.clone())
     }
 
-    /// Signs an enrollment profile (CMS SignedData carrying it, with the HTTPS certificate chain). `None` when
-    /// there is no key to sign with: the profile then goes out unsigned.
+    /// Signs an enrollment profile (CMS SignedData carrying it, with the profile-signing certificate and the
+    /// appliance CA). `None` only without device management (tests): the profile then goes out unsigned.
     pub fn sign_profile(&self, xml: &[u8], now: time::OffsetDateTime) -> Option<Result<Vec<u8>, cms::CmsError>> {
-        let (key, chain) = self.profile_signer()?;
-        let chain: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
-        Some(cms::sign(Some(xml), &key, &chain, Vec::new(), now))
+        Some(self.inner.as_ref()?.profile_signer.as_ref()?.sign(xml, now))
     }
 
     /// Wakes a device so it fetches its waiting commands: looks up its push address and the push certificate and
@@ -164,13 +157,8 @@ async fn scep_get(State(state): State<AppState>, Query(query): Query<ScepQuery>)
                 Ok(scep) => scep,
                 Err(refusal) => return refusal.into_response(),
             };
-            match scep.ca_certificates() {
-                Ok(body) => ([(header::CONTENT_TYPE, "application/x-x509-ca-ra-cert")], body).into_response(),
-                Err(error) => {
-                    tracing::error!(%error, "GetCACert failed");
-                    StatusCode::INTERNAL_SERVER_ERROR.into_response()
-                }
-            }
+            // One certificate, the one to encrypt to (RFC 8894 §4.2.1.1); see `ScepAuthority::ca_certificate`.
+            ([(header::CONTENT_TYPE, "application/x-x509-ca-cert")], scep.ca_certificate().to_vec()).into_response()
         }
         // RFC 8894 §4.3: the message may come base64-encoded in the query when the client cannot POST.
         Some("PKIOperation") => {
@@ -283,7 +271,7 @@ async fn pki_operation(state: &AppState, body: &[u8]) -> Response {
         }
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-    tracing::info!(invite = %invite.id, "issued a device identity over SCEP");
+    tracing::info!(invite = %invite.id, reply_cipher = %request.cipher, "issued a device identity over SCEP");
     cert_rep(&scep, &request, Ok(&issued), now)
 }
 
@@ -372,13 +360,16 @@ async fn checkin(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         Ok(identity) => identity,
         Err(response) => return response,
     };
-    let message = match CheckIn::parse(&body) {
-        Ok(message) => message,
+    let (message, claim) = match CheckIn::parse(&body) {
+        Ok(parsed) => parsed,
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
+    let actor = Actor::device(None);
+    if let Some(refusal) = speaks_for_itself(&state, &actor, &identity.sha256, vec![claim]).await {
+        return refusal;
+    }
     let domain = state.enrollment.clone();
     let sha256 = identity.sha256.clone();
-    let actor = Actor::device(None);
     match message {
         CheckIn::Authenticate(facts) => {
             let done = tokio::task::spawn_blocking(move || domain.apple_authenticate(&sha256, &facts)).await;
@@ -409,6 +400,37 @@ async fn checkin(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
             (StatusCode::BAD_REQUEST, format!("MessageType {kind} is not supported")).into_response()
         }
     }
+}
+
+/// Refuses (403, audited by the domain) a message that names another device than the identity that signed it;
+/// `None` when every device it names is that identity's own (the first one named binds it).
+async fn speaks_for_itself(state: &AppState, actor: &Actor, sha256: &str, claims: Vec<AppleClaim>) -> Option<Response> {
+    let (domain, actor, sha256) = (state.enrollment.clone(), actor.clone(), sha256.to_owned());
+    let checked = tokio::task::spawn_blocking(move || {
+        for claim in &claims {
+            if let Err(problem) = domain.apple_claim(&actor, &sha256, claim)? {
+                return Ok(Err(problem));
+            }
+        }
+        Ok::<_, crate::domain::DomainError>(Ok(()))
+    })
+    .await;
+    match checked {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(_))) => Some(other_device()),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "checking the device a message names failed");
+            Some(StatusCode::SERVICE_UNAVAILABLE.into_response())
+        }
+        Err(_) => Some(StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+    }
+}
+
+/// The answer to a message that speaks for another device than the one that signed it.
+fn other_device() -> Response {
+    tracing::warn!("an MDM message naming another device was refused");
+    (StatusCode::FORBIDDEN, "refused: this message names another device than the identity that signed it")
+        .into_response()
 }
 
 /// The HTTP answer for a domain call made for a device.
@@ -450,6 +472,15 @@ async fn server(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Ok(report) => report,
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
     };
+    let actor = Actor::device(None);
+    // The report names its device, and a DeviceInformation answer names it again.
+    let mut claims = vec![report.claim.clone()];
+    if let Some(facts) = &report.facts {
+        claims.push(AppleClaim { udid: facts.udid.clone(), enrollment_id: facts.enrollment_id.clone() });
+    }
+    if let Some(refusal) = speaks_for_itself(&state, &actor, &identity.sha256, claims).await {
+        return refusal;
+    }
     if report.user_channel {
         // The user channel (macOS) is not managed: nothing waits for it.
         return StatusCode::OK.into_response();
@@ -458,10 +489,17 @@ async fn server(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         profile::identifiers(state.mdm.inner.as_ref().map(|i| i.ca.cert_der().to_vec()).unwrap_or_default().as_slice())
             .enrollment;
     let domain = state.enrollment.clone();
-    let done =
-        tokio::task::spawn_blocking(move || messages::handle_report(&domain, &device_id, &report, &profile_identifier))
-            .await;
-    answer(done)
+    let sha256 = identity.sha256.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        messages::handle_report(&domain, &actor, &device_id, &sha256, &report, &profile_identifier)
+    })
+    .await;
+    match done {
+        Ok(Ok(Err(_))) => other_device(),
+        Ok(Ok(Ok(value))) => answer(Ok(Ok(value))),
+        Ok(Err(error)) => answer(Ok(Err(error))),
+        Err(error) => answer(Err(error)),
+    }
 }
 
 #[cfg(test)]
@@ -483,7 +521,7 @@ mod tests {
             crate::store::Store::open_temporary().unwrap(),
             Arc::new(crate::clock::SystemClock),
         );
-        state.mdm = Mdm::new(ca, device_ca, None, Pusher::new(&config.apns).unwrap());
+        state.mdm = Mdm::new(ca, device_ca, None, None, Pusher::new(&config.apns).unwrap());
         let limits = Limits {
             request_timeout: std::time::Duration::from_secs(30),
             max_body_bytes: 1 << 16,
@@ -538,7 +576,7 @@ mod tests {
         creation.run().unwrap();
         let (status, headers, _) = send(&router, get_ca_cert()).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers[header::CONTENT_TYPE], "application/x-x509-ca-ra-cert");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/x-x509-ca-cert");
         let management = Request::post("/ManagementServer/MDM.svc").body(Body::from("<SyncML/>")).unwrap();
         assert_eq!(send(&router, management).await.0, StatusCode::UNAUTHORIZED, "now a certificate is asked for");
         let (status, _, body) = send(&router, windows_enrollment()).await;

@@ -1,5 +1,5 @@
 //! Apple configuration profiles: the enrollment profile (`com.apple.security.root` with the appliance CA,
-//! `com.apple.security.scep` with a one-time challenge, `com.apple.mdm`) and the CA-only trust profile. Payload
+//! `com.apple.security.scep` with a one-time challenge and the SCEP CA's fingerprint, `com.apple.mdm`) and the CA-only trust profile. Payload
 //! identifiers are stable for the appliance (derived from its CA), so a later profile replaces an earlier one and
 //! `RemoveProfile` can name it; payload UUIDs are new in every profile. Keys follow Apple's schemas
 //! (apple/device-management `mdm/profiles/`).
@@ -72,6 +72,8 @@ pub fn root_payload(ca_der: &[u8], organisation: &str) -> Dictionary {
 #[derive(Debug, Clone)]
 pub struct EnrollmentProfile<'a> {
     pub ca_der: &'a [u8],
+    /// The SCEP CA (what `GetCACert` answers): the device checks that answer against its SHA-256 (`CAFingerprint`).
+    pub scep_ca_der: &'a [u8],
     pub organisation: &'a str,
     /// `https://host[:port]`, where devices reach enrolld.
     pub public_url: &'a str,
@@ -110,6 +112,10 @@ impl EnrollmentProfile<'_> {
                     ("Name", Value::from("enrolld")),
                     ("Subject", Value::Array(subject)),
                     ("Challenge", Value::from(self.challenge)),
+                    (
+                        "CAFingerprint",
+                        Value::Data(ring::digest::digest(&ring::digest::SHA256, self.scep_ca_der).as_ref().to_vec()),
+                    ),
                     ("Keysize", Value::from(2048)),
                     ("Key Type", Value::from("RSA")),
                     // Signing and encryption.

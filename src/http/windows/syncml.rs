@@ -121,6 +121,9 @@ pub async fn session(
                 IdentityProblem::Unknown => "this certificate was not issued to an enrolled Windows PC",
                 IdentityProblem::Superseded => "this PC enrolled again with another certificate",
                 IdentityProblem::Unmanaged => "this PC is no longer managed",
+                IdentityProblem::OtherDevice => {
+                    "refused: this session names another PC than the one its certificate was issued to"
+                }
             };
             return (StatusCode::FORBIDDEN, reason).into_response();
         }
