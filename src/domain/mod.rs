@@ -306,6 +306,20 @@ pub fn page_limit<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<O
     }
 }
 
+/// Reads a listing's optional cursor, refusing text that is not one (wherever the query is read, even by an
+/// export that starts at the beginning anyway).
+pub fn page_cursor<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    use base64::Engine as _;
+    use serde::de::Error as _;
+    let cursor = Option::<String>::deserialize(deserializer)?;
+    match &cursor {
+        Some(text) if !text.is_empty() && CURSOR.decode(text).is_err() => {
+            Err(D::Error::custom("cursor: not one this server handed out; start again without it"))
+        }
+        _ => Ok(cursor),
+    }
+}
+
 /// Cursors: URL-safe base64 without padding. Any such text is a position in a listing (the key to continue
 /// after), so decoding accepts whatever the description's pattern allows, stray low bits included.
 const CURSOR: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
