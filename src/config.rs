@@ -41,6 +41,9 @@ pub struct Config {
     pub import_max_bytes: usize,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub shutdown_grace: Duration,
+    /// Time limits and caps for client connections; `max_connections` is further bounded by the open-file limit
+    /// at start.
+    pub connections: ConnectionLimits,
     /// The first admin's username, created at first start.
     pub admin_user: String,
     /// The first admin's password (from `ENROLLD_ADMIN_PASSWORD` or `admin_password_file`); without it, the first
@@ -338,6 +341,22 @@ struct Key {
 /// Where the appliance image says what it is.
 pub const DEFAULT_RELEASE_FILE: &str = "/etc/enrolld-release";
 
+/// How long a connection may take at each step, and how many may be open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// To finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// To send a request's header (HTTP/1.1; hyper counts the wait for the next request on a kept-alive
+    /// connection as part of it).
+    pub header_read_timeout: Duration,
+    /// With no request in flight, before the connection is closed (HTTP/1.1 and HTTP/2).
+    pub idle_timeout: Duration,
+    /// Open connections, every listener together (those still in their TLS handshake included).
+    pub max_connections: usize,
+    /// Open connections from one client address (an IPv6 client: its /64).
+    pub max_per_address: usize,
+}
+
 /// Apple's production push gateway.
 pub const APNS_PRODUCTION: &str = "https://api.push.apple.com";
 
@@ -359,6 +378,11 @@ const KEYS: &[Key] = &[
     Key { name: "max_body_bytes", kind: Kind::Integer, flag: "" },
     Key { name: "import_max_bytes", kind: Kind::Integer, flag: "" },
     Key { name: "shutdown_grace_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "tls_handshake_timeout_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "header_read_timeout_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "idle_timeout_secs", kind: Kind::Integer, flag: "" },
+    Key { name: "max_connections", kind: Kind::Integer, flag: "" },
+    Key { name: "max_connections_per_address", kind: Kind::Integer, flag: "" },
     Key { name: "admin_user", kind: Kind::Text, flag: "" },
     Key { name: "admin_password", kind: Kind::Text, flag: "" },
     Key { name: "admin_password_file", kind: Kind::Text, flag: "--admin-password-file" },
@@ -580,6 +604,11 @@ impl Layers {
                 "max_body_bytes" => config.max_body_bytes.to_string(),
                 "import_max_bytes" => config.import_max_bytes.to_string(),
                 "shutdown_grace_secs" => config.shutdown_grace.as_secs().to_string(),
+                "tls_handshake_timeout_secs" => config.connections.handshake_timeout.as_secs().to_string(),
+                "header_read_timeout_secs" => config.connections.header_read_timeout.as_secs().to_string(),
+                "idle_timeout_secs" => config.connections.idle_timeout.as_secs().to_string(),
+                "max_connections" => config.connections.max_connections.to_string(),
+                "max_connections_per_address" => config.connections.max_per_address.to_string(),
                 "admin_user" => config.admin_user.clone(),
                 "admin_password" | "admin_password_file" => {
                     if config.admin_password.is_some() {
@@ -787,6 +816,15 @@ impl Layers {
                 .unwrap_or(usize::MAX),
             // Bounded so shutdown (grace, mDNS goodbyes, flush) ends well inside systemd's TimeoutStopSec=30.
             shutdown_grace: Duration::from_secs(self.integer("shutdown_grace_secs", 10, 0..=20)?),
+            connections: ConnectionLimits {
+                handshake_timeout: Duration::from_secs(self.integer("tls_handshake_timeout_secs", 10, 1..=120)?),
+                header_read_timeout: Duration::from_secs(self.integer("header_read_timeout_secs", 15, 1..=300)?),
+                idle_timeout: Duration::from_secs(self.integer("idle_timeout_secs", 60, 1..=3_600)?),
+                max_connections: usize::try_from(self.integer("max_connections", 4_096, 16..=1 << 20)?)
+                    .unwrap_or(usize::MAX),
+                max_per_address: usize::try_from(self.integer("max_connections_per_address", 256, 1..=1 << 20)?)
+                    .unwrap_or(usize::MAX),
+            },
             admin_user: self.text("admin_user").unwrap_or("admin").trim().to_lowercase(),
             admin_password,
             invite_validity: Duration::from_secs(self.integer("invite_validity_days", 7, 1..=90)? * 86_400),

@@ -231,20 +231,38 @@ pub async fn run(
         max_body_bytes: config.max_body_bytes,
         import_max_bytes: config.import_max_bytes,
     };
+    // Client connections may not use up the open files the store and certificates need.
+    let file_limit = crate::open_files::raise_limit();
+    let max_connections = crate::open_files::connection_cap(config.connections.max_connections, file_limit);
+    tracing::info!(
+        max_connections,
+        per_address = config.connections.max_per_address,
+        file_limit = file_limit.map_or_else(|| "unknown".to_owned(), |limit| limit.to_string()),
+        "connection limits"
+    );
+    let connections =
+        http::serve::Connections::new(http::serve::ConnectionLimits { max_connections, ..config.connections });
 
     // Nothing that depends on the time (keys, certificates, expiries, audit times) happens before the clock is
     // trusted.
-    let clock_state =
-        match wait_for_clock(&config, &env, &store, listeners.http.as_ref(), &console, limits, shutdown.as_mut())
-            .await?
-        {
-            Some(state) => state,
-            None => {
-                store.flush().map_err(DaemonError::Flush)?;
-                tracing::info!("stopped");
-                return Ok(Outcome::Stopped);
-            }
-        };
+    let clock_state = match wait_for_clock(
+        &config,
+        &env,
+        &store,
+        listeners.http.as_ref(),
+        &console,
+        (limits, &connections),
+        shutdown.as_mut(),
+    )
+    .await?
+    {
+        Some(state) => state,
+        None => {
+            store.flush().map_err(DaemonError::Flush)?;
+            tracing::info!("stopped");
+            return Ok(Outcome::Stopped);
+        }
+    };
     store.record_time_seen(env.clock.now().unix_timestamp())?;
     let clock_status = ClockStatus::new(clock_state);
 
@@ -318,7 +336,8 @@ pub async fn run(
             let addr = listener.local_addr().ok();
             let tls = tls::server_config(keeper.serving(), Some(device_ca.clone()))?;
             let app = http::https_router(state.clone(), limits);
-            let serving = http::serve::serve(listener, Some(tls), app, token.clone(), config.shutdown_grace);
+            let serving =
+                http::serve::serve(listener, Some(tls), app, token.clone(), config.shutdown_grace, connections.clone());
             tasks.spawn("https", serving);
             addr
         }
@@ -341,7 +360,8 @@ pub async fn run(
                     http::https_router(state.clone(), limits)
                 }
             };
-            let serving = http::serve::serve(listener, None, app, token.clone(), config.shutdown_grace);
+            let serving =
+                http::serve::serve(listener, None, app, token.clone(), config.shutdown_grace, connections.clone());
             tasks.spawn("http", serving);
             addr
         }
@@ -479,7 +499,7 @@ async fn wait_for_clock(
     store: &Store,
     http: Option<&std::net::TcpListener>,
     console: &Console,
-    limits: Limits,
+    (limits, connections): (Limits, &http::serve::Connections),
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Option<ClockState>, DaemonError> {
     let latest = store.latest_time_seen()?.and_then(|unix| time::OffsetDateTime::from_unix_timestamp(unix).ok());
@@ -513,7 +533,7 @@ async fn wait_for_clock(
             let listener = tokio_listener(clone, "http_listen")?;
             let app = http::waiting_router(reports, limits);
             let grace = std::time::Duration::from_secs(1);
-            Some(tokio::spawn(http::serve::serve(listener, None, app, token.clone(), grace)))
+            Some(tokio::spawn(http::serve::serve(listener, None, app, token.clone(), grace, connections.clone())))
         }
         None => None,
     };

@@ -21,6 +21,7 @@ pub mod mail;
 pub mod mdns;
 pub mod model;
 pub mod naming;
+pub mod open_files;
 pub mod pki;
 pub mod push;
 pub mod state_dir;

@@ -96,7 +96,12 @@ pub struct DeviceQuery {
     pub user_id: Option<Id>,
     /// Text to find in the name, model, serial or IMEI.
     pub q: Option<String>,
+    #[param(pattern = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$")]
+    #[serde(default, deserialize_with = "crate::domain::page_cursor")]
     pub cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    #[serde(default, deserialize_with = "crate::domain::page_limit")]
     pub limit: Option<usize>,
 }
 

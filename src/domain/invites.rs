@@ -101,9 +101,14 @@ pub struct InviteQuery {
     /// Text to find in the user's name or email.
     pub q: Option<String>,
     /// `newest` (default) or `oldest` first, by requested time.
+    #[param(pattern = "^(newest|oldest)$")]
     pub order: Option<String>,
+    #[param(pattern = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$")]
+    #[serde(default, deserialize_with = "crate::domain::page_cursor")]
     pub cursor: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    #[serde(default, deserialize_with = "crate::domain::page_limit")]
     pub limit: Option<usize>,
 }
 

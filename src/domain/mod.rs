@@ -295,9 +295,44 @@ pub(crate) fn clamp_limit(limit: usize) -> usize {
     limit.clamp(1, 500)
 }
 
+/// Reads a listing's optional page size, refusing one outside 1 to 500 instead of quietly changing it.
+pub fn page_limit<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    use serde::de::Error as _;
+    match Option::<usize>::deserialize(deserializer)? {
+        Some(limit) if !(1..=500).contains(&limit) => {
+            Err(D::Error::custom(format!("limit: a page holds 1 to 500 items, not {limit}")))
+        }
+        limit => Ok(limit),
+    }
+}
+
+/// Reads a listing's optional cursor, refusing text that is not one (wherever the query is read, even by an
+/// export that starts at the beginning anyway).
+pub fn page_cursor<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    use base64::Engine as _;
+    use serde::de::Error as _;
+    let cursor = Option::<String>::deserialize(deserializer)?;
+    match &cursor {
+        Some(text) if !text.is_empty() && CURSOR.decode(text).is_err() => {
+            Err(D::Error::custom("cursor: not one this server handed out; start again without it"))
+        }
+        _ => Ok(cursor),
+    }
+}
+
+/// Cursors: URL-safe base64 without padding. Any such text is a position in a listing (the key to continue
+/// after), so decoding accepts whatever the description's pattern allows, stray low bits included.
+const CURSOR: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone),
+);
+
 pub(crate) fn encode_cursor(key: &[u8]) -> String {
     use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key)
+    CURSOR.encode(key)
 }
 
 pub(crate) fn decode_cursor(cursor: Option<&str>) -> DomainResult<Option<Vec<u8>>> {
@@ -305,7 +340,7 @@ pub(crate) fn decode_cursor(cursor: Option<&str>) -> DomainResult<Option<Vec<u8>
     cursor
         .filter(|c| !c.is_empty())
         .map(|c| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| {
+            CURSOR.decode(c).map_err(|_| {
                 DomainError::invalid("cursor", "the cursor is not one this server handed out; start again without it")
             })
         })

@@ -15,7 +15,13 @@ use crate::store::{Scan, Tx, tree};
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    /// Up to 200 characters, not only spaces.
+    #[schema(pattern = r"\S", max_length = 200)]
     pub name: String,
+    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case).
+    #[schema(
+        pattern = r"^\s*(?=\S{1,254}\s*$)[^\s@,;\x00-\x1f\x7f-\x9f]{1,64}@[^\s@,;.\x00-\x1f\x7f-\x9f]+(?:\.[^\s@,;.\x00-\x1f\x7f-\x9f]+)+\s*$"
+    )]
     pub email: String,
     pub phone: Option<String>,
     pub domain: Option<String>,
@@ -29,7 +35,13 @@ pub struct NewUser {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
+    /// Up to 200 characters, not only spaces.
+    #[schema(pattern = r"\S", max_length = 200)]
     pub name: Option<String>,
+    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case).
+    #[schema(
+        pattern = r"^\s*(?=\S{1,254}\s*$)[^\s@,;\x00-\x1f\x7f-\x9f]{1,64}@[^\s@,;.\x00-\x1f\x7f-\x9f]+(?:\.[^\s@,;.\x00-\x1f\x7f-\x9f]+)+\s*$"
+    )]
     pub email: Option<String>,
     #[serde(default, with = "double_option")]
     #[schema(value_type = Option<String>)]
@@ -62,6 +74,8 @@ pub enum UserChoiceForDevices {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGroup {
+    /// Up to 200 characters, not only spaces.
+    #[schema(pattern = r"\S", max_length = 200)]
     pub name: String,
     #[serde(default)]
     pub description: String,

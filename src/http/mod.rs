@@ -234,8 +234,33 @@ fn layered(
                 HeaderValue::from_static("nosniff"),
             ))
             .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+            .layer(axum::middleware::from_fn_with_state(hard_limit, declared_size))
             .layer(RequestBodyLimitLayer::new(hard_limit)),
     )
+}
+
+/// A body declared (`Content-Length`) larger than `limit` is refused before a byte of it is read, with the JSON
+/// error every other refusal has (the body limit layer behind this one would answer in plain text). A body that
+/// declares no length is counted as it arrives by that layer and the extractors.
+async fn declared_size(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > u64::try_from(limit).unwrap_or(u64::MAX) => HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is {length} bytes; at most {limit} are accepted here"),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 /// A change is answered only once it is on disk. sled makes a committed transaction durable at its next flush (every
@@ -401,6 +426,8 @@ mod tests {
             .unwrap();
         let response = https_router(state(), limits()).oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let json: serde_json::Value = serde_json::from_str(&body_text(response).await).unwrap();
+        assert_eq!(json["error"], "too_large", "the JSON error, not the limit layer's plain text");
     }
 
     #[tokio::test]

@@ -63,6 +63,12 @@ impl Daemon {
     }
 
     pub fn spawn(state_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::spawn_limited(state_dir, extra, env, None)
+    }
+
+    /// As [`Daemon::spawn`], with the daemon's open-file limit (soft and hard) set to `file_limit` (by `prlimit`,
+    /// which then runs enrolld in its own process).
+    pub fn spawn_limited(state_dir: &Path, extra: &[&str], env: &[(&str, &str)], file_limit: Option<u64>) -> Daemon {
         let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = state_dir.with_extension(format!("{}.log", https.port()));
@@ -71,8 +77,19 @@ impl Daemon {
         let mut args =
             vec!["serve", "--state-dir", state, "--https-listen", &https_arg, "--http-listen", &http_arg, "--no-mdns"];
         args.extend_from_slice(extra);
-        let child =
-            command(&args, env).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let mut command = command(&args, env);
+        if let Some(limit) = file_limit {
+            let plain = command;
+            command = Command::new("prlimit");
+            command.arg(format!("--nofile={limit}:{limit}")).arg("--").arg(plain.get_program()).args(plain.get_args());
+            for (key, value) in plain.get_envs() {
+                match value {
+                    Some(value) => command.env(key, value),
+                    None => command.env_remove(key),
+                };
+            }
+        }
+        let child = command.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
         Daemon { child: Some(child), https, http, state_dir: state_dir.to_owned(), log }
     }
 
@@ -221,7 +238,7 @@ pub async fn get_tls(
 }
 
 /// A TLS client (ring provider) that trusts only `roots`.
-fn client_config(roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+pub fn client_config(roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone()).unwrap();

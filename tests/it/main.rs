@@ -12,6 +12,7 @@ mod backup;
 mod browser;
 mod common;
 mod config_errors;
+mod connections;
 mod daemon;
 mod enroll;
 mod firstboot;

@@ -143,7 +143,23 @@ pub async fn setup_status(State(state): State<AppState>) -> Result<Json<SetupSta
 #[serde(deny_unknown_fields)]
 pub struct SetupRequest {
     pub setup_code: String,
+    /// 1 to 64 letters, digits, `.`, `_`, `-` or `@`.
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     pub username: String,
+    /// 10 to 1024 characters.
+    #[schema(min_length = 10, max_length = 1024)]
+    pub password: String,
+}
+
+/// A new admin's username and password.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAdmin {
+    /// 1 to 64 letters, digits, `.`, `_`, `-` or `@`.
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
+    pub username: String,
+    /// 10 to 1024 characters.
+    #[schema(min_length = 10, max_length = 1024)]
     pub password: String,
 }
 
@@ -206,12 +222,12 @@ pub async fn admins(State(state): State<AppState>) -> Result<Json<Vec<AdminView>
 }
 
 /// Add an admin.
-#[utoipa::path(post, path = "/api/v1/admins", tag = "access", request_body = Credentials,
+#[utoipa::path(post, path = "/api/v1/admins", tag = "access", request_body = NewAdmin,
     responses((status = 201, body = AdminView), (status = 409), (status = 422)))]
 pub async fn create_admin(
     State(state): State<AppState>,
     Extension(admin): Extension<SignedInAdmin>,
-    ApiJson(body): ApiJson<Credentials>,
+    ApiJson(body): ApiJson<NewAdmin>,
 ) -> Result<(StatusCode, Json<AdminView>), HttpError> {
     let auth = state.auth.clone();
     let _slot = password_slot(&state).await?;
@@ -236,6 +252,8 @@ pub async fn delete_admin(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPassword {
+    /// 10 to 1024 characters.
+    #[schema(min_length = 10, max_length = 1024)]
     pub password: String,
 }
 

@@ -23,6 +23,7 @@ use crate::http::{AppState, HttpError};
 #[serde(deny_unknown_fields)]
 pub struct BackupRequest {
     /// At least 12 characters. It cannot be recovered: without it the backup cannot be read.
+    #[schema(min_length = 12)]
     pub passphrase: String,
 }
 

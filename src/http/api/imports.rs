@@ -56,7 +56,8 @@ pub struct UploadQuery {
 /// Upload a CSV file (the request body, `text/csv`) to import. The answer comes at once with the job (202); poll
 /// `/api/v1/imports/{id}` for progress and the report, or pass `wait=true`.
 #[utoipa::path(post, path = "/api/v1/imports", tag = "imports", params(UploadQuery),
-    request_body(content = String, content_type = "text/csv", description = "The CSV file"),
+    request_body(content = Option<String>, content_type = "text/csv",
+        description = "The CSV file; an empty one makes a job whose report says the header is missing"),
     responses((status = 202, body = Import), (status = 200, body = Import, description = "with wait=true"),
         (status = 413, description = "larger than import_max_bytes")))]
 pub async fn upload(

@@ -84,7 +84,7 @@ pub async fn additional(
 /// An invite for the admin's own test device: the link token and passcode come back in the answer, nothing is
 /// sent.
 #[utoipa::path(post, path = "/api/v1/invites/by-myself", tag = "invites", request_body = NewInvite,
-    responses((status = 201, body = CreatedInvite)))]
+    responses((status = 201, body = CreatedInvite), (status = 404, description = "no such user or group")))]
 pub async fn by_myself(
     State(state): State<AppState>,
     Extension(admin): Extension<SignedInAdmin>,

@@ -114,7 +114,72 @@ pub fn router(state: AppState) -> Routers {
         .layer(axum::extract::DefaultBodyLimit::max(crate::http::android::MAX_BODY_BYTES));
     let (api, mut openapi) = protected.merge(public).split_for_parts();
     openapi.merge(uploads_doc);
-    Routers { api, uploads, openapi }
+    Routers { api, uploads, openapi: declare_common_answers(openapi) }
+}
+
+/// Adds to every operation the answers the shared layers and extractors give, which the handlers' own
+/// declarations leave out: 401 (and 403 for a change without the CSRF header) from [`require_admin`], 400, 413,
+/// 415 and 422 from [`ApiJson`], 404 from [`ApiPath`], 422 from [`ApiQuery`]; each with the [`HttpError`] body.
+fn declare_common_answers(openapi: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let Ok(mut document) = serde_json::to_value(&openapi) else { return openapi };
+    let error = serde_json::json!({
+        "type": "object",
+        "required": ["error", "message"],
+        "properties": {
+            "error": {"type": "string", "description": "a stable code such as `not_found`"},
+            "message": {"type": "string"},
+            "field": {"type": "string", "description": "the field the problem concerns"}
+        }
+    });
+    if let Some(schemas) = document.pointer_mut("/components/schemas").and_then(|v| v.as_object_mut()) {
+        schemas.insert("Error".into(), error);
+    }
+    let Some(paths) = document.get_mut("paths").and_then(|v| v.as_object_mut()) else { return openapi };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else { continue };
+        for (method, operation) in item.iter_mut() {
+            if !matches!(method.as_str(), "get" | "put" | "post" | "delete" | "patch") {
+                continue;
+            }
+            let public = PUBLIC_ROUTES.contains(&(method.as_str(), path.as_str()));
+            let parameters_in = |place: &str| {
+                operation["parameters"].as_array().is_some_and(|all| all.iter().any(|p| p["in"] == place))
+            };
+            let (in_path, in_query) = (parameters_in("path"), parameters_in("query"));
+            let json_body = operation.pointer("/requestBody/content/application~1json").is_some();
+            let mut answers: Vec<(&str, &str)> = Vec::new();
+            if !public {
+                answers.push(("401", "not signed in, or the session expired or was revoked"));
+                if method != "get" {
+                    answers.push(("403", "a change sent with the session cookie but without its X-CSRF-Token"));
+                }
+            }
+            if json_body {
+                answers.extend([
+                    ("400", "the body is not JSON"),
+                    ("413", "the body is larger than the limit"),
+                    ("415", "the body is not sent as application/json"),
+                    ("422", "a field is missing or invalid (`field` names it)"),
+                ]);
+            }
+            if in_path {
+                answers.push(("404", "no such record"));
+            }
+            if in_query {
+                answers.push(("422", "a query parameter is invalid"));
+            }
+            let Some(responses) = operation.get_mut("responses").and_then(|v| v.as_object_mut()) else { continue };
+            for (status, description) in answers {
+                responses.entry(status).or_insert_with(|| {
+                    serde_json::json!({
+                        "description": description,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+                    })
+                });
+            }
+        }
+    }
+    serde_json::from_value(document).unwrap_or(openapi)
 }
 
 /// Routes that answer without a signed-in admin.

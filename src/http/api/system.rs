@@ -20,8 +20,12 @@ pub async fn dashboard(State(state): State<AppState>) -> Result<Json<DashboardCo
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    #[param(pattern = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$")]
+    #[serde(default, deserialize_with = "crate::domain::page_cursor")]
     pub cursor: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    #[serde(default, deserialize_with = "crate::domain::page_limit")]
     pub limit: Option<usize>,
 }
 

@@ -362,6 +362,34 @@ async fn invite_lifecycle_and_error_answers() {
     let (status, _, document) = Call::new(Method::GET, "/api/v1/openapi.json").bearer(&token).send(&router).await;
     assert_eq!(status, StatusCode::OK);
     assert!(document["components"]["schemas"]["InviteView"].is_object());
+
+    // The description tells the truth: what the shared layers answer is declared, and the lists' constraints are
+    // the ones the server holds to.
+    let path = |p: &str, method: &str| document["paths"][p][method]["responses"].clone();
+    assert_eq!(
+        path("/api/v1/users", "get")["401"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/Error"
+    );
+    assert!(path("/api/v1/users", "post")["415"].is_object(), "a JSON body can be refused as not JSON");
+    assert!(path("/api/v1/users/{id}", "patch")["404"].is_object());
+    assert!(path("/api/v1/users/{id}", "patch")["403"].is_object(), "changes can be refused for CSRF");
+    assert!(path("/api/v1/login", "post")["401"].is_object(), "sign-in declares its own");
+    let limit = document["paths"]["/api/v1/audit"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap()["schema"]
+        .clone();
+    assert_eq!((limit["minimum"].as_u64(), limit["maximum"].as_u64()), (Some(1), Some(500)), "{limit}");
+    for (query, status) in
+        [("limit=0", 422), ("limit=501", 422), ("limit=500", 200), ("cursor=AB", 200), ("cursor=A", 422)]
+    {
+        let path = format!("/api/v1/audit?{query}");
+        assert_eq!(Call::new(Method::GET, &path).bearer(&token).send(&router).await.0.as_u16(), status, "{query}");
+    }
+    let (status, _, _) = Call::new(Method::GET, "/api/v1/invites?order=").bearer(&token).send(&router).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "the pattern says newest or oldest, and so does the server");
 }
 
 async fn upload(router: &Router, token: &str, query: &str, body: Vec<u8>) -> (StatusCode, Value) {

@@ -19,8 +19,12 @@ pub struct ListQuery {
     /// Text to look for.
     pub q: Option<String>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$")]
+    #[serde(default, deserialize_with = "crate::domain::page_cursor")]
     pub cursor: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    #[serde(default, deserialize_with = "crate::domain::page_limit")]
     pub limit: Option<usize>,
 }
 
@@ -75,6 +79,7 @@ pub async fn update_user(
 pub struct DeleteUserQuery {
     /// Required when the user has managed devices: `unassign` keeps them managed without a user, `revoke_mdm`
     /// takes them out of management.
+    #[param(inline)]
     pub managed_devices: Option<UserChoiceForDevices>,
 }
 
