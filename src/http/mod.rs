@@ -153,7 +153,7 @@ fn device_routes() -> Router<AppState> {
 pub fn https_router(mut state: AppState, limits: Limits) -> Router {
     state.import_max_bytes = limits.import_max_bytes;
     let api::Routers { api, uploads, openapi } = api::router(state.clone());
-    let _ = state.openapi.set(serde_json::to_value(&openapi).unwrap_or_default());
+    let _ = state.openapi.set(openapi);
     let routes = open_routes().merge(device_routes()).merge(api).fallback(ops::not_found);
     let store = state.store.clone();
     // A backup uploaded on the setup page, and an upgrade bundle, may be hundreds of MiB and take minutes: their

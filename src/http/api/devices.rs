@@ -102,7 +102,7 @@ pub async fn staged(
 
 /// Register a device by serial number and/or IMEI before it enrolls.
 #[utoipa::path(post, path = "/api/v1/staged", tag = "staged", request_body = NewStaged,
-    responses((status = 201, body = StagedDevice), (status = 409), (status = 422)))]
+    responses((status = 201, body = StagedDevice), (status = 404, description = "no such user or group"), (status = 409), (status = 422)))]
 pub async fn create_staged(
     State(state): State<AppState>,
     Extension(admin): Extension<SignedInAdmin>,

@@ -53,19 +53,35 @@ pub struct UploadQuery {
     pub wait: bool,
 }
 
+/// What a CSV file may be sent as: `text/csv`, and what browsers and tools label such files with.
+const CSV_CONTENT_TYPES: [&str; 5] =
+    ["text/csv", "text/plain", "application/csv", "application/vnd.ms-excel", "application/octet-stream"];
+
 /// Upload a CSV file (the request body, `text/csv`) to import. The answer comes at once with the job (202); poll
 /// `/api/v1/imports/{id}` for progress and the report, or pass `wait=true`.
 #[utoipa::path(post, path = "/api/v1/imports", tag = "imports", params(UploadQuery),
     request_body(content = Option<String>, content_type = "text/csv",
         description = "The CSV file; an empty one makes a job whose report says the header is missing"),
     responses((status = 202, body = Import), (status = 200, body = Import, description = "with wait=true"),
-        (status = 413, description = "larger than import_max_bytes")))]
+        (status = 413, description = "larger than import_max_bytes"),
+        (status = 415, description = "sent as something other than a CSV file (JSON, a form)")))]
 pub async fn upload(
     State(state): State<AppState>,
     Extension(admin): Extension<SignedInAdmin>,
     ApiQuery(query): ApiQuery<UploadQuery>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Import>), HttpError> {
+    if let Some(content_type) = headers.get(axum::http::header::CONTENT_TYPE) {
+        let essence = content_type.to_str().unwrap_or_default().split(';').next().unwrap_or_default().trim();
+        if !CSV_CONTENT_TYPES.iter().any(|csv| essence.eq_ignore_ascii_case(csv)) {
+            return Err(HttpError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "csv_expected",
+                format!("send the CSV file as text/csv, not {essence:?}"),
+            ));
+        }
+    }
     let request =
         ImportRequest { kind: query.kind, mode: query.mode.unwrap_or(ImportMode::All), filename: query.filename };
     let (import, job) = start_import(&state, &admin.actor, request, body).await?;

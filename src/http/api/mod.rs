@@ -44,7 +44,8 @@ pub struct Routers {
     pub api: Router<AppState>,
     /// Routes that take large uploads (upgrade bundles), which the caller gives their own limits.
     pub uploads: Router<AppState>,
-    pub openapi: utoipa::openapi::OpenApi,
+    /// The OpenAPI document as served, with what utoipa's types cannot hold (see [`refine_schemas`]).
+    pub openapi: serde_json::Value,
 }
 
 /// The API's routes and its OpenAPI document.
@@ -114,14 +115,14 @@ pub fn router(state: AppState) -> Routers {
         .layer(axum::extract::DefaultBodyLimit::max(crate::http::android::MAX_BODY_BYTES));
     let (api, mut openapi) = protected.merge(public).split_for_parts();
     openapi.merge(uploads_doc);
-    Routers { api, uploads, openapi: declare_common_answers(openapi) }
+    Routers { api, uploads, openapi: declare_common_answers(&openapi) }
 }
 
 /// Adds to every operation the answers the shared layers and extractors give, which the handlers' own
 /// declarations leave out: 401 (and 403 for a change without the CSRF header) from [`require_admin`], 400, 413,
 /// 415 and 422 from [`ApiJson`], 404 from [`ApiPath`], 422 from [`ApiQuery`]; each with the [`HttpError`] body.
-fn declare_common_answers(openapi: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
-    let Ok(mut document) = serde_json::to_value(&openapi) else { return openapi };
+fn declare_common_answers(openapi: &utoipa::openapi::OpenApi) -> serde_json::Value {
+    let Ok(mut document) = serde_json::to_value(openapi) else { return serde_json::Value::Null };
     let error = serde_json::json!({
         "type": "object",
         "required": ["error", "message"],
@@ -134,7 +135,8 @@ fn declare_common_answers(openapi: utoipa::openapi::OpenApi) -> utoipa::openapi:
     if let Some(schemas) = document.pointer_mut("/components/schemas").and_then(|v| v.as_object_mut()) {
         schemas.insert("Error".into(), error);
     }
-    let Some(paths) = document.get_mut("paths").and_then(|v| v.as_object_mut()) else { return openapi };
+    refine_schemas(&mut document);
+    let Some(paths) = document.get_mut("paths").and_then(|v| v.as_object_mut()) else { return document };
     for (path, item) in paths.iter_mut() {
         let Some(item) = item.as_object_mut() else { continue };
         for (method, operation) in item.iter_mut() {
@@ -179,7 +181,133 @@ fn declare_common_answers(openapi: utoipa::openapi::OpenApi) -> utoipa::openapi:
             }
         }
     }
-    serde_json::from_value(document).unwrap_or(openapi)
+    document
+}
+
+/// Adds to the request schemas the rules utoipa's types cannot carry: which of several optional fields must be
+/// given (`anyOf`/`oneOf` of `required` lists), and the shapes the handlers check (patterns, enums), so that
+/// every body the description allows is one the server accepts.
+fn refine_schemas(document: &mut serde_json::Value) {
+    use serde_json::json;
+    let Some(schemas) = document.pointer_mut("/components/schemas").and_then(|v| v.as_object_mut()) else { return };
+    let mut extend = |name: &str, extra: serde_json::Value| {
+        let (Some(schema), Some(extra)) = (schemas.get_mut(name).and_then(|s| s.as_object_mut()), extra.as_object())
+        else {
+            return;
+        };
+        for (key, value) in extra {
+            if key == "properties" {
+                let Some(properties) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) else { continue };
+                for (property, rules) in value.as_object().into_iter().flatten() {
+                    let Some(target) = properties.get_mut(property).and_then(|t| t.as_object_mut()) else { continue };
+                    for (rule, rule_value) in rules.as_object().into_iter().flatten() {
+                        target.insert(rule.clone(), rule_value.clone());
+                    }
+                }
+            } else {
+                schema.insert(key.clone(), value.clone());
+            }
+        }
+    };
+    // A non-empty list of ids (at most 10,000), or a filter: one, not both.
+    extend(
+        "BulkSelection",
+        json!({"oneOf": [
+            {"required": ["ids"], "properties": {
+                "ids": {"type": "array", "minItems": 1, "maxItems": 10000}, "filter": {"type": "null"}}},
+            {"required": ["filter"], "properties": {"filter": {"type": "object"}, "ids": {"type": "null"}}}
+        ]}),
+    );
+    // A serial number (at most 64 characters) or an IMEI (15 digits with a valid check digit), or both.
+    let serial = json!({"type": "string", "pattern": "^[A-Za-z0-9-]{1,64}$"});
+    extend(
+        "NewStaged",
+        json!({"anyOf": [
+            {"required": ["serial"], "properties": {"serial": serial}},
+            {"required": ["imei"], "properties": {"imei": {"type": "string", "pattern": "^[0-9]{15}$"}}}
+        ]}),
+    );
+    // A user, a group, or both.
+    extend(
+        "StagedAssignment",
+        json!({"anyOf": [
+            {"required": ["user_id"], "properties": {"user_id": {"$ref": "#/components/schemas/Id"}}},
+            {"required": ["group_id"], "properties": {"group_id": {"$ref": "#/components/schemas/Id"}}}
+        ]}),
+    );
+    // Two PEM texts, or a PKCS#12 file with its password.
+    extend(
+        "PushCertificateUpload",
+        json!({"oneOf": [
+            {"required": ["certificate_pem", "private_key_pem"], "properties": {
+                "certificate_pem": {"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
+                "private_key_pem": {"type": "string", "pattern": "-----BEGIN (RSA )?PRIVATE KEY-----"},
+                "pkcs12_base64": {"type": "null"}}},
+            {"required": ["pkcs12_base64"], "properties": {
+                "pkcs12_base64": {"type": "string", "contentEncoding": "base64"},
+                "certificate_pem": {"type": "null"}, "private_key_pem": {"type": "null"}}}
+        ]}),
+    );
+    // A host name or address; a username and password together or neither.
+    extend(
+        "RelaySettings",
+        json!({
+            "properties": {
+                "host": {"pattern": "^\\s*[A-Za-z0-9.-]+\\s*$"},
+                "from_address": {"format": "email", "pattern": "^[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+$"},
+                "reply_to": {"pattern": "^([A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+)?$"}
+            },
+            "anyOf": [
+                {"required": ["username", "password"], "properties": {
+                    "username": {"type": "string", "pattern": "\\S"}, "password": {"type": "string", "minLength": 1}}},
+                {"properties": {
+                    "username": {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^\\s*$"}]},
+                    "password": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}}}
+            ]
+        }),
+    );
+    // The receiver as package/class, the download over HTTPS, the SHA-256 as base64url or hex.
+    let identifier = "[A-Za-z_][A-Za-z0-9_]*";
+    extend(
+        "AndroidApp",
+        json!({"properties": {
+            "component_name": {"pattern": format!("^{identifier}(\\.{identifier})+/\\.*{identifier}(\\.{identifier})*$")},
+            "download_url": {"pattern": "^https://[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*(/[A-Za-z0-9._~-]*)*$"},
+            "checksum": {"pattern": "^([0-9A-Fa-f]{64}|[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?)$"},
+            "agent_url": {"pattern": "^(https://[A-Za-z0-9./_~-]*)?$"}
+        }}),
+    );
+    extend(
+        "ProvisioningWifi",
+        json!({
+            "properties": {
+                "ssid": {"minLength": 1, "maxLength": 32, "pattern": "^[A-Za-z0-9 ._-]*[A-Za-z0-9._-][A-Za-z0-9 ._-]*$"},
+                "security": {"enum": ["NONE", "WPA", "WEP"]}
+            },
+            "anyOf": [
+                {"properties": {"security": {"const": "NONE"}}},
+                {"required": ["password"], "properties": {"password": {"type": "string", "minLength": 1}}}
+            ]
+        }),
+    );
+    // Drafts only of the templates there are.
+    extend(
+        "PreviewRequest",
+        json!({"properties": {"drafts": {"propertyNames": {"enum": crate::mail::templates::PARTS}}}}),
+    );
+    // A template is named by one of its parts.
+    let Some(template) =
+        document.pointer_mut("/paths/~1api~1v1~1mail~1templates~1{name}").and_then(|v| v.as_object_mut())
+    else {
+        return;
+    };
+    for operation in template.values_mut() {
+        for parameter in operation.get_mut("parameters").and_then(|p| p.as_array_mut()).into_iter().flatten() {
+            if parameter["in"] == "path" && parameter["name"] == "name" {
+                parameter["schema"] = json!({"type": "string", "enum": crate::mail::templates::PARTS});
+            }
+        }
+    }
 }
 
 /// Routes that answer without a signed-in admin.
