@@ -248,11 +248,18 @@ fn refine_schemas(document: &mut serde_json::Value) {
                 "certificate_pem": {"type": "null"}, "private_key_pem": {"type": "null"}}}
         ]}),
     );
-    // A host name or address; a username and password together or neither.
+    // A filter in a body (bulk actions) pages as the listing does.
+    extend(
+        "InviteQuery",
+        json!({"properties": {"limit": {"minimum": 1, "maximum": 500}, "order": {"enum": ["newest", "oldest", null]}}}),
+    );
+    // A host name or address (the port 0 meaning the security's default); a username and password together or
+    // neither.
     extend(
         "RelaySettings",
         json!({
             "properties": {
+                "port": {"maximum": 65535},
                 "host": {"pattern": "^\\s*[A-Za-z0-9.-]+\\s*$"},
                 "from_address": {"format": "email", "pattern": "^[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+$"},
                 "reply_to": {"pattern": "^([A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+)?$"}
