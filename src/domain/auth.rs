@@ -409,16 +409,8 @@ impl Auth {
             }
             refused
         };
-        match refused {
-            None => Ok(()),
-            Some((until, first)) => {
-                if first {
-                    let detail = "sign-ins delayed after repeated failures";
-                    self.domain.record(actor, "login.throttled", Some(actor.name.clone()), detail)?;
-                }
-                Err(AuthError::TooManyAttempts { retry_after_secs: (until - now).whole_seconds().max(1) as u64 })
-            }
-        }
+        let detail = "sign-ins delayed after repeated failures";
+        self.refuse_if(refused, now, actor, Some(actor.name.clone()), detail)
     }
 
     /// Counts a sign-in against the box's ceiling ([`GLOBAL_FAILURES_PER_MINUTE`]), or refuses it while the
@@ -444,16 +436,24 @@ impl Auth {
                 }
             }
         };
-        match refused {
-            None => Ok(()),
-            Some((until, first)) => {
-                if first {
-                    let detail = "every sign-in refused for a while: too many failures from everywhere this minute";
-                    self.domain.record(actor, "login.throttled", None, detail)?;
-                }
-                Err(AuthError::TooManyAttempts { retry_after_secs: (until - now).whole_seconds().max(1) as u64 })
-            }
+        let detail = "every sign-in refused for a while: too many failures from everywhere this minute";
+        self.refuse_if(refused, now, actor, None, detail)
+    }
+
+    /// A limiter's verdict as the answer: a refusal until `until`, audited as `login.throttled` the first time.
+    fn refuse_if(
+        &self,
+        refused: Option<(OffsetDateTime, bool)>,
+        now: OffsetDateTime,
+        actor: &Actor,
+        subject: Option<String>,
+        detail: &str,
+    ) -> Result<(), AuthError> {
+        let Some((until, first)) = refused else { return Ok(()) };
+        if first {
+            self.domain.record(actor, "login.throttled", subject, detail)?;
         }
+        Err(AuthError::TooManyAttempts { retry_after_secs: (until - now).whole_seconds().max(1) as u64 })
     }
 
     /// A sign-in counted by [`Self::reserve_global`] succeeded: it was no failure.
