@@ -431,24 +431,30 @@ pub(crate) fn optional_field(field: &'static str, value: Option<&str>, max: usiz
 /// Refuses control characters (Unicode Cc: NUL, line breaks, tabs, escapes, …) in a text field: no name, address
 /// or group has them, and shown as they are they garble pages, mails and exports.
 pub(crate) fn no_control_characters(field: &'static str, value: &str) -> DomainResult<()> {
-    if value.chars().any(char::is_control) {
-        return Err(DomainError::invalid(field, control_character_reason(field, value)));
-    }
-    Ok(())
+    refuse_controls(field, value, |_| false)
 }
 
 /// A free text that may run over several lines (notes, a description): line breaks and tabs are its only control
 /// characters.
 pub(crate) fn multi_line_text(field: &'static str, value: &str) -> DomainResult<()> {
-    if value.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
-        return Err(DomainError::invalid(field, control_character_reason(field, value)));
+    refuse_controls(field, value, |c| matches!(c, '\n' | '\r' | '\t'))
+}
+
+/// Refuses the first control character that `allowed` does not let through, naming it.
+fn refuse_controls(field: &'static str, value: &str, allowed: impl Fn(char) -> bool) -> DomainResult<()> {
+    match value.chars().find(|c| c.is_control() && !allowed(*c)) {
+        Some(c) => Err(DomainError::invalid(field, control_reason(field, c))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// What is wrong with a value holding a control character, naming the field and the first such character.
 pub fn control_character_reason(field: &str, value: &str) -> String {
-    let code = value.chars().find(|c| c.is_control()).map_or(0, u32::from);
+    control_reason(field, value.chars().find(|c| c.is_control()).unwrap_or('\0'))
+}
+
+fn control_reason(field: &str, c: char) -> String {
+    let code = u32::from(c);
     format!("{field} contains a control character (U+{code:04X}, such as a NUL or a line break); remove it")
 }
 
@@ -490,6 +496,15 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_control_character_is_the_one_named() {
+        assert!(multi_line_text("note", "one\r\n\ttwo").is_ok());
+        let error = multi_line_text("note", "one\ntwo\u{0}").unwrap_err().to_string();
+        assert!(error.contains("U+0000") && !error.contains("U+000A"), "{error}");
+        let error = no_control_characters("name", "Ann\u{1b}[2J").unwrap_err().to_string();
+        assert!(error.contains("name contains a control character (U+001B"), "{error}");
+    }
 
     #[test]
     fn emails_phones_and_imeis_are_checked_and_normalised() {
