@@ -1,4 +1,5 @@
-//! The box's own network addresses, behind a trait so certificate re-issue can be tested with addresses that change.
+//! The box's own network addresses, behind a trait so certificate re-issue can be tested with addresses that change;
+//! and the network a client's address counts against.
 
 use std::fmt::Debug;
 use std::net::IpAddr;
@@ -61,6 +62,16 @@ impl StaticAddresses {
 impl AddressSource for StaticAddresses {
     fn addresses(&self) -> Vec<IpAddr> {
         self.addresses.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// The network a client counts against in connection caps and sign-in delays: an IPv4 address as it is (also when
+/// it reaches a `[::]` listener as `::ffff:a.b.c.d`), an IPv6 address by its /64, the block one client is usually
+/// given, so rotating addresses within it changes nothing.
+pub fn client_network(peer: IpAddr) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
     }
 }
 

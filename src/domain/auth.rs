@@ -545,15 +545,13 @@ fn truncate(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
-/// The limiter counts IPv6 clients by /64, the block one household or office gets, so rotating addresses within
-/// it does not reset the delay.
+/// The limiter counts a client by [`crate::addrs::client_network`]: IPv6 by its /64, so rotating addresses within it
+/// does not reset the delay, and IPv4 by its address, also when a `[::]` listener saw it as `::ffff:a.b.c.d`.
 fn client_network(client: &str) -> String {
-    match client.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V6(v6)) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-        _ => client.to_owned(),
+    match client.parse::<std::net::IpAddr>().map(crate::addrs::client_network) {
+        Ok(network @ std::net::IpAddr::V6(_)) => format!("{network}/64"),
+        Ok(network) => network.to_string(),
+        Err(_) => client.to_owned(),
     }
 }
 
@@ -613,6 +611,15 @@ fn normalize_setup_code(code: &str) -> String {
 mod tests {
     use super::super::testing::domain;
     use super::*;
+
+    #[test]
+    fn clients_count_by_network_and_mapped_ipv4_by_its_own_address() {
+        assert_eq!(client_network("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_ne!(client_network("::ffff:192.0.2.7"), client_network("::ffff:198.51.100.9"));
+        assert_eq!(client_network("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(client_network("2001:db8:1:2:bbbb::9"), client_network("2001:db8:1:2:aaaa::1"));
+        assert_eq!(client_network("198.51.100.9"), "198.51.100.9");
+    }
 
     const PASSWORD: &str = "correct horse battery";
 

@@ -117,7 +117,7 @@ impl Connections {
 
     /// Counts a connection from `peer` against its address's share, or `None` when that share is used up.
     fn admit(&self, peer: IpAddr) -> Option<AddressShare> {
-        let key = address_key(peer);
+        let key = crate::addrs::client_network(peer);
         let mut counts = self.inner.per_address.lock().unwrap_or_else(PoisonError::into_inner);
         let count = counts.entry(key).or_insert(0);
         if *count >= self.inner.limits.max_per_address {
@@ -135,18 +135,6 @@ impl Connections {
         self.inner.idle.lock().unwrap_or_else(PoisonError::into_inner).insert((now, id), close.clone());
         let (activity, _) = watch::channel(Activity { requests: 0, idle_since: now });
         Arc::new(Tracker { shared: self.inner.clone(), id, close, activity })
-    }
-}
-
-/// The address a connection counts against: IPv4 as it is (also when it reaches a `[::]` listener as
-/// `::ffff:a.b.c.d`), IPv6 by its /64, the block one client is usually given.
-fn address_key(peer: IpAddr) -> IpAddr {
-    match peer.to_canonical() {
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(prefix.into())
-        }
-        v4 => v4,
     }
 }
 
