@@ -196,7 +196,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     env: Environment,
 ) -> Result<Outcome, DaemonError> {
-    let started = std::time::Instant::now();
+    let mut phases = Phases::new();
     let mut shutdown = std::pin::pin!(shutdown);
     // The stamp only names where replaced contents go; the clock may not be trusted yet.
     if let Some(aside) =
@@ -209,6 +209,7 @@ pub async fn run(
     }
     // After a restart in-process, the last run's database handle lets go of its lock a moment after it is dropped.
     let store = Store::open_when_free(&state_dir.database(), std::time::Duration::from_secs(10))?;
+    phases.mark("store");
     let https_port = listeners.https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
     let http_port = listeners.http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
     let configured = Names { organisation: config.mail.organisation.clone(), hostname: config.hostname.clone() };
@@ -265,12 +266,14 @@ pub async fn run(
     };
     store.record_time_seen(env.clock.now().unix_timestamp())?;
     let clock_status = ClockStatus::new(clock_state);
+    phases.mark("clock");
 
     let (ca, created) = CertificateAuthority::load_or_create(&state_dir.pki(), &config.hostname, env.clock.now())?;
     if created {
         tracing::info!(subject = %ca.info().subject, sha256 = %ca.info().sha256, "created the appliance CA");
     }
     let ca = Arc::new(ca);
+    phases.mark("ca");
     let policy = Policy {
         invite_validity: time::Duration::try_from(config.invite_validity).unwrap_or(time::Duration::days(7)),
         reminder_before: (config.mail.reminder_days > 0)
@@ -288,6 +291,7 @@ pub async fn run(
         tracing::warn!(import = %import.id, state = %import.state, "{}", import.message);
     }
     let naming = Naming::new(enrollment.saved_names(&configured)?, config.mail.public_url.clone(), https_port);
+    phases.mark("domain");
     let keeper = CertificateKeeper::start(
         &config,
         ca.clone(),
@@ -297,10 +301,12 @@ pub async fn run(
         env.clock.clone(),
         naming.clone(),
     )?;
+    phases.mark("certificates");
     let session_ttl = time::Duration::try_from(config.session_ttl).unwrap_or(time::Duration::hours(12));
     let auth = Auth::new(enrollment.clone(), session_ttl)?;
     let setup_code = auth.bootstrap(&config.admin_user, config.admin_password.as_deref())?;
     console.update(|screen| screen.setup_code = setup_code.clone());
+    phases.mark("admin");
     let token = CancellationToken::new();
     let relay = config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?;
     let mail = Mail::new(&enrollment, relay, config.mail.sms.clone(), config.mail.max_connections, naming.clone())?;
@@ -328,6 +334,7 @@ pub async fn run(
         tracing::info!(version = %release.version, arch = %release.arch, "running from the appliance image");
     }
     state.upgrades = Some(Arc::new(upgrades));
+    phases.mark("services");
     let mut tasks = Tasks::default();
 
     let https_addr = match listeners.https {
@@ -367,6 +374,7 @@ pub async fn run(
         }
         None => None,
     };
+    phases.mark("listeners");
     let control_path = state_dir.control_socket();
     match crate::control::bind(&control_path) {
         Ok(listener) => {
@@ -418,13 +426,15 @@ pub async fn run(
         tasks.spawn("mdns", crate::mdns::run(what, naming.subscribe(), token.clone()));
     }
 
+    phases.mark("tasks");
     notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     if let Some(creation) = device_ca_creation {
         // Not one of the named tasks: it ends by design once the CA is made.
         tokio::spawn(make_device_ca(creation, token.clone()));
     }
-    let ready_ms = started.elapsed().as_millis();
-    tracing::info!(ready_ms, "{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
+    let ready_ms = phases.total_ms();
+    let since_exec_ms = phases.since_exec_ms();
+    tracing::info!(ready_ms, since_exec_ms, phases = %phases, "{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
     if let Some(code) = setup_code {
         tracing::warn!(
             "enrolld has no admin yet: open the page above and enter the setup code {code} to create one (or restart with ENROLLD_ADMIN_PASSWORD set)"
@@ -612,6 +622,55 @@ impl ClockWatcher {
                 }
             }
         }
+    }
+}
+
+/// Where start-up time goes, phase by phase: logged with the ready line, so a slow board's first start can be read
+/// from its journal.
+struct Phases {
+    started: std::time::Instant,
+    last: std::time::Instant,
+    marks: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        let now = std::time::Instant::now();
+        Phases { started: now, last: now, marks: Vec::new() }
+    }
+
+    /// Ends the phase called `name` now.
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.marks.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn total_ms(&self) -> u128 {
+        self.started.elapsed().as_millis()
+    }
+
+    /// Milliseconds since the process started (the kernel's count, in its clock ticks): what came before `run`,
+    /// loading the binary, the configuration and the state directory's lock among it. `None` off Linux.
+    fn since_exec_ms(&self) -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The fields after the command name, which is in parentheses and may hold spaces; starttime is field 22.
+        let started_ticks: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+        // USER_HZ is 100 on every Linux architecture enrolld is built for.
+        let started_ms = started_ticks.checked_mul(10)?;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let now_ms = (uptime * 1000.0) as u64;
+        now_ms.checked_sub(started_ms)
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.marks.iter().enumerate() {
+            write!(f, "{}{name} {} ms", if i == 0 { "" } else { ", " }, took.as_millis())?;
+        }
+        Ok(())
     }
 }
 

@@ -83,11 +83,12 @@ impl StateDir {
                 return Err(unusable(format!("cannot lock {} ({e})", lock_path.display())));
             }
         }
+        // The pid only names the holder in another process's error; the lock itself dies with the process, so
+        // nothing here needs to reach the disk (a sync would cost a journal commit on every start).
         let write_pid = |lock: &mut File| -> io::Result<()> {
             lock.set_len(0)?;
             lock.rewind()?;
-            writeln!(lock, "{}", std::process::id())?;
-            lock.sync_all()
+            writeln!(lock, "{}", std::process::id())
         };
         write_pid(&mut lock).map_err(|e| unusable(format!("cannot write {} ({e})", lock_path.display())))?;
         Ok(StateDir { path: path.to_owned(), _lock: lock })
