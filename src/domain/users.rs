@@ -128,11 +128,12 @@ impl Enrollment {
     pub fn update_user(&self, actor: &Actor, id: &Id, patch: &UserPatch) -> DomainResult<User> {
         let name = patch.name.as_deref().map(|n| required_text("name", n, 200)).transpose()?;
         let email = patch.email.as_deref().map(normalize_email).transpose()?;
-        let phone = match &patch.phone {
-            Some(Some(p)) if !p.trim().is_empty() => Some(Some(normalize_phone(p)?)),
-            Some(_) => Some(None),
-            None => None,
-        };
+        // As on creation: white space around the number is dropped, and a blank one clears it.
+        let phone = patch
+            .phone
+            .as_ref()
+            .map(|p| optional_text(p.as_deref()).map(|p| normalize_phone(&p)).transpose())
+            .transpose()?;
         let domain = patch.domain.as_ref().map(|d| optional_field("domain", d.as_deref(), 200)).transpose()?;
         if let Some(notes) = &patch.notes {
             multi_line_text("notes", notes)?;
@@ -384,6 +385,11 @@ mod tests {
         let bob = d.update_user(&admin(), &bob.id, &moved).unwrap();
         assert_eq!(d.user_by_email("robert@example.com").unwrap().unwrap().id, bob.id);
         assert!(d.user_by_email("bob@example.com").unwrap().is_none(), "the old email is free again");
+        let phoned = UserPatch { phone: Some(Some("\u{c} +1 202 555 0100\t\n".into())), ..Default::default() };
+        let bob = d.update_user(&admin(), &bob.id, &phoned).unwrap();
+        assert_eq!(bob.phone.as_deref(), Some("+12025550100"), "spaces around it dropped, as on creation");
+        let blank = UserPatch { phone: Some(Some(" ".into())), ..Default::default() };
+        assert_eq!(d.update_user(&admin(), &bob.id, &blank).unwrap().phone, None);
     }
 
     #[test]
