@@ -16,9 +16,9 @@ use crate::store::{Scan, Tx, tree};
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// Up to 200 characters, not only spaces.
-    #[schema(pattern = r"\S", max_length = 200)]
     pub name: String,
-    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case).
+    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case): at
+    /// most 64 bytes as UTF-8 before the `@` and 254 in all, as RFC 5321 counts a mailbox (format `mailbox`).
     #[schema(
         pattern = r"^\s*(?=\S{1,254}\s*$)[^\s@,;\x00-\x1f\x7f-\x9f]{1,64}@[^\s@,;.\x00-\x1f\x7f-\x9f]+(?:\.[^\s@,;.\x00-\x1f\x7f-\x9f]+)+\s*$"
     )]
@@ -36,9 +36,9 @@ pub struct NewUser {
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
     /// Up to 200 characters, not only spaces.
-    #[schema(pattern = r"\S", max_length = 200)]
     pub name: Option<String>,
-    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case).
+    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case): at
+    /// most 64 bytes as UTF-8 before the `@` and 254 in all, as RFC 5321 counts a mailbox (format `mailbox`).
     #[schema(
         pattern = r"^\s*(?=\S{1,254}\s*$)[^\s@,;\x00-\x1f\x7f-\x9f]{1,64}@[^\s@,;.\x00-\x1f\x7f-\x9f]+(?:\.[^\s@,;.\x00-\x1f\x7f-\x9f]+)+\s*$"
     )]
@@ -74,8 +74,7 @@ pub enum UserChoiceForDevices {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGroup {
-    /// Up to 200 characters, not only spaces.
-    #[schema(pattern = r"\S", max_length = 200)]
+    /// Up to 100 characters, not only spaces.
     pub name: String,
     #[serde(default)]
     pub description: String,
