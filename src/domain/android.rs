@@ -126,9 +126,14 @@ pub enum ChecksumKind {
     Signature,
 }
 
+/// The longest network name IEEE 802.11 allows, in bytes (Android reads the name as UTF-8).
+pub const MAX_SSID_BYTES: usize = 32;
+
 /// A Wi-Fi network in the provisioning QR code.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 pub struct ProvisioningWifi {
+    /// The network's name: 1 to 32 bytes as UTF-8 (IEEE 802.11), any characters but control characters;
+    /// surrounding white space is dropped.
     pub ssid: String,
     /// `NONE`, `WPA` or `WEP`.
     pub security: String,
@@ -184,9 +189,13 @@ impl AndroidApp {
         if let Some(wifi) = &mut self.wifi {
             wifi.ssid = wifi.ssid.trim().to_owned();
             wifi.security = wifi.security.trim().to_ascii_uppercase();
-            if wifi.ssid.is_empty() || wifi.ssid.chars().count() > 32 {
-                return Err(DomainError::invalid("wifi_ssid", "give the network's name (at most 32 characters)"));
+            if wifi.ssid.is_empty() || wifi.ssid.len() > MAX_SSID_BYTES {
+                return Err(DomainError::invalid(
+                    "wifi_ssid",
+                    "give the network's name: at most 32 bytes as UTF-8 (32 letters such as a-z, fewer with accents or other scripts)",
+                ));
             }
+            super::no_control_characters("wifi_ssid", &wifi.ssid)?;
             if !matches!(wifi.security.as_str(), "NONE" | "WPA" | "WEP") {
                 return Err(DomainError::invalid(
                     "wifi_security",
@@ -489,6 +498,20 @@ mod tests {
         assert!(plain.0 == "download_url" && plain.1.contains("refuses a plain-HTTP location"), "{plain:?}");
         assert_eq!(refused(AndroidApp { component_name: "com.example.dpc".into(), ..app() }).0, "component_name");
         assert_eq!(refused(AndroidApp { checksum: "abc".into(), ..app() }).0, "checksum");
+        // A network's name is at most 32 bytes, not characters, and holds no control characters.
+        let wifi = |ssid: &str| AndroidApp {
+            wifi: Some(ProvisioningWifi { ssid: ssid.into(), ..app().wifi.unwrap() }),
+            ..app()
+        };
+        let saved_ssid =
+            |ssid: &str| d.save_android_app(&admin(), Some(wifi(ssid))).unwrap().unwrap().wifi.unwrap().ssid;
+        assert_eq!(saved_ssid(" Café Zürich "), "Café Zürich");
+        assert_eq!(saved_ssid(&"ø".repeat(16)), "ø".repeat(16), "32 bytes");
+        assert_eq!(saved_ssid(&"x".repeat(32)), "x".repeat(32));
+        assert_eq!(refused(wifi(&"ø".repeat(17))).0, "wifi_ssid", "34 bytes in 17 characters");
+        assert_eq!(refused(wifi("   ")).0, "wifi_ssid");
+        let control = refused(wifi("×ø\u{9b}"));
+        assert!(control.0 == "wifi_ssid" && control.1.contains("U+009B"), "{control:?}");
         assert_eq!(d.android_app().unwrap().unwrap().download_url, "https://apps.example.com/dpc.apk", "kept");
         assert_eq!(normalise_checksum("gJD2YwtOiWJHkSMkkIfLRlj+quNqG1fb6v100QmzM9w"), Some(saved.checksum));
     }

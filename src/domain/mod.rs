@@ -298,12 +298,58 @@ pub(crate) fn clamp_limit(limit: usize) -> usize {
 /// Reads a listing's optional page size, refusing one outside 1 to 500 instead of quietly changing it.
 pub fn page_limit<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
     use serde::de::Error as _;
-    match Option::<usize>::deserialize(deserializer)? {
+    match optional_whole_number(deserializer)? {
         Some(limit) if !(1..=500).contains(&limit) => {
             Err(D::Error::custom(format!("limit: a page holds 1 to 500 items, not {limit}")))
         }
-        limit => Ok(limit),
+        limit => Ok(limit.and_then(|limit| usize::try_from(limit).ok())),
     }
+}
+
+/// Reads an optional whole number from 0 up as JSON Schema counts one: JSON does not tell `50` from `50.0` (and
+/// some clients write every number with a fraction), so both are 50; `50.5`, `-1` and `"50"` in JSON are refused.
+/// In a query string the number is its text, as before.
+pub fn optional_whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::{Error, Unexpected, Visitor};
+    struct Whole;
+    impl Visitor<'_> for Whole {
+        type Value = u64;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a whole number from 0 up")
+        }
+        fn visit_u64<E: Error>(self, value: u64) -> Result<u64, E> {
+            Ok(value)
+        }
+        fn visit_i64<E: Error>(self, value: i64) -> Result<u64, E> {
+            u64::try_from(value).map_err(|_| E::invalid_value(Unexpected::Signed(value), &self))
+        }
+        fn visit_f64<E: Error>(self, value: f64) -> Result<u64, E> {
+            // 2^64 is the first float beyond u64; below it a float without a fraction is exactly a u64.
+            if value.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&value) {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                Ok(value as u64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(value), &self))
+            }
+        }
+    }
+    struct Optional;
+    impl<'de> Visitor<'de> for Optional {
+        type Value = Option<u64>;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a whole number from 0 up, or null")
+        }
+        fn visit_none<E: Error>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Option<u64>, D::Error> {
+            deserializer.deserialize_u64(Whole).map(Some)
+        }
+    }
+    deserializer.deserialize_option(Optional)
 }
 
 /// Reads a listing's optional cursor, refusing text that is not one (wherever the query is read, even by an
@@ -496,6 +542,28 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_size_is_a_whole_number_however_json_writes_it() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Page {
+            #[serde(default, deserialize_with = "page_limit")]
+            limit: Option<usize>,
+        }
+        let limit = |json: &str| serde_json::from_str::<Page>(json).map(|page| page.limit).map_err(|e| e.to_string());
+        assert_eq!(limit(r#"{"limit": 50}"#), Ok(Some(50)));
+        assert_eq!(limit(r#"{"limit": 50.0}"#), Ok(Some(50)), "JSON Schema counts 50.0 as the integer 50");
+        assert_eq!(limit(r#"{"limit": null}"#), Ok(None));
+        assert_eq!(limit("{}"), Ok(None));
+        for refused in [r#"{"limit": 50.5}"#, r#"{"limit": -1}"#, r#"{"limit": "50"}"#, r#"{"limit": 501.0}"#] {
+            assert!(limit(refused).is_err(), "{refused}");
+        }
+        let query = |text: &str| {
+            let uri: axum::http::Uri = format!("/list?{text}").parse().unwrap();
+            axum::extract::Query::<Page>::try_from_uri(&uri).map(|page| page.0.limit).ok()
+        };
+        assert_eq!((query("limit=7"), query("limit=x"), query("")), (Some(Some(7)), None, Some(None)));
+    }
 
     #[test]
     fn a_refused_control_character_is_the_one_named() {

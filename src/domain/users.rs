@@ -16,9 +16,9 @@ use crate::store::{Scan, Tx, tree};
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// Up to 200 characters, not only spaces.
-    #[schema(pattern = r"\S", max_length = 200)]
     pub name: String,
-    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case).
+    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case): at
+    /// most 64 bytes as UTF-8 before the `@` and 254 in all, as RFC 5321 counts a mailbox (format `mailbox`).
     #[schema(
         pattern = r"^\s*(?=\S{1,254}\s*$)[^\s@,;\x00-\x1f\x7f-\x9f]{1,64}@[^\s@,;.\x00-\x1f\x7f-\x9f]+(?:\.[^\s@,;.\x00-\x1f\x7f-\x9f]+)+\s*$"
     )]
@@ -36,9 +36,9 @@ pub struct NewUser {
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
     /// Up to 200 characters, not only spaces.
-    #[schema(pattern = r"\S", max_length = 200)]
     pub name: Option<String>,
-    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case).
+    /// An address such as `ann@example.com` (spaces around it are dropped; compared without regard to case): at
+    /// most 64 bytes as UTF-8 before the `@` and 254 in all, as RFC 5321 counts a mailbox (format `mailbox`).
     #[schema(
         pattern = r"^\s*(?=\S{1,254}\s*$)[^\s@,;\x00-\x1f\x7f-\x9f]{1,64}@[^\s@,;.\x00-\x1f\x7f-\x9f]+(?:\.[^\s@,;.\x00-\x1f\x7f-\x9f]+)+\s*$"
     )]
@@ -74,8 +74,7 @@ pub enum UserChoiceForDevices {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGroup {
-    /// Up to 200 characters, not only spaces.
-    #[schema(pattern = r"\S", max_length = 200)]
+    /// Up to 100 characters, not only spaces.
     pub name: String,
     #[serde(default)]
     pub description: String,
@@ -128,11 +127,12 @@ impl Enrollment {
     pub fn update_user(&self, actor: &Actor, id: &Id, patch: &UserPatch) -> DomainResult<User> {
         let name = patch.name.as_deref().map(|n| required_text("name", n, 200)).transpose()?;
         let email = patch.email.as_deref().map(normalize_email).transpose()?;
-        let phone = match &patch.phone {
-            Some(Some(p)) if !p.trim().is_empty() => Some(Some(normalize_phone(p)?)),
-            Some(_) => Some(None),
-            None => None,
-        };
+        // As on creation: white space around the number is dropped, and a blank one clears it.
+        let phone = patch
+            .phone
+            .as_ref()
+            .map(|p| optional_text(p.as_deref()).map(|p| normalize_phone(&p)).transpose())
+            .transpose()?;
         let domain = patch.domain.as_ref().map(|d| optional_field("domain", d.as_deref(), 200)).transpose()?;
         if let Some(notes) = &patch.notes {
             multi_line_text("notes", notes)?;
@@ -384,6 +384,11 @@ mod tests {
         let bob = d.update_user(&admin(), &bob.id, &moved).unwrap();
         assert_eq!(d.user_by_email("robert@example.com").unwrap().unwrap().id, bob.id);
         assert!(d.user_by_email("bob@example.com").unwrap().is_none(), "the old email is free again");
+        let phoned = UserPatch { phone: Some(Some("\u{c} +1 202 555 0100\t\n".into())), ..Default::default() };
+        let bob = d.update_user(&admin(), &bob.id, &phoned).unwrap();
+        assert_eq!(bob.phone.as_deref(), Some("+12025550100"), "spaces around it dropped, as on creation");
+        let blank = UserPatch { phone: Some(Some(" ".into())), ..Default::default() };
+        assert_eq!(d.update_user(&admin(), &bob.id, &blank).unwrap().phone, None);
     }
 
     #[test]

@@ -61,7 +61,7 @@ const CSV_CONTENT_TYPES: [&str; 5] =
 /// `/api/v1/imports/{id}` for progress and the report, or pass `wait=true`.
 #[utoipa::path(post, path = "/api/v1/imports", tag = "imports", params(UploadQuery),
     request_body(content = Option<String>, content_type = "text/csv",
-        description = "The CSV file; an empty one makes a job whose report says the header is missing"),
+        description = "The CSV file, any bytes: an empty or broken file makes a job whose report says what is wrong"),
     responses((status = 202, body = Import), (status = 200, body = Import, description = "with wait=true"),
         (status = 413, description = "larger than import_max_bytes"),
         (status = 415, description = "sent as something other than a CSV file (JSON, a form)")))]

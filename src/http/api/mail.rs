@@ -92,6 +92,7 @@ fn relay_view(state: &AppState) -> Option<RelayView> {
 pub struct RelaySettings {
     pub host: String,
     /// Default: 587 for `starttls`, 465 for `tls`, 25 for `none`.
+    #[serde(default, deserialize_with = "port")]
     pub port: Option<u16>,
     /// `starttls` (default), `tls` or `none`.
     pub security: Option<SmtpSecurity>,
@@ -104,8 +105,17 @@ pub struct RelaySettings {
     pub reply_to: Option<String>,
     /// The name given in EHLO; default: the appliance's name.
     pub helo_name: Option<String>,
-    /// An extra CA (PEM) to trust for a relay whose certificate an internal CA issued.
+    /// An extra CA to trust for a relay whose certificate an internal CA issued: PEM certificates
+    /// (`-----BEGIN CERTIFICATE-----`) that parse, checked when the relay uses TLS.
     pub ca_pem: Option<String>,
+}
+
+/// Reads the relay's port as a whole number (`587` or `587.0`) up to 65535.
+fn port<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u16>, D::Error> {
+    use serde::de::Error as _;
+    crate::domain::optional_whole_number(deserializer)?
+        .map(|port| u16::try_from(port).map_err(|_| D::Error::custom(format!("port: {port} is beyond 65535"))))
+        .transpose()
 }
 
 /// Sends through this relay from now on (and after restarts), in place of the configuration's `smtp_*` settings.

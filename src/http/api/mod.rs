@@ -184,16 +184,16 @@ fn declare_common_answers(openapi: &utoipa::openapi::OpenApi) -> serde_json::Val
     document
 }
 
-/// Adds to the request schemas the rules utoipa's types cannot carry: which of several optional fields must be
-/// given (`anyOf`/`oneOf` of `required` lists), and the shapes the handlers check (patterns, enums), so that
-/// every body the description allows is one the server accepts.
+/// Adds to the request schemas the rules utoipa's types cannot carry (see [`schema_refinements`]), and names the
+/// mail templates' path parameter by the parts there are.
 fn refine_schemas(document: &mut serde_json::Value) {
     use serde_json::json;
     let Some(schemas) = document.pointer_mut("/components/schemas").and_then(|v| v.as_object_mut()) else { return };
-    let mut extend = |name: &str, extra: serde_json::Value| {
+    // A name that matches nothing is skipped here; `every_refinement_names_what_is_there` fails on it.
+    for (name, extra) in schema_refinements() {
         let (Some(schema), Some(extra)) = (schemas.get_mut(name).and_then(|s| s.as_object_mut()), extra.as_object())
         else {
-            return;
+            continue;
         };
         for (key, value) in extra {
             if key == "properties" {
@@ -208,100 +208,18 @@ fn refine_schemas(document: &mut serde_json::Value) {
                 schema.insert(key.clone(), value.clone());
             }
         }
-    };
-    // A non-empty list of ids (at most 10,000), or a filter: one, not both.
-    extend(
-        "BulkSelection",
-        json!({"oneOf": [
-            {"required": ["ids"], "properties": {
-                "ids": {"type": "array", "minItems": 1, "maxItems": 10000}, "filter": {"type": "null"}}},
-            {"required": ["filter"], "properties": {"filter": {"type": "object"}, "ids": {"type": "null"}}}
-        ]}),
-    );
-    // A serial number (at most 64 characters) or an IMEI (15 digits with a valid check digit), or both.
-    let serial = json!({"type": "string", "pattern": "^[A-Za-z0-9-]{1,64}$"});
-    extend(
-        "NewStaged",
-        json!({"anyOf": [
-            {"required": ["serial"], "properties": {"serial": serial}},
-            {"required": ["imei"], "properties": {"imei": {"type": "string", "pattern": "^[0-9]{15}$"}}}
-        ]}),
-    );
-    // A user, a group, or both.
-    extend(
-        "StagedAssignment",
-        json!({"anyOf": [
-            {"required": ["user_id"], "properties": {"user_id": {"$ref": "#/components/schemas/Id"}}},
-            {"required": ["group_id"], "properties": {"group_id": {"$ref": "#/components/schemas/Id"}}}
-        ]}),
-    );
-    // Two PEM texts, or a PKCS#12 file with its password.
-    extend(
-        "PushCertificateUpload",
-        json!({"oneOf": [
-            {"required": ["certificate_pem", "private_key_pem"], "properties": {
-                "certificate_pem": {"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
-                "private_key_pem": {"type": "string", "pattern": "-----BEGIN (RSA )?PRIVATE KEY-----"},
-                "pkcs12_base64": {"type": "null"}}},
-            {"required": ["pkcs12_base64"], "properties": {
-                "pkcs12_base64": {"type": "string", "contentEncoding": "base64"},
-                "certificate_pem": {"type": "null"}, "private_key_pem": {"type": "null"}}}
-        ]}),
-    );
-    // A filter in a body (bulk actions) pages as the listing does.
-    extend(
-        "InviteQuery",
-        json!({"properties": {"limit": {"minimum": 1, "maximum": 500}, "order": {"enum": ["newest", "oldest", null]}}}),
-    );
-    // A host name or address (the port 0 meaning the security's default); a username and password together or
-    // neither.
-    extend(
-        "RelaySettings",
-        json!({
-            "properties": {
-                "port": {"maximum": 65535},
-                "host": {"pattern": "^\\s*[A-Za-z0-9.-]+\\s*$"},
-                "from_address": {"format": "email", "pattern": "^[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+$"},
-                "reply_to": {"pattern": "^([A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+)?$"}
-            },
-            "anyOf": [
-                {"required": ["username", "password"], "properties": {
-                    "username": {"type": "string", "pattern": "\\S"}, "password": {"type": "string", "minLength": 1}}},
-                {"properties": {
-                    "username": {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^\\s*$"}]},
-                    "password": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}}}
-            ]
-        }),
-    );
-    // The receiver as package/class, the download over HTTPS, the SHA-256 as base64url or hex.
-    let identifier = "[A-Za-z_][A-Za-z0-9_]*";
-    extend(
-        "AndroidApp",
-        json!({"properties": {
-            "component_name": {"pattern": format!("^{identifier}(\\.{identifier})+/\\.*{identifier}(\\.{identifier})*$")},
-            "download_url": {"pattern": "^https://[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*(/[A-Za-z0-9._~-]*)*$"},
-            "checksum": {"pattern": "^([0-9A-Fa-f]{64}|[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?)$"},
-            "agent_url": {"pattern": "^(https://[A-Za-z0-9./_~-]*)?$"}
-        }}),
-    );
-    extend(
-        "ProvisioningWifi",
-        json!({
-            "properties": {
-                "ssid": {"minLength": 1, "maxLength": 32, "pattern": "^[A-Za-z0-9 ._-]*[A-Za-z0-9._-][A-Za-z0-9 ._-]*$"},
-                "security": {"enum": ["NONE", "WPA", "WEP"]}
-            },
-            "anyOf": [
-                {"properties": {"security": {"const": "NONE"}}},
-                {"required": ["password"], "properties": {"password": {"type": "string", "minLength": 1}}}
-            ]
-        }),
-    );
-    // Drafts only of the templates there are.
-    extend(
-        "PreviewRequest",
-        json!({"properties": {"drafts": {"propertyNames": {"enum": crate::mail::templates::PARTS}}}}),
-    );
+    }
+    // Files sent as the body are bytes of their media type, not JSON values (utoipa describes `Vec<u8>` as an array
+    // of integers): no schema. A CSV upload is any bytes: an empty or broken file makes a job whose report says what
+    // is wrong, so no body is refused for its content.
+    for file in [
+        "/paths/~1api~1v1~1imports/post/requestBody/content/text~1csv",
+        "/paths/~1api~1v1~1settings~1android~1apk/put/requestBody/content/application~1vnd.android.package-archive",
+    ] {
+        if let Some(content) = document.pointer_mut(file).and_then(|v| v.as_object_mut()) {
+            content.remove("schema");
+        }
+    }
     // A template is named by one of its parts.
     let Some(template) =
         document.pointer_mut("/paths/~1api~1v1~1mail~1templates~1{name}").and_then(|v| v.as_object_mut())
@@ -315,6 +233,172 @@ fn refine_schemas(document: &mut serde_json::Value) {
             }
         }
     }
+}
+
+/// One line of text, as the domain's `required_text` takes it: no control characters (Unicode Cc), and not only
+/// white space.
+const LINE: &str = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$";
+/// An optional line (`optional_field`): blank is none, anything else is a [`LINE`].
+const OPTIONAL_LINE: &str = r"^[^\x00-\x1f\x7f-\x9f]*$";
+/// Text over several lines (`multi_line_text`): line breaks and tabs are its only control characters.
+const LINES: &str = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$";
+/// A phone number in international form (`normalize_phone`): `+`, 8 to 15 digits not starting with 0, spaces,
+/// dots, dashes and parentheses between them; blank is none.
+const PHONE: &str = r"^\s*(?:[ .()\u00a0-]*\+[ .()\u00a0-]*[1-9](?:[ .()\u00a0-]*[0-9]){7,14}[ .()\u00a0-]*)?\s*$";
+/// An IMEI (`validate_imei`): 15 digits, spaces and dashes between them ignored; blank is none. Its check digit is
+/// beyond a pattern: the `imei` format names it.
+const IMEI: &str = r"^\s*(?:(?:[ -]*[0-9]){15}[ -]*)?\s*$";
+/// A TCP port, 0 to 65535, as a URL carries it.
+const PORT: &str = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})";
+/// A listing's cursor: URL-safe base64 without padding, as the query parameters describe it.
+const CURSOR: &str = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$";
+/// An email address as `normalize_email` takes it (the pattern `NewUser` carries); its lengths count bytes, which
+/// only the `mailbox` format can say.
+const EMAIL: &str = r"^\s*(?=\S{1,254}\s*$)[^\s@,;\x00-\x1f\x7f-\x9f]{1,64}@[^\s@,;.\x00-\x1f\x7f-\x9f]+(?:\.[^\s@,;.\x00-\x1f\x7f-\x9f]+)+\s*$";
+
+/// The rules utoipa's types cannot carry, by schema name: which of several optional fields must be given
+/// (`anyOf`/`oneOf` of `required` lists), and the shapes the handlers check (patterns, enums), so that every body
+/// the description allows is one the server accepts. `properties` add rules to the schema's own properties; any
+/// other key is set on the schema. A rule no pattern can state is named by a `format` of its own (`ssid`, `imei`,
+/// `mailbox`, `x509-pem`) and spelled out in the property's description.
+fn schema_refinements() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    let serial = json!({"type": "string", "pattern": LINE, "maxLength": 64});
+    let identifier = "[A-Za-z_][A-Za-z0-9_]*";
+    vec![
+        // A non-empty list of ids (at most 10,000), or a filter: one, not both.
+        (
+            "BulkSelection",
+            json!({"oneOf": [
+                {"required": ["ids"], "properties": {
+                    "ids": {"type": "array", "minItems": 1, "maxItems": 10000}, "filter": {"type": "null"}}},
+                {"required": ["filter"], "properties": {"filter": {"type": "object"}, "ids": {"type": "null"}}}
+            ]}),
+        ),
+        // A serial number (at most 64 characters) or an IMEI (15 digits with a valid check digit), or both.
+        (
+            "NewStaged",
+            json!({
+                "properties": {
+                    "serial": {"pattern": OPTIONAL_LINE, "maxLength": 64},
+                    "imei": {"pattern": IMEI, "format": "imei",
+                        "description": "15 digits with a valid (Luhn) check digit; spaces and dashes are ignored"},
+                    "name": {"pattern": OPTIONAL_LINE, "maxLength": 200},
+                    "email": {"pattern": format!("^\\s*$|{EMAIL}"), "format": "mailbox"}
+                },
+                "anyOf": [
+                    {"required": ["serial"], "properties": {"serial": serial}},
+                    {"required": ["imei"], "properties": {"imei": {"type": "string", "pattern": "[0-9]", "format": "imei"}}}
+                ]
+            }),
+        ),
+        // A user, a group, or both.
+        (
+            "StagedAssignment",
+            json!({"anyOf": [
+                {"required": ["user_id"], "properties": {"user_id": {"$ref": "#/components/schemas/Id"}}},
+                {"required": ["group_id"], "properties": {"group_id": {"$ref": "#/components/schemas/Id"}}}
+            ]}),
+        ),
+        // Two PEM texts, or a PKCS#12 file with its password.
+        (
+            "PushCertificateUpload",
+            json!({"oneOf": [
+                {"required": ["certificate_pem", "private_key_pem"], "properties": {
+                    "certificate_pem": {"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
+                    "private_key_pem": {"type": "string", "pattern": "-----BEGIN (RSA )?PRIVATE KEY-----"},
+                    "pkcs12_base64": {"type": "null"}}},
+                {"required": ["pkcs12_base64"], "properties": {
+                    "pkcs12_base64": {"type": "string", "contentEncoding": "base64"},
+                    "certificate_pem": {"type": "null"}, "private_key_pem": {"type": "null"}}}
+            ]}),
+        ),
+        // A filter in a body (bulk actions) pages as the listing does.
+        (
+            "InviteQuery",
+            json!({"properties": {
+                "limit": {"minimum": 1, "maximum": 500},
+                "order": {"enum": ["newest", "oldest", null]},
+                "cursor": {"pattern": CURSOR}
+            }}),
+        ),
+        // A host name or address (the port 0 meaning the security's default); a username and password together or
+        // neither.
+        (
+            "RelaySettings",
+            json!({
+                "properties": {
+                    "port": {"maximum": 65535},
+                    "host": {"pattern": "^\\s*[A-Za-z0-9.-]+\\s*$"},
+                    "from_address": {"format": "email", "pattern": "^[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+$"},
+                    "reply_to": {"pattern": "^([A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+)?$"},
+                    // A certificate rustls reads, which only the format can say.
+                    "ca_pem": {"format": "x509-pem"}
+                },
+                "anyOf": [
+                    {"required": ["username", "password"], "properties": {
+                        "username": {"type": "string", "pattern": "\\S"}, "password": {"type": "string", "minLength": 1}}},
+                    {"properties": {
+                        "username": {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^\\s*$"}]},
+                        "password": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}}}
+                ]
+            }),
+        ),
+        // The receiver as package/class, the download over HTTPS, the SHA-256 as base64url or hex.
+        (
+            "AndroidApp",
+            json!({"properties": {
+                "component_name": {"pattern": format!("^{identifier}(\\.{identifier})+/\\.*{identifier}(\\.{identifier})*$")},
+                "download_url": {"pattern": format!("^https://[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*(:{PORT})?(/[A-Za-z0-9._~-]*)*$")},
+                "checksum": {"pattern": "^([0-9A-Fa-f]{64}|[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]=?)$"},
+                "agent_url": {"pattern": "^(https://[A-Za-z0-9./_~-]*)?$"}
+            }}),
+        ),
+        (
+            "ProvisioningWifi",
+            json!({
+                "properties": {
+                    // At most 32 characters, and at most 32 bytes as UTF-8, which only the format can say.
+                "ssid": {"minLength": 1, "maxLength": 32, "pattern": LINE, "format": "ssid"},
+                    "security": {"enum": ["NONE", "WPA", "WEP"]}
+                },
+                "anyOf": [
+                    {"properties": {"security": {"const": "NONE"}}},
+                    {"required": ["password"], "properties": {"password": {"type": "string", "minLength": 1}}}
+                ]
+            }),
+        ),
+        // Names, notes and descriptions without control characters; a phone number in international form.
+        (
+            "NewUser",
+            json!({"properties": {
+                "name": {"pattern": LINE, "maxLength": 200},
+                "email": {"format": "mailbox"},
+                "notes": {"pattern": LINES},
+                "domain": {"pattern": OPTIONAL_LINE, "maxLength": 200},
+                "phone": {"pattern": PHONE}
+            }}),
+        ),
+        (
+            "UserPatch",
+            json!({"properties": {
+                "name": {"pattern": LINE, "maxLength": 200},
+                "email": {"format": "mailbox"},
+                "notes": {"pattern": LINES},
+                "domain": {"pattern": OPTIONAL_LINE, "maxLength": 200},
+                "phone": {"pattern": PHONE}
+            }}),
+        ),
+        (
+            "NewGroup",
+            json!({"properties": {"name": {"pattern": LINE, "maxLength": 100}, "description": {"pattern": LINES}}}),
+        ),
+        // Drafts only of the templates there are.
+        (
+            "PreviewRequest",
+            json!({"properties": {"drafts": {"propertyNames": {"enum": crate::mail::templates::PARTS}}}}),
+        ),
+    ]
 }
 
 /// Routes that answer without a signed-in admin.

@@ -696,3 +696,40 @@ async fn upgrade_bundles_are_taken_only_on_the_appliance_and_only_for_this_box()
     assert!(dir.path().join("upgrade/request").exists());
     assert!(!status_file.exists(), "the last installer's answer is cleared for the new bundle");
 }
+
+/// The rules added to the generated schemas name schemas and properties by text: one renamed on the Rust side would
+/// otherwise drop its rules from the description without a word.
+#[tokio::test]
+async fn every_refinement_names_what_is_there() {
+    let (_, state) = app();
+    let document = state.openapi.get().unwrap();
+    let schemas = &document["components"]["schemas"];
+    for (name, extra) in super::schema_refinements() {
+        let schema = &schemas[name];
+        assert!(schema.is_object(), "no schema {name} to refine");
+        let branches = ["anyOf", "oneOf"].iter().flat_map(|key| extra[key].as_array().into_iter().flatten());
+        let mut named: Vec<String> = Vec::new();
+        for rules in std::iter::once(&extra).chain(branches) {
+            named.extend(rules["properties"].as_object().into_iter().flatten().map(|(key, _)| key.clone()));
+            named
+                .extend(rules["required"].as_array().into_iter().flatten().filter_map(Value::as_str).map(String::from));
+        }
+        assert!(!named.is_empty(), "{name}: a refinement names the properties it concerns");
+        for property in named {
+            assert!(schema["properties"][&property].is_object(), "{name} has no property {property}");
+        }
+    }
+    for (path, method, media_type) in [
+        ("/api/v1/imports", "post", "text/csv"),
+        ("/api/v1/settings/android/apk", "put", "application/vnd.android.package-archive"),
+    ] {
+        let file = &document["paths"][path][method]["requestBody"]["content"][media_type];
+        assert!(file.is_object() && file.get("schema").is_none(), "{path}: a file is bytes, not JSON: {file}");
+    }
+    let template = &document["paths"]["/api/v1/mail/templates/{name}"];
+    assert!(template.as_object().is_some_and(|operations| !operations.is_empty()));
+    for operation in template.as_object().unwrap().values() {
+        let name = operation["parameters"].as_array().unwrap().iter().find(|p| p["name"] == "name").unwrap();
+        assert!(name["schema"]["enum"].is_array(), "{name}");
+    }
+}

@@ -42,7 +42,8 @@ pub async fn users(
 
 /// Create a user (emails are unique, whatever their case).
 #[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = NewUser,
-    responses((status = 201, body = User), (status = 409, description = "email taken"), (status = 422)))]
+    responses((status = 201, body = User), (status = 404, description = "a group in `groups` does not exist"),
+        (status = 409, description = "email taken"), (status = 422)))]
 pub async fn create_user(
     State(state): State<AppState>,
     Extension(admin): Extension<SignedInAdmin>,
