@@ -760,6 +760,20 @@ mod tests {
     }
 
     #[test]
+    fn a_push_that_gets_through_clears_only_the_problem_a_push_recorded() {
+        let (d, _ann, invite) = setup(Ownership::Personal);
+        let device = d.complete_enrollment(&Actor::device(None), &invite, &facts("F2LX")).unwrap();
+        let refused = "the device refused a command: NotAllowed";
+        d.record_device_problem(&device.id, Some(refused.into())).unwrap();
+        assert!(!d.clear_device_problem_if(&device.id, "push service unreachable").unwrap());
+        assert_eq!(d.device(&device.id).unwrap().problem.as_deref(), Some(refused), "another problem stays");
+
+        d.record_device_problem(&device.id, Some("push service unreachable".into())).unwrap();
+        assert!(d.clear_device_problem_if(&device.id, "push service unreachable").unwrap());
+        assert_eq!(d.device(&device.id).unwrap().problem, None);
+    }
+
+    #[test]
     fn a_staged_record_hands_over_its_user_and_group_and_leaves_the_list() {
         let (d, _ann, invite) = setup(Ownership::Corporate);
         let bob = d

@@ -323,6 +323,19 @@ impl Enrollment {
             Ok(device)
         })
     }
+
+    /// Clears the device's problem if it is still `expected` (what an earlier push recorded), and leaves any other
+    /// (a command the device refused, the warning that it enrolled again) for the admin to see. Whether it cleared.
+    pub fn clear_device_problem_if(&self, device_id: &Id, expected: &str) -> DomainResult<bool> {
+        self.transact(|tx| {
+            let old: Device = tx.get_id(device_id)?.ok_or_else(|| DomainError::not_found("device", device_id))?;
+            if old.problem.as_deref() != Some(expected) {
+                return Ok(false);
+            }
+            tx.put(Some(&old), &Device { problem: None, ..old.clone() })?;
+            Ok(true)
+        })
+    }
 }
 
 fn checked_out() -> DomainError {

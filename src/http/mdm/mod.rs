@@ -48,6 +48,8 @@ struct Inner {
     profile_signer: Option<Arc<ProfileSigner>>,
     serving: Option<Arc<ServingCertificate>>,
     pusher: Pusher,
+    /// The problem each device's last failed push recorded (in this run), which a push that gets through clears.
+    push_problems: std::sync::Mutex<std::collections::HashMap<Id, String>>,
 }
 
 /// How long a device is asked to wait while the device-identity CA is being made.
@@ -61,7 +63,8 @@ impl Mdm {
         serving: Option<Arc<ServingCertificate>>,
         pusher: Pusher,
     ) -> Mdm {
-        Mdm { inner: Some(Arc::new(Inner { ca, device_ca, profile_signer, serving, pusher })) }
+        let push_problems = std::sync::Mutex::default();
+        Mdm { inner: Some(Arc::new(Inner { ca, device_ca, profile_signer, serving, pusher, push_problems })) }
     }
 
     /// The device-identity (SCEP) CA if it is ready; otherwise why not, as a 503 with `Retry-After` (it is being
@@ -118,17 +121,28 @@ impl Mdm {
                 Err(error) => return tracing::warn!(%error, device = %device_id, "no push: lookup failed"),
             };
             let outcome = inner.pusher.push(&certificate, &target).await;
-            let problem = match &outcome {
+            let push_problems = || inner.push_problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let recorded = match outcome {
                 Ok(()) => {
                     tracing::debug!(device = %device_id, "push sent");
-                    None
+                    // A push that gets through clears only what an earlier push recorded: not a command the device
+                    // refused, nor the warning that it enrolled again while still managed.
+                    let Some(previous) = push_problems().remove(&device_id) else { return };
+                    tokio::task::spawn_blocking(move || {
+                        domain.clear_device_problem_if(&device_id, &previous).map(|_| ())
+                    })
+                    .await
                 }
                 Err(error) => {
                     tracing::warn!(%error, device = %device_id, "push failed");
-                    Some(error.advice())
+                    let advice = error.advice();
+                    push_problems().insert(device_id, advice.clone());
+                    tokio::task::spawn_blocking(move || {
+                        domain.record_device_problem(&device_id, Some(advice)).map(|_| ())
+                    })
+                    .await
                 }
             };
-            let recorded = tokio::task::spawn_blocking(move || domain.record_device_problem(&device_id, problem)).await;
             if let Ok(Err(error)) = recorded {
                 tracing::warn!(%error, device = %device_id, "recording the push outcome failed");
             }
