@@ -203,13 +203,14 @@ impl AndroidApp {
                 ));
             }
             wifi.password = wifi.password.take().filter(|p| !p.is_empty());
+            super::no_control_characters("wifi_password", wifi.password.as_deref().unwrap_or_default())?;
             if wifi.security != "NONE" && wifi.password.is_none() {
                 return Err(DomainError::invalid("wifi_password", "this network needs its password"));
             }
         }
         self.agent_url = self.agent_url.take().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty());
         if let Some(agent) = &self.agent_url
-            && !agent.starts_with("https://")
+            && (!agent.starts_with("https://") || agent.contains(|c: char| c.is_whitespace() || c.is_control()))
         {
             return Err(DomainError::invalid("agent_url", "give an https:// link to the agent app (its store page)"));
         }
@@ -512,6 +513,14 @@ mod tests {
         assert_eq!(refused(wifi("   ")).0, "wifi_ssid");
         let control = refused(wifi("×ø\u{9b}"));
         assert!(control.0 == "wifi_ssid" && control.1.contains("U+009B"), "{control:?}");
+        let password = |password: &str| AndroidApp {
+            wifi: Some(ProvisioningWifi { password: Some(password.into()), ..app().wifi.unwrap() }),
+            ..app()
+        };
+        assert_eq!(refused(password("correct\0horse")).0, "wifi_password");
+        let agent = |url: &str| AndroidApp { agent_url: Some(url.into()), ..app() };
+        assert_eq!(refused(agent("https://play.example.com/age\u{7}nt")).0, "agent_url");
+        assert_eq!(refused(agent("https://play.example.com/a gent")).0, "agent_url");
         assert_eq!(d.android_app().unwrap().unwrap().download_url, "https://apps.example.com/dpc.apk", "kept");
         assert_eq!(normalise_checksum("gJD2YwtOiWJHkSMkkIfLRlj+quNqG1fb6v100QmzM9w"), Some(saved.checksum));
     }

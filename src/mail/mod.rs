@@ -199,6 +199,18 @@ impl Mail {
 
     /// Uses `settings` for the relay from now on (and after restarts), once they make a usable client.
     pub fn save_relay(&self, domain: &Enrollment, actor: &Actor, settings: &SmtpConfig) -> Result<(), MailError> {
+        use crate::domain::{multi_line_text, no_control_characters};
+        // A line break in a host, an address or a name would end up in an SMTP command or a mail header.
+        no_control_characters("host", &settings.host)?;
+        no_control_characters("from_address", &settings.from_address)?;
+        no_control_characters("from_name", &settings.from_name)?;
+        no_control_characters("helo_name", &settings.helo_name)?;
+        for (field, value) in
+            [("username", &settings.username), ("password", &settings.password), ("reply_to", &settings.reply_to)]
+        {
+            no_control_characters(field, value.as_deref().unwrap_or_default())?;
+        }
+        multi_line_text("ca_pem", settings.ca_pem.as_deref().unwrap_or_default())?;
         let relay = Relay::new(settings, self.max_connections)?;
         let json = serde_json::to_string(settings).map_err(|e| MailError::Relay(e.to_string()))?;
         domain.save_setting(actor, RELAY_SETTING, &json)?;
@@ -265,6 +277,7 @@ impl Mail {
     /// Saves an admin's version of a template after rendering it, with the others in use, for every platform;
     /// a template that does not render is refused with its line and reason and nothing is saved.
     pub fn save_template(&self, domain: &Enrollment, actor: &Actor, name: &str, source: &str) -> Result<(), MailError> {
+        crate::domain::multi_line_text("source", source)?;
         let mut saved = Self::saved(domain)?;
         saved.insert(name.to_owned(), source.to_owned());
         let templates = Templates::new(&saved)?;

@@ -299,6 +299,10 @@ async fn templates_are_checked_when_saved_previewed_and_used_for_the_next_invite
         (422, Some("template_invalid"), Some("source"))
     );
     assert!(error["message"].as_str().unwrap().contains("invite.subject.txt, line 1"), "{error}");
+    let bell = json!({"source": "Hello {{ user_name }}\u{7}"});
+    let (status, error) = admin.call(&daemon, Method::PUT, path, Some(bell)).await;
+    assert_eq!((status, error["field"].as_str()), (422, Some("source")), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("U+0007"), "{error}");
     let unknown = json!({"source": "Hello {{ first_name }}"});
     let (status, error) = admin.call(&daemon, Method::PUT, path, Some(unknown)).await;
     assert_eq!(status, 422);
@@ -529,6 +533,12 @@ async fn a_relay_saved_through_the_api_delivers_what_waited_and_survives_a_resta
     let bad = json!({"host": "127.0.0.1", "from_address": "not an address"});
     let (code, error) = admin.call(&daemon, Method::PUT, "/api/v1/mail/relay", Some(bad)).await;
     assert_eq!((code, error["field"].as_str()), (422, Some("from_address")), "{error}");
+    // A line break in a name would start a header of its own in every invite.
+    let injected =
+        json!({"host": "127.0.0.1", "from_address": "it@example.com", "from_name": "IT\r\nBcc: x@example.net"});
+    let (code, error) = admin.call(&daemon, Method::PUT, "/api/v1/mail/relay", Some(injected)).await;
+    assert_eq!((code, error["field"].as_str()), (422, Some("from_name")), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("U+000D"), "{error}");
     let bad_ca = json!({"host": "127.0.0.1", "from_address": "it@example.com", "ca_pem": "not PEM"});
     let (code, error) = admin.call(&daemon, Method::PUT, "/api/v1/mail/relay", Some(bad_ca)).await;
     assert_eq!((code, error["field"].as_str()), (422, Some("ca_pem")), "{error}");

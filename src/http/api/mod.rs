@@ -332,8 +332,12 @@ fn schema_refinements() -> Vec<(&'static str, serde_json::Value)> {
                     "host": {"pattern": "^\\s*[A-Za-z0-9.-]+\\s*$"},
                     "from_address": {"format": "email", "pattern": "^[A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+$"},
                     "reply_to": {"pattern": "^([A-Za-z0-9._+-]{1,64}@[A-Za-z0-9-]{1,63}(\\.[A-Za-z0-9-]{1,63})+)?$"},
+                    "from_name": {"pattern": OPTIONAL_LINE},
+                    "helo_name": {"pattern": OPTIONAL_LINE},
+                    "username": {"pattern": OPTIONAL_LINE},
+                    "password": {"pattern": OPTIONAL_LINE},
                     // A certificate rustls reads, which only the format can say.
-                    "ca_pem": {"format": "x509-pem"}
+                    "ca_pem": {"format": "x509-pem", "pattern": LINES}
                 },
                 "anyOf": [
                     {"required": ["username", "password"], "properties": {
@@ -360,7 +364,8 @@ fn schema_refinements() -> Vec<(&'static str, serde_json::Value)> {
                 "properties": {
                     // At most 32 characters, and at most 32 bytes as UTF-8, which only the format can say.
                 "ssid": {"minLength": 1, "maxLength": 32, "pattern": LINE, "format": "ssid"},
-                    "security": {"enum": ["NONE", "WPA", "WEP"]}
+                    "security": {"enum": ["NONE", "WPA", "WEP"]},
+                    "password": {"pattern": OPTIONAL_LINE}
                 },
                 "anyOf": [
                     {"properties": {"security": {"const": "NONE"}}},
@@ -393,6 +398,8 @@ fn schema_refinements() -> Vec<(&'static str, serde_json::Value)> {
             "NewGroup",
             json!({"properties": {"name": {"pattern": LINE, "maxLength": 100}, "description": {"pattern": LINES}}}),
         ),
+        // A template's text may run over lines; no other control characters.
+        ("TemplateUpdate", json!({"properties": {"source": {"pattern": LINES}}})),
         // Drafts only of the templates there are.
         (
             "PreviewRequest",
