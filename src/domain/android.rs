@@ -362,7 +362,7 @@ impl Enrollment {
     /// A check-in: the results of commands the agent ran (results for commands queued nowhere, such as ones
     /// answered already, are ignored), the facts it sent, and the last-contact time. Returns the device as it now
     /// is, with what is still queued. A check-in that speaks for another device (a result for a command queued for
-    /// another device, or an Android ID or serial other than the ones on record) is refused before anything
+    /// another device, or an Android ID, serial or IMEI other than the ones on record) is refused before anything
     /// is written, and audited.
     pub fn android_checkin(
         &self,
@@ -376,9 +376,11 @@ impl Enrollment {
             Ok(Err(self.refuse_other_device(actor, Some(device_id), "", &what)?))
         };
         if let Some(facts) = facts {
-            for (name, recorded, sent) in
-                [("Android ID", &device.hardware_id, &facts.android_id), ("serial", &device.serial, &facts.serial)]
-            {
+            for (name, recorded, sent) in [
+                ("Android ID", &device.hardware_id, &facts.android_id),
+                ("serial", &device.serial, &facts.serial),
+                ("IMEI", &device.imei, &facts.imei),
+            ] {
                 if !same_device(recorded.as_deref(), sent.as_deref()) {
                     let (recorded, sent) = (recorded.as_deref().unwrap_or(""), sent.as_deref().unwrap_or(""));
                     return refuse(format!("a check-in with the secret of {name} {recorded} named {name} {sent}"));

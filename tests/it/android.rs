@@ -286,11 +286,12 @@ async fn an_agent_cannot_speak_for_another_device() {
     let _sink = Sink::start(smtp_port, &dir.path().join("mail"), None);
     let b = Box::start(&dir.path().join("state"), smtp_port).await;
     let mut agents = Vec::new();
-    for (email, serial, android_id) in
-        [("al@example.com", "SER-AL", "aaaaaaaaaaaaaaaa"), ("bea@example.com", "SER-BEA", "bbbbbbbbbbbbbbbb")]
-    {
+    for (email, serial, android_id, imei) in [
+        ("al@example.com", "SER-AL", "aaaaaaaaaaaaaaaa", "352099001761481"),
+        ("bea@example.com", "SER-BEA", "bbbbbbbbbbbbbbbb", "490154203237518"),
+    ] {
         let created = b.user_and_invite(email, "corporate", true).await;
-        let facts = json!({"serial": serial, "model": "Pixel 8", "android_id": android_id});
+        let facts = json!({"serial": serial, "model": "Pixel 8", "android_id": android_id, "imei": imei});
         let body = json!({"token": created["link_token"], "passcode": created["passcode"], "device": facts});
         let (status, enrolled) = b.agent("/android/v1/enroll", None, body).await;
         assert_eq!(status, 200, "{enrolled}");
@@ -308,6 +309,7 @@ async fn an_agent_cannot_speak_for_another_device() {
         json!({"results": [{"id": bea_command, "outcome": "done"}]}),
         json!({"device": {"android_id": "bbbbbbbbbbbbbbbb", "name": "not Bea's"}}),
         json!({"device": {"serial": "SER-BEA"}}),
+        json!({"device": {"imei": "490154203237518"}}),
     ];
     for attempt in attempts {
         let (status, answer) = b.agent("/android/v1/checkin", Some(al_secret), attempt.clone()).await;
@@ -320,12 +322,12 @@ async fn an_agent_cannot_speak_for_another_device() {
     let (_, audit) = b.admin(Method::GET, "/api/v1/audit?limit=100", None).await;
     let refusals: Vec<&Value> =
         audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "device.refused").collect();
-    assert_eq!(refusals.len(), 3, "{audit}");
+    assert_eq!(refusals.len(), 4, "{audit}");
     assert!(refusals.iter().all(|e| e["target"] == al_id.as_str()), "{refusals:?}");
 
     // Al speaking for Al still works, and a result for a command queued nowhere is simply ignored.
     let own = json!({"results": [{"id": al["pending_commands"][0]["id"], "outcome": "done"}],
-        "device": {"android_id": "AAAAAAAAAAAAAAAA", "serial": "SER-AL"}});
+        "device": {"android_id": "AAAAAAAAAAAAAAAA", "serial": "SER-AL", "imei": "352099001761481"}});
     let (status, answer) = b.agent("/android/v1/checkin", Some(al_secret), own.clone()).await;
     assert_eq!((status, answer["commands"].clone()), (200, json!([])), "{answer}");
     assert_eq!(b.agent("/android/v1/checkin", Some(al_secret), own).await.0, 200, "an answer sent twice");
