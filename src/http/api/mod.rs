@@ -265,6 +265,13 @@ fn schema_refinements() -> Vec<(&'static str, serde_json::Value)> {
     use serde_json::json;
     let serial = json!({"type": "string", "pattern": LINE, "maxLength": 64});
     let identifier = "[A-Za-z_][A-Za-z0-9_]*";
+    let user = json!({"properties": {
+        "name": {"pattern": LINE, "maxLength": 200},
+        "email": {"format": "mailbox"},
+        "notes": {"pattern": LINES},
+        "domain": {"pattern": OPTIONAL_LINE, "maxLength": 200},
+        "phone": {"pattern": PHONE}
+    }});
     vec![
         // A non-empty list of ids (at most 10,000), or a filter: one, not both.
         (
@@ -373,27 +380,10 @@ fn schema_refinements() -> Vec<(&'static str, serde_json::Value)> {
                 ]
             }),
         ),
-        // Names, notes and descriptions without control characters; a phone number in international form.
-        (
-            "NewUser",
-            json!({"properties": {
-                "name": {"pattern": LINE, "maxLength": 200},
-                "email": {"format": "mailbox"},
-                "notes": {"pattern": LINES},
-                "domain": {"pattern": OPTIONAL_LINE, "maxLength": 200},
-                "phone": {"pattern": PHONE}
-            }}),
-        ),
-        (
-            "UserPatch",
-            json!({"properties": {
-                "name": {"pattern": LINE, "maxLength": 200},
-                "email": {"format": "mailbox"},
-                "notes": {"pattern": LINES},
-                "domain": {"pattern": OPTIONAL_LINE, "maxLength": 200},
-                "phone": {"pattern": PHONE}
-            }}),
-        ),
+        // Names, notes and descriptions without control characters; a phone number in international form. A new
+        // user and a change to one are checked alike.
+        ("NewUser", user.clone()),
+        ("UserPatch", user),
         (
             "NewGroup",
             json!({"properties": {"name": {"pattern": LINE, "maxLength": 100}, "description": {"pattern": LINES}}}),
