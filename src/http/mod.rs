@@ -263,11 +263,10 @@ async fn declared_size(
     }
 }
 
-/// A change is answered only once it is on disk. sled makes a committed transaction durable at its next flush (every
-/// 500 ms by default); a power cut in between would lose what the admin or the device was already told had
-/// happened. So every request that may change something waits, before its answer goes out, for a flush of the
-/// store, which covers its own commit (concurrent requests share flushes: sled writes out what is buffered once).
-/// Reads go straight through.
+/// A change is answered only once it is on disk: a power cut must not lose what the admin or the device was already
+/// told had happened. So every request that may change something waits, before its answer goes out, for
+/// [`Store::flush`] (`fdatasync` on the database's log), which covers its own commit; concurrent requests share one
+/// sync. Reads go straight through.
 async fn durable(
     axum::extract::State(store): axum::extract::State<Store>,
     request: axum::extract::Request,

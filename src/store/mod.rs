@@ -5,6 +5,7 @@
 //! says through [`Record`] which index entries and counters it has; [`Tx::put`] and [`Tx::delete`] keep all of them
 //! in step with the record, inside the caller's transaction, so a crash leaves all of a change or none of it.
 
+mod disk;
 mod records;
 
 use std::path::{Path, PathBuf};
@@ -150,6 +151,10 @@ pub enum StoreError {
     Corrupt { table: &'static str, key: String, reason: String },
     #[error("storage error: {0}; check free space and permissions on the state directory's disk")]
     Io(#[from] sled::Error),
+    #[error(
+        "the database could not be made durable on disk ({0}); check that the disk is not full, read-only or failing"
+    )]
+    Sync(#[source] std::io::Error),
     #[error("the records name a table `{0}` this enrolld does not know; restore them with the version that wrote them")]
     UnknownTable(String),
 }
@@ -190,6 +195,8 @@ pub struct Store {
     /// Transactions hold it shared; [`Store::snapshot`] holds it exclusively while it walks every tree, so a backup
     /// sees the database at one instant (sled's iterators alone give no view across trees).
     writes: Arc<RwLock<()>>,
+    /// What makes a flush reach the disk; `None` for a temporary database.
+    disk: Option<Arc<disk::Durable>>,
 }
 
 impl Store {
@@ -200,16 +207,17 @@ impl Store {
             .cache_capacity(16 * 1024 * 1024)
             .open()
             .map_err(|source| StoreError::Open { path: path.to_owned(), source })?;
-        Self::from_db(db, MIGRATIONS)
+        let disk = disk::Durable::open(path).map_err(StoreError::Sync)?;
+        Self::from_db(db, MIGRATIONS, Some(Arc::new(disk)))
     }
 
     /// An in-memory database that disappears when dropped, for tests and benchmarks.
     pub fn open_temporary() -> Result<Store, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, MIGRATIONS)
+        Self::from_db(db, MIGRATIONS, None)
     }
 
-    fn from_db(db: sled::Db, migrations: &[Migration]) -> Result<Store, StoreError> {
+    fn from_db(db: sled::Db, migrations: &[Migration], disk: Option<Arc<disk::Durable>>) -> Result<Store, StoreError> {
         let supported = 1 + migrations.len() as u32;
         let meta = db.open_tree(tree::NAMES[tree::META])?;
         let found = match meta.get(KEY_SCHEMA_VERSION)? {
@@ -236,11 +244,14 @@ impl Store {
         for (from, step) in (found..supported).zip(migrations.iter().skip((found - 1) as usize)) {
             step(&db).map_err(|error| StoreError::Migration { from, reason: error.to_string() })?;
             meta.insert(KEY_SCHEMA_VERSION, &(from + 1).to_be_bytes())?;
-            db.flush()?;
+            match &disk {
+                Some(disk) => disk.flush(&db)?,
+                None => drop(db.flush()?),
+            }
             tracing::info!(from, to = from + 1, "database migrated");
         }
         let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Store { db, trees, writes: Arc::default() })
+        Ok(Store { db, trees, writes: Arc::default(), disk })
     }
 
     /// Opens the database at `path` like [`Store::open`], waiting up to `patience` for another handle in this process
@@ -266,9 +277,16 @@ impl Store {
         Ok(bytes.as_deref().and_then(decode_u32).unwrap_or(0))
     }
 
-    /// Writes everything to disk; called last on shutdown.
-    pub fn flush(&self) -> Result<usize, StoreError> {
-        Ok(self.db.flush()?)
+    /// Makes every change committed before the call durable: once it returns, a power cut loses none of them.
+    /// Concurrent callers share one write to the disk (see [`disk::Durable::flush`]).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        match &self.disk {
+            Some(disk) => disk.flush(&self.db),
+            None => {
+                self.db.flush()?;
+                Ok(())
+            }
+        }
     }
 
     /// Runs `change` over every tree atomically: either all its writes land or none do. The closure may run more
@@ -478,6 +496,7 @@ pub struct Loader {
     db: sled::Db,
     current: Option<(usize, sled::Batch, usize)>,
     trees: Vec<sled::Tree>,
+    disk: disk::Durable,
 }
 
 /// Records a [`Loader`] collects before it writes them.
@@ -495,7 +514,8 @@ impl Loader {
             .open()
             .map_err(|source| StoreError::Open { path: path.to_owned(), source })?;
         let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Loader { db, current: None, trees })
+        let disk = disk::Durable::open(path).map_err(StoreError::Sync)?;
+        Ok(Loader { db, current: None, trees, disk })
     }
 
     /// Adds one record to the table named `table`; a name this build does not know is refused.
@@ -518,11 +538,10 @@ impl Loader {
         Ok(())
     }
 
-    /// Writes what is left and flushes the database to disk.
+    /// Writes what is left and makes all of it durable on disk.
     pub fn finish(mut self) -> Result<(), StoreError> {
         self.write_batch()?;
-        self.db.flush()?;
-        Ok(())
+        self.disk.flush(&self.db)
     }
 }
 
@@ -724,7 +743,7 @@ mod tests {
     fn a_zero_schema_version_is_corruption_not_a_panic() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         db.open_tree("meta").unwrap().insert(KEY_SCHEMA_VERSION, &0u32.to_be_bytes()).unwrap();
-        let message = Store::from_db(db, MIGRATIONS).unwrap_err().to_string();
+        let message = Store::from_db(db, MIGRATIONS, None).unwrap_err().to_string();
         assert!(message.contains("schema version 0"), "{message}");
     }
 
@@ -732,7 +751,7 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         db.open_tree("meta").unwrap().insert(KEY_SCHEMA_VERSION, &99u32.to_be_bytes()).unwrap();
-        let message = Store::from_db(db, MIGRATIONS).unwrap_err().to_string();
+        let message = Store::from_db(db, MIGRATIONS, None).unwrap_err().to_string();
         assert!(message.contains("newer enrolld (schema 99"), "{message}");
     }
 
@@ -750,7 +769,7 @@ mod tests {
         }
         let db = sled::Config::new().temporary(true).open().unwrap();
         db.open_tree("meta").unwrap().insert(KEY_SCHEMA_VERSION, &1u32.to_be_bytes()).unwrap();
-        let store = Store::from_db(db.clone(), &[add_a, add_b]).unwrap();
+        let store = Store::from_db(db.clone(), &[add_a, add_b], None).unwrap();
         assert_eq!(store.schema_version().unwrap(), 3);
         assert_eq!(db.open_tree("log").unwrap().len(), 2);
     }
