@@ -217,16 +217,9 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let scep_ca = {
-        use der::{Decode, Encode};
-        let info = cms::content_info::ContentInfo::from_der(&certs).unwrap();
-        let signed: cms::signed_data::SignedData = info.content.decode_as().unwrap();
-        signed.certificates.unwrap().0.iter().map(|c| c.to_der().unwrap()).find(|der| {
-            let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-            cert.public_key().algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1"
-        })
-    }
-    .unwrap();
+    // GetCACert answers the one SCEP CA certificate (DER, application/x-x509-ca-cert), as stock SCEP clients expect.
+    let scep_ca = certs;
+    x509_parser::parse_x509_certificate(&scep_ca).expect("GetCACert answers one DER certificate");
 
     let started = Instant::now();
     let mut messages = Vec::new();
