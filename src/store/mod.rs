@@ -244,10 +244,7 @@ impl Store {
         for (from, step) in (found..supported).zip(migrations.iter().skip((found - 1) as usize)) {
             step(&db).map_err(|error| StoreError::Migration { from, reason: error.to_string() })?;
             meta.insert(KEY_SCHEMA_VERSION, &(from + 1).to_be_bytes())?;
-            match &disk {
-                Some(disk) => disk.flush(&db)?,
-                None => drop(db.flush()?),
-            }
+            flush_to_disk(&db, disk.as_deref())?;
             tracing::info!(from, to = from + 1, "database migrated");
         }
         let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<_>, _>>()?;
@@ -280,13 +277,7 @@ impl Store {
     /// Makes every change committed before the call durable: once it returns, a power cut loses none of them.
     /// Concurrent callers share one write to the disk (see [`disk::Durable::flush`]).
     pub fn flush(&self) -> Result<(), StoreError> {
-        match &self.disk {
-            Some(disk) => disk.flush(&self.db),
-            None => {
-                self.db.flush()?;
-                Ok(())
-            }
-        }
+        flush_to_disk(&self.db, self.disk.as_deref())
     }
 
     /// Runs `change` over every tree atomically: either all its writes land or none do. The closure may run more
@@ -542,6 +533,17 @@ impl Loader {
     pub fn finish(mut self) -> Result<(), StoreError> {
         self.write_batch()?;
         self.disk.flush(&self.db)
+    }
+}
+
+/// Flushes `db`, durably where it has a file on disk (`disk`), as sled's own flush alone where it is temporary.
+fn flush_to_disk(db: &sled::Db, disk: Option<&disk::Durable>) -> Result<(), StoreError> {
+    match disk {
+        Some(disk) => disk.flush(db),
+        None => {
+            db.flush()?;
+            Ok(())
+        }
     }
 }
 
