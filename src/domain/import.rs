@@ -7,7 +7,8 @@
 //!   the import's progress, so no invite ever exists without its delivery job.
 //! - **Default mode (`all`).** A file with any invalid row imports nothing. Every record the import creates
 //!   carries its id, so an import cut short by a crash, a shutdown or a failure is removed whole (at once, or at
-//!   the next start).
+//!   the next start). Its rows reach the disk before its "done" does, and one cut after its last batch but before
+//!   "done" is finished as done at the next start, so an import an admin saw done is never rolled back.
 //! - **`valid_only`.** An interrupted import keeps what it did and records the last line imported.
 
 use std::collections::{HashMap, HashSet};
@@ -266,23 +267,10 @@ impl Enrollment {
                 break;
             }
         }
-        let report = &import.report;
-        let message = match import.kind {
-            ImportKind::Invites => format!(
-                "Imported {} invites for {} users ({} new){}{}",
-                report.invites_created,
-                report.users_created + report.users_matched,
-                report.users_created,
-                plural_groups(&report.groups_created),
-                skipped_rows(report.rows_rejected),
-            ),
-            ImportKind::Staged => format!(
-                "Registered {} staged devices{}{}",
-                report.staged_created,
-                plural_groups(&report.groups_created),
-                skipped_rows(report.rows_rejected)
-            ),
-        };
+        // Every row is on disk before "done" can be read: an admin who saw "done" finds the rows after a power cut,
+        // and a cut before "done" is on disk leaves a complete import that `recover_imports` finishes.
+        self.store.flush()?;
+        let message = done_message(&import);
         self.finish(actor, import, ImportState::Done, message)
     }
 
@@ -542,6 +530,10 @@ impl Enrollment {
         let mut recovered = Vec::new();
         for import in unfinished {
             let (state, message) = match (import.state, import.mode) {
+                // Every row was written with its progress; only the final "done" was lost.
+                (ImportState::Importing, _) if import.rows_done == import.rows_total => {
+                    (ImportState::Done, done_message(&import))
+                }
                 (ImportState::Importing, ImportMode::All) => {
                     self.remove_everything_imported(&import.id)?;
                     (
@@ -781,6 +773,27 @@ fn rfc3339(at: time::OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
+/// What a finished import says it made.
+fn done_message(import: &Import) -> String {
+    let report = &import.report;
+    match import.kind {
+        ImportKind::Invites => format!(
+            "Imported {} invites for {} users ({} new){}{}",
+            report.invites_created,
+            report.users_created + report.users_matched,
+            report.users_created,
+            plural_groups(&report.groups_created),
+            skipped_rows(report.rows_rejected),
+        ),
+        ImportKind::Staged => format!(
+            "Registered {} staged devices{}{}",
+            report.staged_created,
+            plural_groups(&report.groups_created),
+            skipped_rows(report.rows_rejected)
+        ),
+    }
+}
+
 fn plural_groups(groups: &[String]) -> String {
     match groups.len() {
         0 => String::new(),
@@ -974,6 +987,23 @@ mod tests {
         assert_eq!(f.counts(), (0, 0, 0), "every user, invite and message it made is gone");
         assert!(f.d.groups(None, 10).unwrap().items.is_empty(), "and the groups it made");
         assert_eq!(f.d.import(&import.id).unwrap().state, ImportState::RolledBack);
+    }
+
+    #[test]
+    fn an_import_cut_after_its_last_batch_is_finished_as_done_not_rolled_back() {
+        let f = fixture();
+        let polls = std::cell::Cell::new(0);
+        let after_last_batch = || {
+            polls.set(polls.get() + 1);
+            polls.get() == 2
+        };
+        let import = f.run(ImportKind::Invites, ImportMode::All, big_file(1_000).as_bytes(), &after_last_batch);
+        assert_eq!((import.state, import.rows_done), (ImportState::Importing, 1_000), "every row written, no done");
+
+        let recovered = f.d.recover_imports().unwrap();
+        assert_eq!(recovered[0].state, ImportState::Done, "{}", recovered[0].message);
+        assert_eq!(recovered[0].message, "Imported 1000 invites for 1000 users (1000 new); created 3 groups");
+        assert_eq!(f.counts(), (1_000, 1_000, 2_000), "nothing it made is removed");
     }
 
     #[test]
