@@ -142,10 +142,15 @@ impl Mail {
             None => sms,
         };
         let saved = Self::saved(domain)?;
-        let templates = Templates::new(&saved).unwrap_or_else(|error| {
-            tracing::error!(%error, "a saved invite template no longer renders; using the defaults until it is fixed");
+        // Saved templates are checked again: a newer version may have changed what they can use.
+        let templates = if saved.is_empty() {
             Templates::defaults()
-        });
+        } else {
+            Templates::new(&saved).unwrap_or_else(|error| {
+                tracing::error!(%error, "a saved invite template no longer renders; using the defaults until it is fixed");
+                Templates::defaults()
+            })
+        };
         Ok(Mail {
             relay: Arc::new(ArcSwapOption::from(in_use.map(Arc::new))),
             relay_source: Arc::new(ArcSwap::from_pointee(source)),
