@@ -4,7 +4,7 @@
 
 use base64::Engine as _;
 
-use super::devices::{DeviceFacts, IdentityProblem, same_device};
+use super::devices::{DeviceFacts, IdentityProblem, only_contact_changed, same_device};
 use super::invites::link_state;
 use super::{Actor, DomainError, DomainResult, Enrollment, optional_text, random_bytes, sha256_hex};
 use crate::model::{AppleFacts, AppleIdentity, ApplePush, Device, Id, Invite, Platform, Remark, ScepChallenge};
@@ -262,6 +262,10 @@ impl Enrollment {
             identity.device_id = Some(device.id);
             identity.push = Some(push.clone());
             tx.put(Some(&old), &identity)?;
+            // The same token again from a managed device: only its last-contact time is new.
+            if identity == old && before.as_ref().is_some_and(|before| only_contact_changed(before, &device)) {
+                tx.coalesce();
+            }
             Ok((device, first))
         })
     }

@@ -265,8 +265,9 @@ async fn declared_size(
 
 /// A change is answered only once it is on disk: a power cut must not lose what the admin or the device was already
 /// told had happened. So every request that may change something waits, before its answer goes out, for
-/// [`Store::flush`] (`fdatasync` on the database's log), which covers its own commit; concurrent requests share one
-/// sync. Reads go straight through.
+/// [`Store::flush_committed`] (`fdatasync` on the database's log), which covers its own commit; concurrent requests
+/// share one sync, and a request that committed nothing, or only a coalesced last-contact time, waits for none.
+/// Reads go straight through.
 async fn durable(
     axum::extract::State(store): axum::extract::State<Store>,
     request: axum::extract::Request,
@@ -279,7 +280,7 @@ async fn durable(
     if !changes {
         return response;
     }
-    match tokio::task::spawn_blocking(move || store.flush()).await {
+    match tokio::task::spawn_blocking(move || store.flush_committed()).await {
         Ok(Ok(_)) => response,
         Ok(Err(error)) => {
             tracing::error!(%error, "the store could not be flushed; the change may not survive a power cut");

@@ -7,6 +7,10 @@
 //! answer sent after `flush` alone could still be lost: the appliance's power-cut test lost the last few invites the
 //! API had acknowledged. [`Durable::flush`] adds `fdatasync(2)` on the log and `fsync(2)` on new blob files and
 //! their directory.
+//!
+//! Not every write needs that before its answer: a device's last-contact time may reach the disk with sled's own
+//! flush, at most about a second later. The store counts the writes that do ([`Durable::note_write`]), and
+//! [`Durable::flush_noted`] syncs only when one is not covered yet.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -23,14 +27,14 @@ use super::StoreError;
 pub(super) struct Durable {
     dir: PathBuf,
     log: File,
-    /// Taken by each caller of [`Durable::flush`] after its own commits, in order.
-    tickets: AtomicU64,
+    /// Writes that must be durable before they are answered, counted as each commits.
+    committed: AtomicU64,
     synced: Mutex<Synced>,
 }
 
 #[derive(Debug, Default)]
 struct Synced {
-    /// Every ticket up to this one is covered by a finished sync.
+    /// Every write counted in `committed` up to this number is covered by a finished sync.
     through: u64,
     /// Blob files already synced; sled writes each once and only ever deletes it afterwards.
     blobs: HashSet<OsString>,
@@ -42,26 +46,51 @@ impl Durable {
     pub(super) fn open(dir: &Path) -> io::Result<Durable> {
         let log = File::open(dir.join("db"))?;
         File::open(dir)?.sync_all()?;
-        let durable = Durable { dir: dir.to_owned(), log, tickets: AtomicU64::new(0), synced: Mutex::default() };
+        let durable = Durable { dir: dir.to_owned(), log, committed: AtomicU64::new(0), synced: Mutex::default() };
         let mut synced = durable.synced.lock().unwrap_or_else(PoisonError::into_inner);
         durable.sync_blobs(&mut synced)?;
         drop(synced);
         Ok(durable)
     }
 
-    /// Writes out everything `db` has buffered and makes it durable. Group commit: a caller whose ticket a sync
-    /// already covered returns at once; otherwise the one sync it runs covers every ticket taken before it started,
-    /// since each of those callers had committed before taking its ticket.
-    pub(super) fn flush(&self, db: &sled::Db) -> Result<(), StoreError> {
-        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+    /// Counts a write that has just committed and must be durable before it is answered.
+    pub(super) fn note_write(&self) {
+        self.committed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Makes every write counted by [`Durable::note_write`] before the call durable; returns at once if a sync
+    /// already covered them all. Group commit: the one sync a caller runs covers every write counted before it
+    /// started, so concurrent callers share it.
+    pub(super) fn flush_noted(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let wanted = self.committed.load(Ordering::SeqCst);
         let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
-        if synced.through >= ticket {
+        if synced.through >= wanted {
             return Ok(());
         }
-        let covers = self.tickets.load(Ordering::SeqCst);
+        self.sync(db, &mut synced)
+    }
+
+    /// Writes out everything `db` has buffered, noted or not, and makes it durable.
+    pub(super) fn flush(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sync(db, &mut synced)
+    }
+
+    #[cfg(test)]
+    pub(super) fn noted(&self) -> u64 {
+        self.committed.load(Ordering::SeqCst)
+    }
+
+    #[cfg(test)]
+    pub(super) fn synced_through(&self) -> u64 {
+        self.synced.lock().unwrap_or_else(PoisonError::into_inner).through
+    }
+
+    fn sync(&self, db: &sled::Db, synced: &mut Synced) -> Result<(), StoreError> {
+        let covers = self.committed.load(Ordering::SeqCst);
         db.flush()?;
         self.log.sync_data().map_err(StoreError::Sync)?;
-        self.sync_blobs(&mut synced).map_err(StoreError::Sync)?;
+        self.sync_blobs(synced).map_err(StoreError::Sync)?;
         synced.through = covers;
         Ok(())
     }
@@ -103,19 +132,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_flush_covers_earlier_tickets_and_syncs_new_blobs() {
+    fn a_flush_covers_noted_writes_once_and_syncs_new_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let db = sled::Config::new().path(&path).open().unwrap();
         let durable = Durable::open(&path).unwrap();
         db.insert(b"k", b"v").unwrap();
-        durable.flush(&db).unwrap();
-        assert_eq!(durable.synced.lock().unwrap().through, 1, "the first flush covers its own ticket");
-        // A value over the blob threshold (a quarter of sled's 512 KiB segment) lands in its own file.
+        durable.note_write();
+        durable.flush_noted(&db).unwrap();
+        assert_eq!(durable.synced.lock().unwrap().through, 1, "the flush covers the noted write");
+        // Nothing noted since: no sync runs, so the blob written now is not seen until a full flush.
         db.insert(b"big", vec![7u8; 300 * 1024]).unwrap();
+        durable.flush_noted(&db).unwrap();
+        assert!(durable.synced.lock().unwrap().blobs.is_empty(), "a flush with nothing noted syncs nothing");
+        // A value over the blob threshold (a quarter of sled's 512 KiB segment) lands in its own file.
         durable.flush(&db).unwrap();
         let synced = durable.synced.lock().unwrap();
-        assert_eq!(synced.through, 2);
+        assert_eq!(synced.through, 1);
         assert_eq!(synced.blobs.len(), 1, "the blob file was found and synced: {:?}", synced.blobs);
     }
 }

@@ -8,6 +8,7 @@
 mod disk;
 mod records;
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -274,24 +275,54 @@ impl Store {
         Ok(bytes.as_deref().and_then(decode_u32).unwrap_or(0))
     }
 
-    /// Makes every change committed before the call durable: once it returns, a power cut loses none of them.
-    /// Concurrent callers share one write to the disk (see [`disk::Durable::flush`]).
+    /// Makes every change committed before the call durable, except those marked with [`Tx::coalesce`] (which
+    /// sled's own flush writes within about a second): once it returns, a power cut loses none of them. Returns at
+    /// once when a sync already covered them; concurrent callers share one sync (see [`disk::Durable`]).
+    pub fn flush_committed(&self) -> Result<(), StoreError> {
+        match &self.disk {
+            Some(disk) => disk.flush_noted(&self.db),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes every change committed before the call durable, coalesced ones too (at shutdown, after an import).
     pub fn flush(&self) -> Result<(), StoreError> {
         flush_to_disk(&self.db, self.disk.as_deref())
+    }
+
+    /// Counts a write made outside [`Store::transact`] for [`Store::flush_committed`].
+    fn note_write(&self) {
+        if let Some(disk) = &self.disk {
+            disk.note_write();
+        }
     }
 
     /// Runs `change` over every tree atomically: either all its writes land or none do. The closure may run more
     /// than once if it conflicts with a concurrent transaction, so it must not have other side effects.
     pub fn transact<R, E>(&self, change: impl Fn(&Tx<'_>) -> Result<R, TxError<E>>) -> Result<R, TxFailure<E>> {
         let _shared = self.writes.read().unwrap_or_else(PoisonError::into_inner);
-        let result = self.trees[..].transaction(|views| match change(&Tx { views }) {
-            Ok(value) => Ok(value),
-            Err(TxError::Conflict(error)) => Err(error.into()),
-            Err(TxError::Store(error)) => Err(ConflictableTransactionError::Abort(TxFailure::Store(error))),
-            Err(TxError::Abort(error)) => Err(ConflictableTransactionError::Abort(TxFailure::Abort(error))),
+        let marks = TxMarks::default();
+        let result = self.trees[..].transaction(|views| {
+            // A retried attempt starts afresh.
+            marks.wrote.set(false);
+            marks.coalesce.set(false);
+            match change(&Tx { views, marks: &marks }) {
+                Ok(value) => Ok(value),
+                Err(TxError::Conflict(error)) => Err(error.into()),
+                Err(TxError::Store(error)) => Err(ConflictableTransactionError::Abort(TxFailure::Store(error))),
+                Err(TxError::Abort(error)) => Err(ConflictableTransactionError::Abort(TxFailure::Abort(error))),
+            }
         });
         match result {
-            Ok(value) => Ok(value),
+            Ok(value) => {
+                if marks.wrote.get()
+                    && !marks.coalesce.get()
+                    && let Some(disk) = &self.disk
+                {
+                    disk.note_write();
+                }
+                Ok(value)
+            }
             Err(TransactionError::Abort(failure)) => Err(failure),
             Err(TransactionError::Storage(error)) => Err(TxFailure::Store(StoreError::Io(error))),
         }
@@ -411,7 +442,7 @@ impl Store {
     pub fn record_server_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
         self.transact::<(), StoreError>(|tx| {
             tx.put(None, record)?;
-            tx.views[tree::META].insert(KEY_CURRENT_SERVER_CERT, record.key())?;
+            tx.writing(tree::META).insert(KEY_CURRENT_SERVER_CERT, record.key())?;
             Ok(())
         })
         .map_err(|failure| match failure {
@@ -440,7 +471,7 @@ impl Store {
                 return Ok(code);
             }
             let code = make();
-            tx.views[tree::META].insert(KEY_SETUP_CODE, code.as_bytes())?;
+            tx.writing(tree::META).insert(KEY_SETUP_CODE, code.as_bytes())?;
             Ok(code)
         })
         .map_err(|failure| match failure {
@@ -451,6 +482,7 @@ impl Store {
     /// Forgets the setup code (the box has an admin, made some other way than with the code).
     pub fn remove_setup_code(&self) -> Result<(), StoreError> {
         self.trees[tree::META].remove(KEY_SETUP_CODE)?;
+        self.note_write();
         Ok(())
     }
 
@@ -465,6 +497,7 @@ impl Store {
             let latest = old.and_then(decode_i64).map_or(unix, |old| old.max(unix));
             Some(latest.to_be_bytes().to_vec())
         })?;
+        self.note_write();
         Ok(())
     }
 
@@ -566,9 +599,32 @@ pub struct Page<R> {
 /// The trees as seen inside a transaction.
 pub struct Tx<'a> {
     views: &'a [TransactionalTree],
+    marks: &'a TxMarks,
+}
+
+/// What one attempt of a transaction did, for [`Store::flush_committed`].
+#[derive(Default)]
+struct TxMarks {
+    /// It wrote something (a transaction that only read needs no sync).
+    wrote: Cell<bool>,
+    /// Its writes may reach the disk with sled's own flush ([`Tx::coalesce`]).
+    coalesce: Cell<bool>,
 }
 
 impl Tx<'_> {
+    /// Marks this transaction's change as one that may reach the disk with sled's own flush, about a second later,
+    /// instead of before its answer: [`Store::flush_committed`] does not wait for it. For what a power cut may
+    /// lose without harm, such as a device's last-contact time.
+    pub fn coalesce(&self) {
+        self.marks.coalesce.set(true);
+    }
+
+    /// A tree to write to; the transaction is marked as one that wrote.
+    fn writing(&self, tree: usize) -> &TransactionalTree {
+        self.marks.wrote.set(true);
+        &self.views[tree]
+    }
+
     pub fn get<R: Record, E>(&self, key: &[u8]) -> Result<Option<R>, TxError<E>> {
         match self.views[R::TREE].get(key)? {
             Some(bytes) => Ok(Some(decode(R::TREE, key, &bytes)?)),
@@ -592,10 +648,10 @@ impl Tx<'_> {
         let old_indexes = old.map(Record::indexes).unwrap_or_default();
         let new_indexes = new.indexes();
         for stale in old_indexes.iter().filter(|o| !new_indexes.iter().any(|n| n.tree == o.tree && n.key == o.key)) {
-            self.views[stale.tree].remove(stale.key.as_slice())?;
+            self.writing(stale.tree).remove(stale.key.as_slice())?;
         }
         for index in &new_indexes {
-            self.views[index.tree].insert(index.key.as_slice(), key.as_slice())?;
+            self.writing(index.tree).insert(index.key.as_slice(), key.as_slice())?;
         }
         let old_counters = old.map(Record::counters).unwrap_or_default();
         let new_counters = new.counters();
@@ -605,19 +661,19 @@ impl Tx<'_> {
         for name in new_counters.iter().filter(|c| !old_counters.contains(c)) {
             self.add_to_counter(name, 1)?;
         }
-        self.views[R::TREE].insert(key.as_slice(), encode(new))?;
+        self.writing(R::TREE).insert(key.as_slice(), encode(new))?;
         Ok(())
     }
 
     /// Removes a record (as read in this transaction) with its index entries and counters.
     pub fn delete<R: Record, E>(&self, old: &R) -> Result<(), TxError<E>> {
         for index in old.indexes() {
-            self.views[index.tree].remove(index.key)?;
+            self.writing(index.tree).remove(index.key)?;
         }
         for name in old.counters() {
             self.add_to_counter(&name, -1)?;
         }
-        self.views[R::TREE].remove(old.key())?;
+        self.writing(R::TREE).remove(old.key())?;
         Ok(())
     }
 
@@ -628,7 +684,7 @@ impl Tx<'_> {
 
     /// Removes the setup code with the rest of this transaction (the first admin is being created).
     pub fn remove_setup_code<E>(&self) -> Result<(), TxError<E>> {
-        self.views[tree::META].remove(KEY_SETUP_CODE)?;
+        self.writing(tree::META).remove(KEY_SETUP_CODE)?;
         Ok(())
     }
 
@@ -641,7 +697,7 @@ impl Tx<'_> {
     fn add_to_counter<E>(&self, name: &str, delta: i64) -> Result<(), TxError<E>> {
         let key = format!("{COUNTER_PREFIX}{name}");
         let current = self.views[tree::META].get(key.as_bytes())?.as_deref().and_then(decode_i64).unwrap_or(0);
-        self.views[tree::META].insert(key.as_bytes(), &(current + delta).to_be_bytes())?;
+        self.writing(tree::META).insert(key.as_bytes(), &(current + delta).to_be_bytes())?;
         Ok(())
     }
 }
@@ -913,5 +969,39 @@ mod tests {
         assert_eq!(store.latest_time_seen().unwrap(), Some(1_800_000_000), "an earlier time does not lower it");
         store.record_time_seen(1_800_000_060).unwrap();
         assert_eq!(store.latest_time_seen().unwrap(), Some(1_800_000_060));
+    }
+
+    #[test]
+    fn a_coalesced_or_read_only_transaction_is_not_waited_for_and_every_other_write_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let disk = store.disk.clone().unwrap();
+        let noted = || disk.noted();
+        let before = noted();
+        store.transact::<_, ()>(|tx| tx.put(None, &user(1, "a@example.com"))).unwrap();
+        assert_eq!(noted(), before + 1, "a transaction is waited for");
+        store.flush_committed().unwrap();
+        assert_eq!(disk.synced_through(), noted(), "the flush covered it");
+        store
+            .transact::<_, ()>(|tx| {
+                tx.coalesce();
+                tx.put(None, &user(2, "b@example.com"))
+            })
+            .unwrap();
+        assert_eq!(noted(), before + 1, "a coalesced one is not");
+        let read = store.transact::<_, ()>(|tx| tx.get::<User, _>(b"nobody")).unwrap();
+        assert!(read.is_none());
+        assert_eq!(noted(), before + 1, "nor one that only read");
+        store.record_time_seen(1_800_000_000).unwrap();
+        store.remove_setup_code().unwrap();
+        assert_eq!(noted(), before + 3, "writes outside transactions are");
+        let aborted = store.transact::<(), &str>(|tx| {
+            tx.put(None, &user(3, "c@example.com"))?;
+            Err(TxError::Abort("no"))
+        });
+        assert!(aborted.is_err());
+        assert_eq!(noted(), before + 3, "an aborted transaction wrote nothing");
+        store.flush_committed().unwrap();
+        assert_eq!(disk.synced_through(), before + 3);
     }
 }
