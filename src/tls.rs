@@ -314,6 +314,10 @@ enum KeeperMode {
     Files { cert: PathBuf, key: PathBuf, loaded: Vec<u8> },
 }
 
+/// How often the keeper looks at the box's addresses. enrolld is often ready before the box has its DHCP lease; the
+/// certificate names the new address within this, not at the next `cert_check_interval` (a minute by default).
+pub const ADDRESS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
 struct SelfIssued {
     ca: Arc<CertificateAuthority>,
     store: Store,
@@ -479,16 +483,20 @@ impl CertificateKeeper {
         }
     }
 
-    /// Checks every `interval` until `shutdown`; a failed check is logged and tried again next time.
+    /// Checks every `interval`, at once when the box is renamed, asked to, or its addresses change (looked at every
+    /// [`ADDRESS_POLL`]), until `shutdown`; a failed check is logged and tried again next time.
     pub async fn run(mut self, interval: std::time::Duration, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         let wake = self.renewer.wake.clone();
-        let mut names = match &self.mode {
-            KeeperMode::SelfIssued(keep) => Some(keep.naming.subscribe()),
-            KeeperMode::Files { .. } => None,
+        let (mut names, addresses) = match &self.mode {
+            KeeperMode::SelfIssued(keep) => (Some(keep.naming.subscribe()), Some(keep.addresses.clone())),
+            KeeperMode::Files { .. } => (None, None),
         };
+        let mut seen = addresses.as_ref().map(|source| source.addresses());
+        let mut address_poll = tokio::time::interval(ADDRESS_POLL);
+        address_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let renamed = async {
                 match names.as_mut() {
@@ -496,11 +504,18 @@ impl CertificateKeeper {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let due = tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-                () = wake.notified() => {}
-                true = renamed => {}
+                _ = ticker.tick() => true,
+                () = wake.notified() => true,
+                true = renamed => true,
+                _ = address_poll.tick(), if addresses.is_some() => {
+                    let now = addresses.as_ref().map(|source| source.addresses());
+                    std::mem::replace(&mut seen, now.clone()) != now
+                }
+            };
+            if !due {
+                continue;
             }
             // Key generation and fsyncs are blocking work: keep them off the async workers.
             let (keeper, outcome) = match tokio::task::spawn_blocking(move || {
@@ -618,8 +633,7 @@ mod tests {
     }
 
     fn served_names(keeper: &CertificateKeeper) -> Vec<String> {
-        let info = pki::parse_certificate(&keeper.serving().leaf()).unwrap();
-        info.names.iter().map(ToString::to_string).collect()
+        served_names_of(&keeper.serving())
     }
 
     #[test]
@@ -670,6 +684,30 @@ mod tests {
         assert!(names.contains(&"192.168.1.77".to_owned()) && !names.contains(&"192.168.1.20".to_owned()));
         assert!(names.contains(&"enroll.local".to_owned()) && names.contains(&"::1".to_owned()));
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "stable once reissued");
+    }
+
+    #[tokio::test]
+    async fn a_new_address_is_in_the_certificate_within_moments_not_at_the_next_check() {
+        let f = fixture();
+        let serving = f.keeper.serving();
+        let token = CancellationToken::new();
+        let running = tokio::spawn(f.keeper.run(std::time::Duration::from_secs(3_600), token.clone()));
+        tokio::time::sleep(ADDRESS_POLL + std::time::Duration::from_millis(300)).await;
+        assert!(!served_names_of(&serving).contains(&"10.0.2.15".to_owned()));
+        // The DHCP lease arrives after enrolld is ready.
+        f.addresses.set(["192.168.1.20".parse().unwrap(), "10.0.2.15".parse().unwrap()]);
+        let deadline = std::time::Instant::now() + ADDRESS_POLL * 5;
+        while !served_names_of(&serving).contains(&"10.0.2.15".to_owned()) {
+            assert!(std::time::Instant::now() < deadline, "the new address is not in the certificate");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        token.cancel();
+        running.await.unwrap();
+    }
+
+    fn served_names_of(serving: &ServingCertificate) -> Vec<String> {
+        let info = pki::parse_certificate(&serving.leaf()).unwrap();
+        info.names.iter().map(ToString::to_string).collect()
     }
 
     #[test]
