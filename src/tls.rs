@@ -494,7 +494,9 @@ impl CertificateKeeper {
             KeeperMode::SelfIssued(keep) => (Some(keep.naming.subscribe()), Some(keep.addresses.clone())),
             KeeperMode::Files { .. } => (None, None),
         };
-        let mut seen = addresses.as_ref().map(|source| source.addresses());
+        // Nothing seen yet: the first look checks the certificate, since the addresses may have changed between
+        // issuing it at start and this loop (a DHCP lease arriving while enrolld starts).
+        let mut seen = None;
         let mut address_poll = tokio::time::interval(ADDRESS_POLL);
         address_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -699,6 +701,23 @@ mod tests {
         let deadline = std::time::Instant::now() + ADDRESS_POLL * 5;
         while !served_names_of(&serving).contains(&"10.0.2.15".to_owned()) {
             assert!(std::time::Instant::now() < deadline, "the new address is not in the certificate");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        token.cancel();
+        running.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_address_that_came_while_enrolld_started_is_in_the_certificate() {
+        let f = fixture();
+        let serving = f.keeper.serving();
+        // Issued at start without it; the lease arrives before the keeper's loop runs.
+        f.addresses.set(["192.168.1.20".parse().unwrap(), "10.0.2.15".parse().unwrap()]);
+        let token = CancellationToken::new();
+        let running = tokio::spawn(f.keeper.run(std::time::Duration::from_secs(3_600), token.clone()));
+        let deadline = std::time::Instant::now() + ADDRESS_POLL * 5;
+        while !served_names_of(&serving).contains(&"10.0.2.15".to_owned()) {
+            assert!(std::time::Instant::now() < deadline, "the address is not in the certificate");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         token.cancel();
