@@ -698,11 +698,7 @@ mod tests {
         assert!(!served_names_of(&serving).contains(&"10.0.2.15".to_owned()));
         // The DHCP lease arrives after enrolld is ready.
         f.addresses.set(["192.168.1.20".parse().unwrap(), "10.0.2.15".parse().unwrap()]);
-        let deadline = std::time::Instant::now() + ADDRESS_POLL * 5;
-        while !served_names_of(&serving).contains(&"10.0.2.15".to_owned()) {
-            assert!(std::time::Instant::now() < deadline, "the new address is not in the certificate");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        named_within_moments(&serving, "10.0.2.15").await;
         token.cancel();
         running.await.unwrap();
     }
@@ -715,13 +711,18 @@ mod tests {
         f.addresses.set(["192.168.1.20".parse().unwrap(), "10.0.2.15".parse().unwrap()]);
         let token = CancellationToken::new();
         let running = tokio::spawn(f.keeper.run(std::time::Duration::from_secs(3_600), token.clone()));
-        let deadline = std::time::Instant::now() + ADDRESS_POLL * 5;
-        while !served_names_of(&serving).contains(&"10.0.2.15".to_owned()) {
-            assert!(std::time::Instant::now() < deadline, "the address is not in the certificate");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        named_within_moments(&serving, "10.0.2.15").await;
         token.cancel();
         running.await.unwrap();
+    }
+
+    /// Waits for the served certificate to name `name`, failing after five looks at the addresses.
+    async fn named_within_moments(serving: &ServingCertificate, name: &str) {
+        let deadline = std::time::Instant::now() + ADDRESS_POLL * 5;
+        while !served_names_of(serving).iter().any(|named| named == name) {
+            assert!(std::time::Instant::now() < deadline, "{name} is not in the certificate");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     fn served_names_of(serving: &ServingCertificate) -> Vec<String> {

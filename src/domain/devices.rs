@@ -731,6 +731,7 @@ fn claim_identifiers(tx: &Tx<'_>, device: &Device) -> Result<(), crate::store::T
 pub(super) fn only_contact_changed(old: &Device, new: &Device) -> bool {
     *new == Device { last_contact: new.last_contact, ..old.clone() }
 }
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::{admin, domain};

@@ -290,7 +290,7 @@ impl Store {
         flush_to_disk(&self.db, self.disk.as_deref())
     }
 
-    /// Counts a write made outside [`Store::transact`] for [`Store::flush_committed`].
+    /// Counts a committed write for [`Store::flush_committed`] to wait for.
     fn note_write(&self) {
         if let Some(disk) = &self.disk {
             disk.note_write();
@@ -315,11 +315,8 @@ impl Store {
         });
         match result {
             Ok(value) => {
-                if marks.wrote.get()
-                    && !marks.coalesce.get()
-                    && let Some(disk) = &self.disk
-                {
-                    disk.note_write();
+                if marks.wrote.get() && !marks.coalesce.get() {
+                    self.note_write();
                 }
                 Ok(value)
             }
