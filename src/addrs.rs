@@ -4,6 +4,12 @@
 use std::fmt::Debug;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// How often the box's addresses are looked at by what follows them. enrolld is often ready before the box has its
+/// DHCP lease; the certificate names the new address within this, not at the next `cert_check_interval` (a minute
+/// by default).
+pub const ADDRESS_POLL: Duration = Duration::from_secs(2);
 
 /// Lists the addresses clients on the LAN may use to reach this box.
 pub trait AddressSource: Send + Sync + Debug {

@@ -14,7 +14,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio_util::sync::CancellationToken;
 
-use crate::addrs::AddressSource;
+use crate::addrs::{ADDRESS_POLL, AddressSource};
 use crate::clock::Clock;
 use crate::config::{Config, SubjectName, TlsSource};
 use crate::naming::Naming;
@@ -314,10 +314,6 @@ enum KeeperMode {
     Files { cert: PathBuf, key: PathBuf, loaded: Vec<u8> },
 }
 
-/// How often the keeper looks at the box's addresses. enrolld is often ready before the box has its DHCP lease; the
-/// certificate names the new address within this, not at the next `cert_check_interval` (a minute by default).
-pub const ADDRESS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
-
 struct SelfIssued {
     ca: Arc<CertificateAuthority>,
     store: Store,
@@ -373,10 +369,11 @@ impl CertificateKeeper {
             TlsSource::SelfIssued => {
                 let now = clock.now();
                 let hostname = naming.hostname();
-                let wanted = pki::wanted_names(&hostname, &config.extra_sans, &addresses.addresses());
                 ca.check_validity(now)?;
                 let existing =
                     ServerCertificate::load_issued(&pki_dir)?.filter(|cert| cert.chain.get(1) == Some(ca.cert_der()));
+                let named = addresses_to_name(addresses.as_ref(), existing.as_ref().map(|cert| &cert.info));
+                let wanted = pki::wanted_names(&hostname, &config.extra_sans, &named);
                 let own = load_own(&pki_dir);
                 let own_fingerprint = own.as_ref().map(|(_, fingerprint)| fingerprint.clone());
                 let cert = match (own, existing) {
@@ -456,7 +453,7 @@ impl CertificateKeeper {
                 }
                 let left_own = own.take().is_some();
                 let hostname = naming.hostname();
-                let wanted = pki::wanted_names(&hostname, extra, &addresses.addresses());
+                let wanted = pki::wanted_names(&hostname, extra, &addresses_to_name(addresses.as_ref(), Some(current)));
                 let reason = left_own
                     .then(|| "the admin's own certificate was removed".to_owned())
                     .or_else(|| pki::reissue_reason(current, &wanted, ca.info().not_after, now))
@@ -546,6 +543,20 @@ impl CertificateKeeper {
     }
 }
 
+/// The addresses a certificate should name: the box's own, or, while it has none at all, the ones `current` names.
+/// At a boot before the DHCP lease the box has no usable address for a few seconds; dropping the addresses from the
+/// certificate then would only issue another one moments later, when the lease (usually the same address) comes.
+fn addresses_to_name(source: &dyn AddressSource, current: Option<&pki::CertInfo>) -> Vec<std::net::IpAddr> {
+    let now = source.addresses();
+    match current {
+        Some(current) if now.is_empty() => crate::addrs::usable(current.names.iter().filter_map(|name| match name {
+            SubjectName::Ip(ip) => Some(*ip),
+            SubjectName::Dns(_) => None,
+        })),
+        _ => now,
+    }
+}
+
 fn issue(
     ca: &CertificateAuthority,
     store: &Store,
@@ -603,7 +614,7 @@ mod tests {
     use time::{Duration, OffsetDateTime};
 
     struct Fixture {
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
         clock: ManualClock,
         addresses: StaticAddresses,
         store: Store,
@@ -631,7 +642,24 @@ mod tests {
             naming.clone(),
         )
         .unwrap();
-        Fixture { _dir: dir, clock, addresses, store, keeper, ca_der, naming }
+        Fixture { dir, clock, addresses, store, keeper, ca_der, naming }
+    }
+
+    /// The same box started again: its state directory, store, addresses and clock, a new keeper.
+    fn restarted(f: Fixture) -> Fixture {
+        let config = Layers::gather(&ConfigArgs::default(), Vec::new()).unwrap().resolve(None).unwrap();
+        let (ca, _) = CertificateAuthority::load_or_create(f.dir.path(), "enroll", f.clock.now()).unwrap();
+        let keeper = CertificateKeeper::start(
+            &config,
+            Arc::new(ca),
+            f.store.clone(),
+            Arc::new(f.addresses.clone()),
+            f.dir.path().to_owned(),
+            Arc::new(f.clock.clone()),
+            f.naming.clone(),
+        )
+        .unwrap();
+        Fixture { keeper, ..f }
     }
 
     fn served_names(keeper: &CertificateKeeper) -> Vec<String> {
@@ -686,6 +714,23 @@ mod tests {
         assert!(names.contains(&"192.168.1.77".to_owned()) && !names.contains(&"192.168.1.20".to_owned()));
         assert!(names.contains(&"enroll.local".to_owned()) && names.contains(&"::1".to_owned()));
         assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged, "stable once reissued");
+    }
+
+    #[test]
+    fn a_boot_before_the_lease_keeps_the_certificate_and_the_lease_replaces_it_once() {
+        let mut f = fixture();
+        let first = f.keeper.serving().leaf();
+        // No usable address for a while (the network is not up yet): nothing to issue, at a check or a start.
+        f.addresses.set([]);
+        assert_eq!(f.keeper.check().unwrap(), CheckOutcome::Unchanged);
+        let f = restarted(f);
+        assert_eq!(f.keeper.serving().leaf(), first, "the same certificate after a start without addresses");
+        // The lease, on another network this time: one new certificate, without the old address.
+        let mut f = f;
+        f.addresses.set(["10.0.2.15".parse().unwrap()]);
+        let outcome = f.keeper.check().unwrap();
+        assert_eq!(outcome, CheckOutcome::Replaced("names changed: +10.0.2.15 -192.168.1.20".into()));
+        assert_eq!(f.store.issued_certificates().unwrap().len(), 2, "issued at first start and for the lease only");
     }
 
     #[tokio::test]
@@ -792,7 +837,7 @@ mod tests {
         let read = |name: &str| std::fs::read(other.path().join(name)).unwrap();
         let (cert_pem, key_pem) = (read("server.crt"), read("server.key"));
 
-        let wrong_key = std::fs::read(f._dir.path().join("server.key")).unwrap();
+        let wrong_key = std::fs::read(f.dir.path().join("server.key")).unwrap();
         let refused = renewer.install_own(&cert_pem, &wrong_key, f.clock.now()).unwrap_err();
         assert_eq!(refused.0, pki::PemPart::Key, "{refused:?}");
         let late = f.clock.now() + time::Duration::days(400);
