@@ -126,6 +126,7 @@ fn main() {
             max_per_second: 10_000,
             retry: RetryPolicy::default(),
             ca_sha256: String::new(),
+            addresses: Arc::new(enrolld::addrs::StaticAddresses::default()),
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let started = Instant::now();

@@ -6,10 +6,20 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-/// How often the box's addresses are looked at by what follows them. enrolld is often ready before the box has its
-/// DHCP lease; the certificate names the new address within this, not at the next `cert_check_interval` (a minute
-/// by default).
+/// How often the box's addresses are looked at by what follows them (the TLS certificate, the outbox). enrolld is
+/// often ready before the box has its DHCP lease; the certificate names the new address, and mail held back for want
+/// of a network goes out, within this rather than at the next hourly check or backoff.
 pub const ADDRESS_POLL: Duration = Duration::from_secs(2);
+
+/// Returns once `source` lists other addresses than `before` (looked at every [`ADDRESS_POLL`]).
+pub async fn changed_from(source: &dyn AddressSource, before: &[IpAddr]) {
+    loop {
+        tokio::time::sleep(ADDRESS_POLL).await;
+        if source.addresses() != before {
+            return;
+        }
+    }
+}
 
 /// Lists the addresses clients on the LAN may use to reach this box.
 pub trait AddressSource: Send + Sync + Debug {

@@ -417,6 +417,7 @@ pub async fn run(
         max_per_second: config.mail.max_per_second,
         retry: RetryPolicy { first: config.mail.retry_first, horizon: config.mail.retry_horizon },
         ca_sha256: ca.info().sha256.clone(),
+        addresses: env.addresses.clone(),
     };
     tasks.spawn("outbox", mail::outbox::run(enrollment, outbox, token.clone()));
 

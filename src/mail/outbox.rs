@@ -1,6 +1,6 @@
 //! The outbox worker: delivers due jobs through the relay at a bounded pace and concurrency, records each outcome,
 //! and backs off as a whole while the relay is unreachable, so a long outage neither floods the relay when it
-//! returns nor burns every job's retries.
+//! returns nor burns every job's retries; a change of the box's addresses (the network coming up) ends the pause.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::templates::{InviteContext, platform_name};
 use super::{Mail, QR_CONTENT_ID, Relay};
+use crate::addrs::AddressSource;
 use crate::domain::{Attempt, Claimed, Enrollment, RetryPolicy};
 use crate::model::{Id, JobChannel, JobKind, Platform};
 
@@ -33,6 +34,9 @@ pub struct OutboxSettings {
     pub retry: RetryPolicy,
     /// SHA-256 of the appliance's CA (hex), for the Android provisioning QR code.
     pub ca_sha256: String,
+    /// The box's addresses: when they change while the relay is unreachable (a box that started before its DHCP
+    /// lease, a cable plugged in), the outbox tries again at once.
+    pub addresses: Arc<dyn AddressSource>,
 }
 
 /// Delivers the outbox until `shutdown`.
@@ -58,6 +62,17 @@ struct Worker {
     settings: Arc<OutboxSettings>,
 }
 
+/// The relay's state as the worker sees it.
+#[derive(Default)]
+struct Outage {
+    /// A message found the relay unreachable since the last one it took.
+    down: bool,
+    /// Pauses since the relay last answered.
+    pauses: u32,
+    /// The messages deferred for it, made due again when the relay answers or the box's network changes.
+    deferred: Vec<Id>,
+}
+
 impl Worker {
     async fn run(&self, shutdown: CancellationToken) {
         let slots = self.settings.max_connections.max(1);
@@ -66,31 +81,44 @@ impl Worker {
         let mut in_flight: JoinSet<(Id, Option<(JobChannel, Attempt)>)> = JoinSet::new();
         // Jobs handed to a task but perhaps not claimed yet: still in the due index, so not to be handed out again.
         let mut handed_out: HashSet<Id> = HashSet::new();
-        let mut unreachable = 0u32;
+        let mut outage = Outage::default();
         loop {
             while let Some(done) = in_flight.try_join_next() {
-                self.settle(done, &mut handed_out, &mut unreachable);
+                self.settle(done, &mut handed_out, &mut outage);
             }
-            if unreachable > 0 {
+            if !outage.down && !outage.deferred.is_empty() {
+                // The relay answered again: what it turned away meanwhile need not wait out its backoff.
+                self.due_now(std::mem::take(&mut outage.deferred)).await;
+            }
+            if outage.down {
                 // The relay is unreachable: let the sends under way finish, pause, then probe with one message at a
                 // time until it answers again.
                 while let Some(done) = in_flight.join_next().await {
-                    self.settle(done, &mut handed_out, &mut unreachable);
+                    self.settle(done, &mut handed_out, &mut outage);
                 }
-                if unreachable > 0 {
-                    let pause = self.settings.retry.backoff(unreachable).unsigned_abs().min(MAX_PAUSE);
+                if outage.down {
+                    // The pause grows with each failed probe, not with each message that failed together.
+                    outage.pauses += 1;
+                    let pause = self.settings.retry.backoff(outage.pauses).unsigned_abs().min(MAX_PAUSE);
                     tracing::warn!(pause_secs = pause.as_secs(), "the mail relay is unreachable; pausing the outbox");
+                    let addresses = self.settings.addresses.clone();
+                    let before = addresses.addresses();
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(pause) => {}
+                        () = crate::addrs::changed_from(addresses.as_ref(), &before) => {
+                            tracing::info!("the box's network addresses changed; trying the mail relay again now");
+                            self.due_now(std::mem::take(&mut outage.deferred)).await;
+                        }
                     }
+                    outage.down = false;
                     match self.due(1).await.0.first() {
                         Some(id) => match self.deliver(*id).await {
-                            Some(outcome) => self.settle(Ok((*id, Some(outcome))), &mut handed_out, &mut unreachable),
+                            Some(outcome) => self.settle(Ok((*id, Some(outcome))), &mut handed_out, &mut outage),
                             // Nothing was sent (the job went stale, say): the next message probes again.
-                            None => unreachable = 0,
+                            None => outage.pauses = 0,
                         },
-                        None => unreachable = 0,
+                        None => outage.pauses = 0,
                     }
                     continue;
                 }
@@ -107,7 +135,7 @@ impl Worker {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                        self.settle(done, &mut handed_out, &mut unreachable);
+                        self.settle(done, &mut handed_out, &mut outage);
                     }
                     () = tokio::time::sleep(wait) => {}
                 }
@@ -138,24 +166,40 @@ impl Worker {
     }
 
     /// Books a finished send: the job is no longer handed out, and a refused connection (as opposed to a 4xx
-    /// reply, which is the relay speaking) counts towards pausing the queue.
+    /// reply, which is the relay speaking) pauses the queue.
     fn settle(
         &self,
         done: Result<(Id, Option<(JobChannel, Attempt)>), tokio::task::JoinError>,
         handed_out: &mut HashSet<Id>,
-        unreachable: &mut u32,
+        outage: &mut Outage,
     ) {
         match done {
             Ok((id, outcome)) => {
                 handed_out.remove(&id);
                 // Only the relay pauses the queue: an SMS gateway that is down holds up nothing else.
                 match outcome {
-                    Some((JobChannel::Email, Attempt::Unreachable(_))) => *unreachable += 1,
-                    Some((JobChannel::Email, _)) => *unreachable = 0,
+                    Some((JobChannel::Email, Attempt::Unreachable(_))) => {
+                        outage.down = true;
+                        outage.deferred.push(id);
+                    }
+                    Some((JobChannel::Email, _)) => {
+                        outage.down = false;
+                        outage.pauses = 0;
+                    }
                     _ => {}
                 }
             }
             Err(error) => tracing::error!(%error, "a delivery task failed"),
+        }
+    }
+
+    /// Makes the messages deferred by an outage due at once, now that the box's network changed.
+    async fn due_now(&self, jobs: Vec<Id>) {
+        for id in jobs {
+            let domain = self.domain.clone();
+            if let Err(error) = in_store(move || domain.postpone_job(&id, time::Duration::ZERO)).await {
+                tracing::error!(%error, job = %id, "cannot make a deferred message due again");
+            }
         }
     }
 
@@ -400,6 +444,120 @@ mod tests {
 
     fn claim_due(d: &Enrollment) -> Vec<Claimed> {
         d.due_jobs(d.now(), 10).unwrap().0.iter().filter_map(|id| d.claim_job(id, |_| true).unwrap()).collect()
+    }
+
+    /// A relay on the loopback that takes every message (enough SMTP for lettre), counting them.
+    async fn accepting_relay(listener: tokio::net::TcpListener, taken: Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        while let Ok((stream, _)) = listener.accept().await {
+            let taken = taken.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                write.write_all(b"220 relay ESMTP\r\n").await?;
+                let mut in_data = false;
+                while let Some(line) = lines.next_line().await? {
+                    let reply: &[u8] = if in_data {
+                        if line != "." {
+                            continue;
+                        }
+                        in_data = false;
+                        taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        b"250 2.0.0 queued\r\n"
+                    } else {
+                        match line.get(..4).map(str::to_ascii_uppercase).as_deref() {
+                            Some("DATA") => {
+                                in_data = true;
+                                b"354 go ahead\r\n"
+                            }
+                            Some("QUIT") => b"221 bye\r\n",
+                            _ => b"250 ok\r\n",
+                        }
+                    };
+                    write.write_all(reply).await?;
+                }
+                std::io::Result::Ok(())
+            });
+        }
+    }
+
+    /// enrolld started before the box had its DHCP lease: the relay could not be reached, and the outbox paused for
+    /// a minute or more. When the box's addresses change it tries again at once, and the messages the outage
+    /// deferred go out with the rest, not after their own backoff (the clock here never moves, so only that brings
+    /// them back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_network_coming_up_ends_the_pause_and_sends_what_the_outage_deferred() {
+        let (d, _clock) = crate::domain::testing::domain_with(Policy::default());
+        let mut invites = Vec::new();
+        for n in 0..6 {
+            let new =
+                NewUser { name: format!("User {n}"), email: format!("user{n}@example.com"), ..Default::default() };
+            let user = d.create_user(&admin(), &new).unwrap();
+            let new = NewInvite {
+                user_id: user.id,
+                platform: Platform::Ios,
+                ownership: Ownership::Personal,
+                group_id: None,
+                channels: Channels::Email,
+            };
+            invites.push(d.create_invite(&admin(), &new).unwrap().invite.id);
+        }
+        // A port nothing listens on yet: every connection is refused, as with no route.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let relay = Relay::new(
+            &crate::config::SmtpConfig {
+                host: "127.0.0.1".into(),
+                port,
+                security: crate::config::SmtpSecurity::None,
+                username: None,
+                password: None,
+                from_address: "it@example.com".into(),
+                from_name: "IT".into(),
+                reply_to: None,
+                helo_name: "enroll.local".into(),
+                ca_file: None,
+                ca_pem: None,
+            },
+            2,
+        )
+        .unwrap();
+        let mail = Mail::new(&d, Some(relay), None, 2, crate::naming::Naming::fixed()).unwrap();
+        let addresses = crate::addrs::StaticAddresses::new([]);
+        let settings = OutboxSettings {
+            mail,
+            max_connections: 2,
+            max_per_second: 100,
+            retry: RetryPolicy {
+                first: std::time::Duration::from_secs(60),
+                horizon: std::time::Duration::from_secs(86_400),
+            },
+            ca_sha256: String::new(),
+            addresses: Arc::new(addresses.clone()),
+        };
+        let shutdown = CancellationToken::new();
+        let worker = tokio::spawn(run(d.clone(), settings, shutdown.clone()));
+        let states = |d: &Enrollment| -> Vec<crate::model::JobState> {
+            invites.iter().flat_map(|id| d.deliveries(id).unwrap()).map(|job| job.state).collect()
+        };
+        // Both connections refused, the outbox pauses.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while states(&d).iter().filter(|state| **state == crate::model::JobState::Deferred).count() < 2 {
+            assert!(std::time::Instant::now() < deadline, "no message was deferred: {:?}", states(&d));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // The lease arrives and the relay answers.
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        tokio::spawn(accepting_relay(listener, taken.clone()));
+        addresses.set(["10.0.2.15".parse().unwrap()]);
+        let deadline = std::time::Instant::now() + crate::addrs::ADDRESS_POLL * 5;
+        while states(&d).iter().any(|state| *state != crate::model::JobState::Sent) {
+            assert!(std::time::Instant::now() < deadline, "still waiting after the network came up: {:?}", states(&d));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), invites.len(), "each message once");
+        shutdown.cancel();
+        worker.await.unwrap();
     }
 
     #[test]
