@@ -188,11 +188,12 @@ impl<E> From<StoreError> for TxError<E> {
     }
 }
 
-/// A handle on the database; cheap to clone (sled trees are reference-counted).
+/// A handle on the database; cheap to clone (a count each for the database, its trees and the locks). The router
+/// clones the state that holds it a few times per route as it is built, which is on the path to READY.
 #[derive(Clone, Debug)]
 pub struct Store {
     db: sled::Db,
-    trees: Vec<sled::Tree>,
+    trees: Arc<[sled::Tree]>,
     /// Transactions hold it shared; [`Store::snapshot`] holds it exclusively while it walks every tree, so a backup
     /// sees the database at one instant (sled's iterators alone give no view across trees).
     writes: Arc<RwLock<()>>,
@@ -248,7 +249,7 @@ impl Store {
             flush_to_disk(&db, disk.as_deref())?;
             tracing::info!(from, to = from + 1, "database migrated");
         }
-        let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<_>, _>>()?;
+        let trees = tree::NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Arc<[_]>, _>>()?;
         Ok(Store { db, trees, writes: Arc::default(), disk })
     }
 
@@ -335,7 +336,7 @@ impl Store {
         mut visit: impl FnMut(&'static str, &[u8], &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let _exclusive = self.writes.write().unwrap_or_else(PoisonError::into_inner);
-        for (name, tree) in tree::NAMES.iter().zip(&self.trees) {
+        for (name, tree) in tree::NAMES.iter().zip(self.trees.iter()) {
             if !include(name) {
                 continue;
             }
