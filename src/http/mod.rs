@@ -41,8 +41,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub enrollment: Enrollment,
     pub auth: Auth,
-    /// The API's OpenAPI document, filled in when the router is built.
-    pub openapi: Arc<std::sync::OnceLock<serde_json::Value>>,
+    /// The API's OpenAPI document, described when the router is built.
+    pub openapi: Arc<api::OpenApiDocument>,
     /// Password hashing runs at most this many at a time (each argon2 check takes 19 MiB), whatever floods in.
     pub password_checks: Arc<tokio::sync::Semaphore>,
     /// Background jobs (CSV imports); the daemon waits for them on shutdown.
@@ -153,7 +153,7 @@ fn device_routes() -> Router<AppState> {
 pub fn https_router(mut state: AppState, limits: Limits) -> Router {
     state.import_max_bytes = limits.import_max_bytes;
     let api::Routers { api, uploads, openapi } = api::router(state.clone());
-    let _ = state.openapi.set(openapi);
+    state.openapi.describe(openapi);
     let routes = open_routes().merge(device_routes()).merge(api).fallback(ops::not_found);
     let store = state.store.clone();
     // A backup uploaded on the setup page, and an upgrade bundle, may be hundreds of MiB and take minutes: their

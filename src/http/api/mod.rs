@@ -18,6 +18,7 @@ pub(crate) mod system;
 mod users;
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
@@ -44,8 +45,36 @@ pub struct Routers {
     pub api: Router<AppState>,
     /// Routes that take large uploads (upgrade bundles), which the caller gives their own limits.
     pub uploads: Router<AppState>,
-    /// The OpenAPI document as served, with what utoipa's types cannot hold (see [`refine_schemas`]).
-    pub openapi: serde_json::Value,
+    /// The routes' description, from which the document is served.
+    pub openapi: utoipa::openapi::OpenApi,
+}
+
+/// The OpenAPI document: the routes' description, kept as the router is built, and the JSON served, with what
+/// utoipa's types cannot hold (see [`refine_schemas`]), made from it on first request: turning the description into
+/// JSON and walking it was about a fifth of `daemon::run` before READY (perf, on the host).
+#[derive(Default)]
+pub struct OpenApiDocument {
+    described: OnceLock<utoipa::openapi::OpenApi>,
+    served: OnceLock<serde_json::Value>,
+}
+
+impl std::fmt::Debug for OpenApiDocument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenApiDocument").field("served", &self.served.get().is_some()).finish_non_exhaustive()
+    }
+}
+
+impl OpenApiDocument {
+    /// Keeps the description of the routes being served (the first one given, as the router is built once).
+    pub fn describe(&self, described: utoipa::openapi::OpenApi) {
+        let _ = self.described.set(described);
+    }
+
+    /// The document as served; `None` before a router was built.
+    pub fn get(&self) -> Option<&serde_json::Value> {
+        let described = self.described.get()?;
+        Some(self.served.get_or_init(|| declare_common_answers(described)))
+    }
 }
 
 /// The API's routes and its OpenAPI document.
@@ -115,7 +144,7 @@ pub fn router(state: AppState) -> Routers {
         .layer(axum::extract::DefaultBodyLimit::max(crate::http::android::MAX_BODY_BYTES));
     let (api, mut openapi) = protected.merge(public).split_for_parts();
     openapi.merge(uploads_doc);
-    Routers { api, uploads, openapi: declare_common_answers(&openapi) }
+    Routers { api, uploads, openapi }
 }
 
 /// Adds to every operation the answers the shared layers and extractors give, which the handlers' own
