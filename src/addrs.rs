@@ -3,6 +3,7 @@
 
 use std::fmt::Debug;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -28,15 +29,27 @@ pub trait AddressSource: Send + Sync + Debug {
 }
 
 /// Reads the addresses of the host's interfaces.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemAddresses;
+#[derive(Debug, Default)]
+pub struct SystemAddresses {
+    /// Whether the last look failed: a failure that lasts is logged once, not at every look.
+    failing: AtomicBool,
+}
 
 impl AddressSource for SystemAddresses {
     fn addresses(&self) -> Vec<IpAddr> {
         let interfaces = match if_addrs::get_if_addrs() {
-            Ok(interfaces) => interfaces,
+            Ok(interfaces) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the network interfaces can be listed again");
+                }
+                interfaces
+            }
             Err(error) => {
-                tracing::warn!(%error, "cannot list network interfaces; certificates will name only loopback");
+                if self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(%error, "still cannot list network interfaces");
+                } else {
+                    tracing::warn!(%error, "cannot list network interfaces; certificates will name only loopback");
+                }
                 Vec::new()
             }
         };

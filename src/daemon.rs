@@ -174,7 +174,7 @@ impl Environment {
         };
         Environment {
             clock: Arc::new(SystemClock),
-            addresses: Arc::new(SystemAddresses),
+            addresses: Arc::new(SystemAddresses::default()),
             sync_markers,
             launch: Launch::detect(),
         }
