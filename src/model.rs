@@ -653,6 +653,7 @@ wire_enum!(
         Queued = "queued",
         Validating = "validating",
         Importing = "importing",
+        RollingBack = "rolling_back",
         Done = "done",
         Rejected = "rejected",
         RolledBack = "rolled_back",

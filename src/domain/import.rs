@@ -521,11 +521,17 @@ impl Enrollment {
         Ok(group.id)
     }
 
-    /// At start-up, finishes imports a crash or shutdown cut short: an all-or-nothing import is rolled back, a
-    /// valid-only one keeps what it did and says up to which line.
+    /// At start-up, before enrolld is ready: settles the imports a crash or shutdown cut short. A valid-only one
+    /// keeps what it did and says up to which line; an all-or-nothing one is marked `rolling_back`, and
+    /// [`Enrollment::finish_rollbacks`] removes what it made once enrolld answers (that took 1.3-12.3 s for a large
+    /// import, which `/healthz` should not wait for). Its invites send nothing meanwhile: the outbox sends an
+    /// import's messages only once it is done.
     pub fn recover_imports(&self) -> DomainResult<Vec<Import>> {
         let unfinished = self.store.all::<Import>(|i| {
-            matches!(i.state, ImportState::Queued | ImportState::Validating | ImportState::Importing)
+            matches!(
+                i.state,
+                ImportState::Queued | ImportState::Validating | ImportState::Importing | ImportState::RollingBack
+            )
         })?;
         let mut recovered = Vec::new();
         for import in unfinished {
@@ -534,12 +540,19 @@ impl Enrollment {
                 (ImportState::Importing, _) if import.rows_done == import.rows_total => {
                     (ImportState::Done, done_message(&import))
                 }
+                (ImportState::RollingBack, _) => {
+                    recovered.push(import);
+                    continue;
+                }
                 (ImportState::Importing, ImportMode::All) => {
-                    self.remove_everything_imported(&import.id)?;
-                    (
-                        ImportState::RolledBack,
-                        "enrolld stopped during this import, so everything it had created was removed again; upload the file again".to_owned(),
-                    )
+                    let mut rolling_back = import.clone();
+                    rolling_back.state = ImportState::RollingBack;
+                    rolling_back.message =
+                        "enrolld stopped during this import, so everything it had created is being removed again"
+                            .to_owned();
+                    self.transact(|tx| tx.put(Some(&import), &rolling_back))?;
+                    recovered.push(rolling_back);
+                    continue;
                 }
                 (ImportState::Importing, ImportMode::ValidOnly) => (
                     ImportState::Interrupted,
@@ -556,6 +569,20 @@ impl Enrollment {
             recovered.push(self.finish(&Actor::system(), import, state, message)?);
         }
         Ok(recovered)
+    }
+
+    /// Removes what the imports marked `rolling_back` made, and marks them rolled back; run once enrolld is ready.
+    /// A new import waits for it (it would find the invites being removed). Cut short again, it goes on at the next
+    /// start.
+    pub fn finish_rollbacks(&self) -> DomainResult<Vec<Import>> {
+        let _one_at_a_time = self.import_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut finished = Vec::new();
+        for import in self.store.all::<Import>(|i| i.state == ImportState::RollingBack)? {
+            self.remove_everything_imported(&import.id)?;
+            let message = "enrolld stopped during this import, so everything it had created was removed again; upload the file again".to_owned();
+            finished.push(self.finish(&Actor::system(), import, ImportState::RolledBack, message)?);
+        }
+        Ok(finished)
     }
 
     /// Deletes everything an import created. Rare (a crash or failure mid-import), so a scan for the import's mark
@@ -982,11 +1009,20 @@ mod tests {
         assert_eq!((import.state, import.rows_done), (ImportState::Importing, 500), "stopped after the first batch");
         assert_eq!(f.counts(), (500, 500, 1_000), "half-done: 500 invites, each with its email and SMS");
 
+        // Before enrolld is ready: marked, nothing removed yet (and nothing of it sent meanwhile).
         let recovered = f.d.recover_imports().unwrap();
-        assert_eq!(recovered[0].state, ImportState::RolledBack);
+        assert_eq!(recovered[0].state, ImportState::RollingBack);
+        assert_eq!(f.counts(), (500, 500, 1_000), "removed after ready, not before");
+        assert!(f.d.due_jobs(f.d.now(), 10).unwrap().0.iter().all(|id| f.d.claim_job(id, |_| true).unwrap().is_none()));
+        // Cut short again before it was removed: still rolling back at the next start.
+        assert_eq!(f.d.recover_imports().unwrap()[0].state, ImportState::RollingBack);
+
+        let finished = f.d.finish_rollbacks().unwrap();
+        assert_eq!(finished[0].state, ImportState::RolledBack);
         assert_eq!(f.counts(), (0, 0, 0), "every user, invite and message it made is gone");
         assert!(f.d.groups(None, 10).unwrap().items.is_empty(), "and the groups it made");
         assert_eq!(f.d.import(&import.id).unwrap().state, ImportState::RolledBack);
+        assert!(f.d.recover_imports().unwrap().is_empty() && f.d.finish_rollbacks().unwrap().is_empty());
     }
 
     #[test]

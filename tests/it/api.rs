@@ -120,3 +120,69 @@ async fn what_the_api_acknowledged_survives_a_kill() {
         assert!(!invite["delivery"].as_array().unwrap().is_empty(), "invite {id} lost its delivery job: {invite}");
     }
 }
+
+/// An all-or-nothing CSV import killed midway (SIGKILL): at the next start enrolld is ready without first removing
+/// what the import made (it shows the import as rolling back meanwhile), and then none of it is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_killed_midway_is_removed_after_the_restart_not_before_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let daemon = Daemon::spawn(&state, &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
+    daemon.wait_healthy();
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login.clone())).await;
+    let token = signed_in["token"].as_str().unwrap().to_owned();
+    let rows = 30_000;
+    let mut csv = String::from("USER NAME,EMAIL ADDRESS,PLATFORM TYPE,OWNED BY\r\n");
+    for n in 0..rows {
+        csv.push_str(&format!("Person {n},person{n}@example.com,ios,Corporate\r\n"));
+    }
+    let bearer = format!("Bearer {token}");
+    let headers = [("authorization", bearer.as_str()), ("content-type", "text/csv")];
+    let path = "/api/v1/imports?kind=invites&filename=people.csv";
+    let (status, _, body) =
+        crate::common::fetch_bytes(daemon.https, &ca, Method::POST, path, &headers, csv.into_bytes()).await;
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (_, import) =
+            api(daemon.https, &ca, Method::GET, &format!("/api/v1/imports/{id}"), Some(&token), None).await;
+        if import["state"] == "importing" && import["rows_done"].as_u64().unwrap_or(0) >= 500 {
+            break;
+        }
+        assert!(import["state"] != "done", "the import finished before it could be cut: {import}");
+        assert!(std::time::Instant::now() < deadline, "the import never got going: {import}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    crate::common::signal(daemon.pid(), nix::sys::signal::Signal::SIGKILL);
+    assert_eq!(daemon.wait_exit().0.code(), None, "killed by the signal");
+
+    let daemon = Daemon::start(&state, &[]);
+    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    let token = signed_in["token"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let import = loop {
+        let (_, import) =
+            api(daemon.https, &ca, Method::GET, &format!("/api/v1/imports/{id}"), Some(token), None).await;
+        seen.push(import["state"].as_str().unwrap_or_default().to_owned());
+        if import["state"] == "rolled_back" {
+            break import;
+        }
+        assert_eq!(import["state"], "rolling_back", "{import}");
+        assert!(std::time::Instant::now() < deadline, "never rolled back: {import}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(import["message"].as_str().unwrap().contains("was removed again"), "{import}");
+    let (_, invites) = api(daemon.https, &ca, Method::GET, "/api/v1/invites", Some(token), None).await;
+    assert_eq!(invites["items"].as_array().unwrap().len(), 0, "nothing of the import is left: {invites}");
+    let (_, users) = api(daemon.https, &ca, Method::GET, "/api/v1/users", Some(token), None).await;
+    assert_eq!(users["items"].as_array().unwrap().len(), 0, "{users}");
+    let log = daemon.log();
+    let ready = log.find("ready: open").unwrap();
+    let removed = log.find("was removed again").unwrap_or_else(|| panic!("the rollback is not logged:\n{log}"));
+    assert!(ready < removed, "enrolld was ready before the import was removed:\n{log}");
+    assert_eq!(daemon.terminate().0.code(), Some(0), "states seen: {seen:?}");
+}

@@ -264,7 +264,10 @@ async fn import_status(State(state): State<AppState>, Path(id): Path<String>, Si
         Ok(import) => import,
         Err(error) => return failure(&state, &admin, error),
     };
-    let running = matches!(import.state, ImportState::Queued | ImportState::Validating | ImportState::Importing);
+    let running = matches!(
+        import.state,
+        ImportState::Queued | ImportState::Validating | ImportState::Importing | ImportState::RollingBack
+    );
     let values = Value::from_pairs([
         ("title", Value::from("Import")),
         ("import", super::ser(&import)),
