@@ -105,7 +105,14 @@ fn admin_pages(store: &Store, domain: &Enrollment) {
     let auth = enrolld::domain::auth::Auth::new(domain.clone(), time::Duration::hours(1)).expect("auth");
     auth.bootstrap("admin", Some("bench password 1234")).expect("admin");
     let token = auth.login("admin", "bench password 1234", None).expect("sign in").token;
-    let state = enrolld::http::AppState::new(store.clone(), "".into(), Arc::new(SystemClock), domain.clone(), auth);
+    let state = enrolld::http::AppState::new(
+        store.clone(),
+        "".into(),
+        Arc::new(SystemClock),
+        domain.clone(),
+        auth,
+        enrolld::mail::Mail::unconfigured(),
+    );
     let limits = enrolld::http::Limits {
         request_timeout: Duration::from_secs(30),
         max_body_bytes: 1 << 20,

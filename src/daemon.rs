@@ -310,12 +310,17 @@ pub async fn run(
     let token = CancellationToken::new();
     let relay = config.mail.smtp.as_ref().map(|smtp| Relay::new(smtp, config.mail.max_connections)).transpose()?;
     let mail = Mail::new(&enrollment, relay, config.mail.sms.clone(), config.mail.max_connections, naming.clone())?;
-    let mut state =
-        AppState::new(store.clone(), ca.cert_pem().into(), env.clock.clone(), enrollment.clone(), auth.clone());
+    let mut state = AppState::new(
+        store.clone(),
+        ca.cert_pem().into(),
+        env.clock.clone(),
+        enrollment.clone(),
+        auth.clone(),
+        mail.clone(),
+    );
     state.shutdown = token.clone();
     state.state_dir = Some(Arc::new(state_dir.path().to_owned()));
     let restart = state.restart.clone();
-    state.mail = mail.clone();
     state.naming = naming.clone();
     state.clock_status = clock_status.clone();
     state.setup_code_place = env.launch.setup_code_place(config.console_file.is_some());

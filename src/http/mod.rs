@@ -84,7 +84,16 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(store: Store, ca_pem: Arc<str>, clock: Arc<dyn Clock>, enrollment: Enrollment, auth: Auth) -> Self {
+    /// The state for a box with these parts; `mail` is the relay and templates in use (tests pass
+    /// [`crate::mail::Mail::unconfigured`]). The fields the daemon alone has are set by it afterwards.
+    pub fn new(
+        store: Store,
+        ca_pem: Arc<str>,
+        clock: Arc<dyn Clock>,
+        enrollment: Enrollment,
+        auth: Auth,
+        mail: crate::mail::Mail,
+    ) -> Self {
         AppState {
             store,
             ca_pem,
@@ -93,7 +102,7 @@ impl AppState {
             auth,
             openapi: Arc::default(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(2)),
-            mail: crate::mail::Mail::unconfigured(),
+            mail,
             naming: crate::naming::Naming::fixed(),
             enroll_sessions: enroll::EnrollSessions::default(),
             mdm: mdm::Mdm::default(),

@@ -30,6 +30,7 @@ pub(crate) fn state_with(store: Store, clock: Arc<dyn Clock>) -> AppState {
         clock,
         enrollment,
         auth,
+        crate::mail::Mail::unconfigured(),
     )
 }
 
