@@ -16,12 +16,19 @@ use tokio::net::TcpStream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_enrolld");
 
-/// A port nobody listens on right now.
 /// The admin password every test appliance is started with.
 pub const PASSWORD: &str = "staple battery horse";
 
+/// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct ports nobody listens on right now: taken together, since two sockets bound and closed one after the
+/// other can be given the same port.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    std::array::from_fn(|n| held[n].local_addr().unwrap().port())
 }
 
 /// Runs `enrolld ARGS` to completion with no inherited `ENROLLD_*` variables.
@@ -69,8 +76,7 @@ impl Daemon {
     /// As [`Daemon::spawn`], with the daemon's open-file limit (soft and hard) set to `file_limit` (by `prlimit`,
     /// which then runs enrolld in its own process).
     pub fn spawn_limited(state_dir: &Path, extra: &[&str], env: &[(&str, &str)], file_limit: Option<u64>) -> Daemon {
-        let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let [https, http] = free_ports::<2>().map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
         let log = state_dir.with_extension(format!("{}.log", https.port()));
         let state = state_dir.to_str().unwrap();
         let (https_arg, http_arg) = (https.to_string(), http.to_string());
