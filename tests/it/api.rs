@@ -83,18 +83,30 @@ async fn the_first_admin_can_come_from_the_environment() {
     assert_eq!(daemon.terminate().0.code(), Some(0));
 }
 
+/// A daemon on `state` with its first admin from the environment, its CA, and that admin's session token.
+async fn admin_box(state: &std::path::Path) -> (Daemon, rustls::pki_types::CertificateDer<'static>, String) {
+    let daemon = Daemon::spawn(state, &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
+    daemon.wait_healthy();
+    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
+    let token = sign_in(&daemon, &ca).await;
+    (daemon, ca, token)
+}
+
+/// Signs in as the first admin; the session's token.
+async fn sign_in(daemon: &Daemon, ca: &rustls::pki_types::CertificateDer<'static>) -> String {
+    let login = json!({"username": "admin", "password": PASSWORD});
+    let (status, signed_in) = api(daemon.https, ca, Method::POST, "/api/v1/login", None, Some(login)).await;
+    assert_eq!(status, 200, "{signed_in}");
+    signed_in["token"].as_str().unwrap().to_owned()
+}
+
 /// What the API acknowledged is on disk: the daemon killed (SIGKILL, no flush on the way out) right after the last
 /// answer loses none of the users and invites it said it had created.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_the_api_acknowledged_survives_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let daemon = Daemon::spawn(&state, &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
-    daemon.wait_healthy();
-    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
-    let login = json!({"username": "admin", "password": PASSWORD});
-    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login.clone())).await;
-    let token = signed_in["token"].as_str().unwrap().to_owned();
+    let (daemon, ca, token) = admin_box(&state).await;
     let mut acknowledged = Vec::new();
     for n in 0..20 {
         let user = json!({"name": format!("User {n}"), "email": format!("user{n}@example.com")});
@@ -111,8 +123,7 @@ async fn what_the_api_acknowledged_survives_a_kill() {
     assert_eq!(status.code(), None, "killed by the signal");
 
     let daemon = Daemon::start(&state, &[]);
-    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
-    let token = signed_in["token"].as_str().unwrap();
+    let token = &sign_in(&daemon, &ca).await;
     for id in &acknowledged {
         let (status, invite) =
             api(daemon.https, &ca, Method::GET, &format!("/api/v1/invites/{id}"), Some(token), None).await;
@@ -127,12 +138,7 @@ async fn what_the_api_acknowledged_survives_a_kill() {
 async fn an_import_killed_midway_is_removed_after_the_restart_not_before_ready() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let daemon = Daemon::spawn(&state, &[], &[("ENROLLD_ADMIN_PASSWORD", PASSWORD)]);
-    daemon.wait_healthy();
-    let ca = parse_pem_certs(&get_plain(daemon.http, "enroll.local", "/ca.crt").await.body).remove(0);
-    let login = json!({"username": "admin", "password": PASSWORD});
-    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login.clone())).await;
-    let token = signed_in["token"].as_str().unwrap().to_owned();
+    let (daemon, ca, token) = admin_box(&state).await;
     let rows = 30_000;
     let mut csv = String::from("USER NAME,EMAIL ADDRESS,PLATFORM TYPE,OWNED BY\r\n");
     for n in 0..rows {
@@ -160,8 +166,7 @@ async fn an_import_killed_midway_is_removed_after_the_restart_not_before_ready()
     assert_eq!(daemon.wait_exit().0.code(), None, "killed by the signal");
 
     let daemon = Daemon::start(&state, &[]);
-    let (_, signed_in) = api(daemon.https, &ca, Method::POST, "/api/v1/login", None, Some(login)).await;
-    let token = signed_in["token"].as_str().unwrap();
+    let token = &sign_in(&daemon, &ca).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let mut seen = Vec::new();
     let import = loop {
