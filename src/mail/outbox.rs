@@ -69,8 +69,14 @@ struct Outage {
     down: bool,
     /// Pauses since the relay last answered.
     pauses: u32,
-    /// The messages deferred for it, made due again when the relay answers or the box's network changes.
+    /// The relay answered a message (accepted or refused it) since this was last looked at.
+    answered: bool,
+    /// The messages deferred for it, made due again when the relay answers after a pause or the box's network
+    /// changes.
     deferred: Vec<Id>,
+    /// The box's addresses when the latest messages were handed out: a pause ends when they change, also if they
+    /// changed while those messages were failing.
+    addresses_at_send: Vec<std::net::IpAddr>,
 }
 
 impl Worker {
@@ -86,9 +92,13 @@ impl Worker {
             while let Some(done) = in_flight.try_join_next() {
                 self.settle(done, &mut handed_out, &mut outage);
             }
-            if !outage.down && !outage.deferred.is_empty() {
-                // The relay answered again: what it turned away meanwhile need not wait out its backoff.
-                self.due_now(std::mem::take(&mut outage.deferred)).await;
+            if std::mem::take(&mut outage.answered) {
+                let deferred = std::mem::take(&mut outage.deferred);
+                // The relay answered after a pause: what the outage deferred need not wait out its own backoff. (A
+                // message refused while others went through keeps its own.)
+                if std::mem::take(&mut outage.pauses) > 0 {
+                    self.due_now(deferred).await;
+                }
             }
             if outage.down {
                 // The relay is unreachable: let the sends under way finish, pause, then probe with one message at a
@@ -102,7 +112,7 @@ impl Worker {
                     let pause = self.settings.retry.backoff(outage.pauses).unsigned_abs().min(MAX_PAUSE);
                     tracing::warn!(pause_secs = pause.as_secs(), "the mail relay is unreachable; pausing the outbox");
                     let addresses = self.settings.addresses.clone();
-                    let before = addresses.addresses();
+                    let before = std::mem::take(&mut outage.addresses_at_send);
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(pause) => {}
@@ -112,13 +122,13 @@ impl Worker {
                         }
                     }
                     outage.down = false;
-                    match self.due(1).await.0.first() {
-                        Some(id) => match self.deliver(*id).await {
-                            Some(outcome) => self.settle(Ok((*id, Some(outcome))), &mut handed_out, &mut outage),
-                            // Nothing was sent (the job went stale, say): the next message probes again.
-                            None => outage.pauses = 0,
-                        },
-                        None => outage.pauses = 0,
+                    // Nothing due, or nothing sent (the job went stale, say): the next message probes again, and a
+                    // failure then pauses one step longer.
+                    outage.addresses_at_send = self.settings.addresses.addresses();
+                    if let Some(id) = self.due(1).await.0.first().copied()
+                        && let Some(outcome) = self.deliver(id).await
+                    {
+                        self.settle(Ok((id, Some(outcome))), &mut handed_out, &mut outage);
                     }
                     continue;
                 }
@@ -141,6 +151,7 @@ impl Worker {
                 }
                 continue;
             }
+            outage.addresses_at_send = self.settings.addresses.addresses();
             for id in fresh {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -184,7 +195,7 @@ impl Worker {
                     }
                     Some((JobChannel::Email, _)) => {
                         outage.down = false;
-                        outage.pauses = 0;
+                        outage.answered = true;
                     }
                     _ => {}
                 }
@@ -446,7 +457,10 @@ mod tests {
         d.due_jobs(d.now(), 10).unwrap().0.iter().filter_map(|id| d.claim_job(id, |_| true).unwrap()).collect()
     }
 
-    /// A relay on the loopback that takes every message (enough SMTP for lettre), counting them.
+    /// A relay on the loopback that takes every message (enough SMTP for lettre), counting them, but turns away
+    /// recipients whose address starts with `refused` as a relay that will not relay for them (454), at once:
+    /// a message it takes is answered 200 ms after its data, so a refusal is always settled before a success of
+    /// the same round.
     async fn accepting_relay(listener: tokio::net::TcpListener, taken: Arc<std::sync::atomic::AtomicUsize>) {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
         while let Ok((stream, _)) = listener.accept().await {
@@ -462,6 +476,7 @@ mod tests {
                             continue;
                         }
                         in_data = false;
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                         taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         b"250 2.0.0 queued\r\n"
                     } else {
@@ -471,6 +486,7 @@ mod tests {
                                 b"354 go ahead\r\n"
                             }
                             Some("QUIT") => b"221 bye\r\n",
+                            Some("RCPT") if line.contains("<refused") => b"454 4.7.1 relay access denied\r\n",
                             _ => b"250 ok\r\n",
                         }
                     };
@@ -481,29 +497,27 @@ mod tests {
         }
     }
 
-    /// enrolld started before the box had its DHCP lease: the relay could not be reached, and the outbox paused for
-    /// a minute or more. When the box's addresses change it tries again at once, and the messages the outage
-    /// deferred go out with the rest, not after their own backoff (the clock here never moves, so only that brings
-    /// them back).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_network_coming_up_ends_the_pause_and_sends_what_the_outage_deferred() {
-        let (d, _clock) = crate::domain::testing::domain_with(Policy::default());
-        let mut invites = Vec::new();
-        for n in 0..6 {
-            let new =
-                NewUser { name: format!("User {n}"), email: format!("user{n}@example.com"), ..Default::default() };
-            let user = d.create_user(&admin(), &new).unwrap();
-            let new = NewInvite {
-                user_id: user.id,
-                platform: Platform::Ios,
-                ownership: Ownership::Personal,
-                group_id: None,
-                channels: Channels::Email,
-            };
-            invites.push(d.create_invite(&admin(), &new).unwrap().invite.id);
-        }
-        // A port nothing listens on yet: every connection is refused, as with no route.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// Email invites, one to each address, in a domain whose clock never moves.
+    fn invites_to(d: &Enrollment, emails: &[String]) -> Vec<Id> {
+        emails
+            .iter()
+            .map(|email| {
+                let new = NewUser { name: "A User".into(), email: email.clone(), ..Default::default() };
+                let user = d.create_user(&admin(), &new).unwrap();
+                let new = NewInvite {
+                    user_id: user.id,
+                    platform: Platform::Ios,
+                    ownership: Ownership::Personal,
+                    group_id: None,
+                    channels: Channels::Email,
+                };
+                d.create_invite(&admin(), &new).unwrap().invite.id
+            })
+            .collect()
+    }
+
+    /// The outbox's settings for a relay on the loopback at `port`, two connections, retries after a minute.
+    fn settings_for(d: &Enrollment, port: u16, addresses: &crate::addrs::StaticAddresses) -> OutboxSettings {
         let relay = Relay::new(
             &crate::config::SmtpConfig {
                 host: "127.0.0.1".into(),
@@ -521,10 +535,8 @@ mod tests {
             2,
         )
         .unwrap();
-        let mail = Mail::new(&d, Some(relay), None, 2, crate::naming::Naming::fixed()).unwrap();
-        let addresses = crate::addrs::StaticAddresses::new([]);
-        let settings = OutboxSettings {
-            mail,
+        OutboxSettings {
+            mail: Mail::new(d, Some(relay), None, 2, crate::naming::Naming::fixed()).unwrap(),
             max_connections: 2,
             max_per_second: 100,
             retry: RetryPolicy {
@@ -533,7 +545,21 @@ mod tests {
             },
             ca_sha256: String::new(),
             addresses: Arc::new(addresses.clone()),
-        };
+        }
+    }
+
+    /// enrolld started before the box had its DHCP lease: the relay could not be reached, and the outbox paused for
+    /// a minute or more. When the box's addresses change it tries again at once, and the messages the outage
+    /// deferred go out with the rest, not after their own backoff (the clock here never moves, so only that brings
+    /// them back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_network_coming_up_ends_the_pause_and_sends_what_the_outage_deferred() {
+        let (d, _clock) = crate::domain::testing::domain_with(Policy::default());
+        let invites = invites_to(&d, &(0..6).map(|n| format!("user{n}@example.com")).collect::<Vec<_>>());
+        // A port nothing listens on yet: every connection is refused, as with no route.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addresses = crate::addrs::StaticAddresses::new([]);
+        let settings = settings_for(&d, port, &addresses);
         let shutdown = CancellationToken::new();
         let worker = tokio::spawn(run(d.clone(), settings, shutdown.clone()));
         let states = |d: &Enrollment| -> Vec<crate::model::JobState> {
@@ -556,6 +582,35 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), invites.len(), "each message once");
+        shutdown.cancel();
+        worker.await.unwrap();
+    }
+
+    /// A relay that turns one recipient away (counted as unreachable, since it is the relay's own setting) while it
+    /// takes the others: that one message waits out its own backoff; the others' success does not send it again
+    /// and again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_refused_while_others_go_through_keeps_its_own_backoff() {
+        let (d, _clock) = crate::domain::testing::domain_with(Policy::default());
+        let mut emails = vec!["refused@example.com".to_owned()];
+        emails.extend((0..5).map(|n| format!("user{n}@example.com")));
+        let invites = invites_to(&d, &emails);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(accepting_relay(listener, taken.clone()));
+        let addresses = crate::addrs::StaticAddresses::new(["192.0.2.7".parse().unwrap()]);
+        let shutdown = CancellationToken::new();
+        let worker = tokio::spawn(run(d.clone(), settings_for(&d, port, &addresses), shutdown.clone()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while taken.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+            assert!(std::time::Instant::now() < deadline, "the others were not sent");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let refused = d.deliveries(&invites[0]).unwrap().remove(0);
+        assert_eq!(refused.state, crate::model::JobState::Deferred);
+        assert_eq!(refused.attempts, 1, "tried once, then left to its backoff: {refused:?}");
         shutdown.cancel();
         worker.await.unwrap();
     }
