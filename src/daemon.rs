@@ -438,8 +438,9 @@ pub async fn run(
         // Not one of the named tasks: it ends by design once the CA is made.
         tokio::spawn(make_device_ca(creation, token.clone()));
     }
-    // Nor this one: what an import cut short made is removed now that enrolld answers.
-    tokio::spawn(finish_rollbacks(state.enrollment.clone()));
+    // What an import cut short made is removed now that enrolld answers; a background job, so shutdown waits for it
+    // (it stops between batches).
+    state.jobs.spawn(finish_rollbacks(state.enrollment.clone(), token.clone()));
     let ready_ms = phases.total_ms();
     let since_exec_ms = phases.since_exec_ms();
     tracing::info!(ready_ms, since_exec_ms, phases = %phases, "{}", banner(&config, &naming.names(), https_addr, http_addr, &env.addresses.addresses()));
@@ -683,14 +684,15 @@ impl std::fmt::Display for Phases {
 }
 
 /// Removes what all-or-nothing imports cut short by a crash made (`recover_imports` marked them `rolling_back`
-/// before READY), on the blocking pool; an import that fails to roll back is tried again at the next start.
-async fn finish_rollbacks(enrollment: Enrollment) {
-    match tokio::task::spawn_blocking(move || enrollment.finish_rollbacks()).await {
-        Ok(Ok(imports)) => {
-            for import in imports {
-                tracing::info!(import = %import.id, "{}", import.message);
-            }
-        }
+/// before READY), on the blocking pool, until `shutdown`; an import that fails to roll back, or is stopped, is taken
+/// up again at the next start.
+async fn finish_rollbacks(enrollment: Enrollment, shutdown: CancellationToken) {
+    let removing = move || {
+        let stop = || shutdown.is_cancelled();
+        enrollment.finish_rollbacks(&stop, &mut |import| tracing::info!(import = %import.id, "{}", import.message))
+    };
+    match tokio::task::spawn_blocking(removing).await {
+        Ok(Ok(())) => {}
         Ok(Err(error)) => {
             tracing::error!(%error, "rolling back an import cut short failed; it is tried again at the next start")
         }

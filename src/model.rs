@@ -648,7 +648,10 @@ wire_enum!(
     ImportMode { All = "all", ValidOnly = "valid_only" }
 );
 wire_enum!(
-    /// Where an import job stands.
+    /// Where an import job stands. Under way: `queued`, `validating` (pass 1), `importing` (pass 2), `rolling_back`
+    /// (an all-or-nothing import a crash cut short, whose records are being removed after the restart). Final:
+    /// `done`, `rejected` (nothing imported: problems listed), `rolled_back`, `interrupted` (a valid-only import
+    /// a crash cut short: the rows up to its last line stay), `failed`.
     ImportState {
         Queued = "queued",
         Validating = "validating",

@@ -152,7 +152,7 @@ impl Enrollment {
         let mut import = self.import(id)?;
         let mut message = message.to_owned();
         if import.mode == ImportMode::All && import.state == ImportState::Importing {
-            self.remove_everything_imported(id)?;
+            self.remove_everything_imported(id, &|| false)?;
             message.push_str("; everything it had created was removed again");
         }
         import.state = ImportState::Failed;
@@ -529,9 +529,9 @@ impl Enrollment {
 
     /// At start-up, before enrolld is ready: settles the imports a crash or shutdown cut short. A valid-only one
     /// keeps what it did and says up to which line; an all-or-nothing one is marked `rolling_back`, and
-    /// [`Enrollment::finish_rollbacks`] removes what it made once enrolld answers (that took 1.3-12.3 s for a large
-    /// import, which `/healthz` should not wait for). Its invites send nothing meanwhile: the outbox sends an
-    /// import's messages only once it is done.
+    /// [`Enrollment::finish_rollbacks`] removes what it made once enrolld answers (seconds for a large import,
+    /// which `/healthz` should not wait for). Its invites send nothing meanwhile: the outbox holds an import's
+    /// messages back until it is done.
     pub fn recover_imports(&self) -> DomainResult<Vec<Import>> {
         let unfinished = self.store.all::<Import>(|i| {
             matches!(
@@ -577,46 +577,59 @@ impl Enrollment {
         Ok(recovered)
     }
 
-    /// Removes what the imports marked `rolling_back` made, and marks them rolled back; run once enrolld is ready.
-    /// A new import waits for it (it would find the invites being removed). Cut short again, it goes on at the next
-    /// start.
-    pub fn finish_rollbacks(&self) -> DomainResult<Vec<Import>> {
+    /// Removes what the imports marked `rolling_back` made and marks them rolled back, calling `finished` with
+    /// each; run once enrolld is ready. A new import waits for it (it would find the invites being removed).
+    /// `stop` is asked between batches (shutdown): an import left rolling back goes on at the next start.
+    pub fn finish_rollbacks(&self, stop: &dyn Fn() -> bool, finished: &mut dyn FnMut(&Import)) -> DomainResult<()> {
         let _one_at_a_time = self.import_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut finished = Vec::new();
         for import in self.store.all::<Import>(|i| i.state == ImportState::RollingBack)? {
-            self.remove_everything_imported(&import.id)?;
+            if !self.remove_everything_imported(&import.id, stop)? {
+                return Ok(());
+            }
             let message = "enrolld stopped during this import, so everything it had created was removed again; upload the file again".to_owned();
-            finished.push(self.finish(&Actor::system(), import, ImportState::RolledBack, message)?);
+            finished(&self.finish(&Actor::system(), import, ImportState::RolledBack, message)?);
         }
-        Ok(finished)
+        Ok(())
     }
 
     /// Deletes everything an import created. Rare (a crash or failure mid-import), so a scan for the import's mark
     /// beats logging every record it writes.
-    fn remove_everything_imported(&self, import: &Id) -> DomainResult<()> {
-        self.remove_imported::<DeliveryJob>(import, |j| j.import)?;
-        self.remove_imported::<Invite>(import, |i| i.import)?;
-        self.remove_imported::<StagedDevice>(import, |s| s.import)?;
-        self.remove_imported::<User>(import, |u| u.import)?;
-        self.remove_imported::<Group>(import, |g| g.import)
+    /// `false` when `stop` said to stop before the end.
+    fn remove_everything_imported(&self, import: &Id, stop: &dyn Fn() -> bool) -> DomainResult<bool> {
+        Ok(self.remove_imported::<DeliveryJob>(import, |j| j.import, stop)?
+            && self.remove_imported::<Invite>(import, |i| i.import, stop)?
+            && self.remove_imported::<StagedDevice>(import, |s| s.import, stop)?
+            && self.remove_imported::<User>(import, |u| u.import, stop)?
+            && self.remove_imported::<Group>(import, |g| g.import, stop)?)
     }
 
-    /// Deletes every record of one kind that `import` created, in batches.
+    /// Deletes every record of one kind that `import` created, in batches; `false` when `stop` said to stop
+    /// between two. Each record is read again inside its batch's transaction and deleted as it is then: after
+    /// READY the outbox and the admins write while a rollback runs, and deleting an older copy would leave its
+    /// newer index entries and counters behind.
     fn remove_imported<R: crate::store::Record>(
         &self,
         import: &Id,
         made_by: impl Fn(&R) -> Option<Id>,
-    ) -> DomainResult<()> {
+        stop: &dyn Fn() -> bool,
+    ) -> DomainResult<bool> {
         let doomed = self.store.all::<R>(|record| made_by(record) == Some(*import))?;
         for chunk in doomed.chunks(BATCH_ROWS) {
+            if stop() {
+                return Ok(false);
+            }
             self.transact(|tx| {
-                for record in chunk {
-                    tx.delete(record)?;
+                for seen in chunk {
+                    if let Some(current) = tx.get::<R, _>(&seen.key())?
+                        && made_by(&current) == Some(*import)
+                    {
+                        tx.delete(&current)?;
+                    }
                 }
                 Ok(())
             })?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A list as CSV in the import formats' column vocabulary. Invites take the listing's filters.
@@ -1023,12 +1036,17 @@ mod tests {
         // Cut short again before it was removed: still rolling back at the next start.
         assert_eq!(f.d.recover_imports().unwrap()[0].state, ImportState::RollingBack);
 
-        let finished = f.d.finish_rollbacks().unwrap();
+        // Stopped (a shutdown) before its first batch: still rolling back.
+        f.d.finish_rollbacks(&|| true, &mut |_| panic!("nothing finishes")).unwrap();
+        assert_eq!(f.d.import(&import.id).unwrap().state, ImportState::RollingBack);
+        let mut finished = Vec::new();
+        f.d.finish_rollbacks(&|| false, &mut |import| finished.push(import.clone())).unwrap();
         assert_eq!(finished[0].state, ImportState::RolledBack);
         assert_eq!(f.counts(), (0, 0, 0), "every user, invite and message it made is gone");
         assert!(f.d.groups(None, 10).unwrap().items.is_empty(), "and the groups it made");
         assert_eq!(f.d.import(&import.id).unwrap().state, ImportState::RolledBack);
-        assert!(f.d.recover_imports().unwrap().is_empty() && f.d.finish_rollbacks().unwrap().is_empty());
+        assert!(f.d.recover_imports().unwrap().is_empty());
+        f.d.finish_rollbacks(&|| false, &mut |_| panic!("nothing left to roll back")).unwrap();
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl Enrollment {
 
     /// Moves a due job to `sending` and returns it with its invite and user. `None` when there is nothing to send
     /// now: the job is gone or not due, has gone stale (marked so: its invite was resent, removed, used or expired,
-    /// or its user deleted), belongs to a CSV import still running (looked at again shortly), or is on a channel
+    /// or its user deleted), belongs to a CSV import still running or rolling back (looked at again shortly), or is on a channel
     /// `can_send` says no to, such as email with no relay configured (looked at again in ten minutes).
     pub fn claim_job(&self, id: &Id, can_send: impl Fn(JobChannel) -> bool) -> DomainResult<Option<Claimed>> {
         let now = self.now();
@@ -155,7 +155,12 @@ impl Enrollment {
             };
             if let Some(import) = old.import {
                 match tx.get_id::<Import, _>(&import)?.map(|i| i.state) {
-                    Some(ImportState::Queued | ImportState::Validating | ImportState::Importing) => {
+                    Some(
+                        ImportState::Queued
+                        | ImportState::Validating
+                        | ImportState::Importing
+                        | ImportState::RollingBack,
+                    ) => {
                         let mut job = old.clone();
                         job.next_attempt_at = Some(now + IMPORT_RUNNING_WAIT);
                         tx.put(Some(&old), &job)?;

@@ -185,9 +185,10 @@ async fn an_import_killed_midway_is_removed_after_the_restart_not_before_ready()
     assert_eq!(invites["items"].as_array().unwrap().len(), 0, "nothing of the import is left: {invites}");
     let (_, users) = api(daemon.https, &ca, Method::GET, "/api/v1/users", Some(token), None).await;
     assert_eq!(users["items"].as_array().unwrap().len(), 0, "{users}");
-    let log = daemon.log();
+    // The state is committed just before the line is logged: wait for the line.
+    let log = daemon.wait_for_log("was removed again");
     let ready = log.find("ready: open").unwrap();
-    let removed = log.find("was removed again").unwrap_or_else(|| panic!("the rollback is not logged:\n{log}"));
+    let removed = log.find("was removed again").unwrap();
     assert!(ready < removed, "enrolld was ready before the import was removed:\n{log}");
     assert_eq!(daemon.terminate().0.code(), Some(0), "states seen: {seen:?}");
 }
