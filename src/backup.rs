@@ -487,7 +487,8 @@ fn unpack<R: Read>(opened: Opened<R>, key: LessSafeKey, into: &Path) -> Result<T
     if ca.as_deref() != Some(opened.header.ca_sha256.as_str()) {
         return Err(BackupError::Inconsistent("its CA certificate is not the one its header names".into()));
     }
-    drop(Store::open(&into.join("db"))?);
+    // The loader that wrote it has just let go; sled releases its file lock a moment later.
+    drop(Store::open_when_free(&into.join("db"), std::time::Duration::from_secs(10))?);
     Ok(trailer)
 }
 
