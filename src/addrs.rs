@@ -48,7 +48,7 @@ impl AddressSource for SystemAddresses {
                 if self.failing.swap(true, Ordering::Relaxed) {
                     tracing::debug!(%error, "still cannot list network interfaces");
                 } else {
-                    tracing::warn!(%error, "cannot list network interfaces; certificates will name only loopback");
+                    tracing::warn!(%error, "cannot list network interfaces; the certificate keeps the addresses it names");
                 }
                 Vec::new()
             }
