@@ -656,12 +656,13 @@ wire_enum!(
         Queued = "queued",
         Validating = "validating",
         Importing = "importing",
-        RollingBack = "rolling_back",
         Done = "done",
         Rejected = "rejected",
         RolledBack = "rolled_back",
         Interrupted = "interrupted",
-        Failed = "failed"
+        Failed = "failed",
+        // Last: a binary encoding of the records (the store issue's) numbers the variants in this order.
+        RollingBack = "rolling_back"
     }
 );
 
