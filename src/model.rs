@@ -666,6 +666,13 @@ wire_enum!(
     }
 );
 
+impl ImportState {
+    /// Whether the import is still under way (its records may still change), as opposed to final.
+    pub fn under_way(self) -> bool {
+        matches!(self, Self::Queued | Self::Validating | Self::Importing | Self::RollingBack)
+    }
+}
+
 /// One problem with one row of an uploaded file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RowProblem {

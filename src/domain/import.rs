@@ -533,12 +533,7 @@ impl Enrollment {
     /// which `/healthz` should not wait for). Its invites send nothing meanwhile: the outbox holds an import's
     /// messages back until it is done.
     pub fn recover_imports(&self) -> DomainResult<Vec<Import>> {
-        let unfinished = self.store.all::<Import>(|i| {
-            matches!(
-                i.state,
-                ImportState::Queued | ImportState::Validating | ImportState::Importing | ImportState::RollingBack
-            )
-        })?;
+        let unfinished = self.store.all::<Import>(|i| i.state.under_way())?;
         let mut recovered = Vec::new();
         for import in unfinished {
             let (state, message) = match (import.state, import.mode) {
@@ -551,12 +546,12 @@ impl Enrollment {
                     continue;
                 }
                 (ImportState::Importing, ImportMode::All) => {
-                    let mut rolling_back = import.clone();
+                    let mut rolling_back = import;
                     rolling_back.state = ImportState::RollingBack;
                     rolling_back.message =
                         "enrolld stopped during this import, so everything it had created is being removed again"
                             .to_owned();
-                    self.transact(|tx| tx.put(Some(&import), &rolling_back))?;
+                    self.save_import(&rolling_back)?;
                     recovered.push(rolling_back);
                     continue;
                 }

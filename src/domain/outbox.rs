@@ -155,12 +155,7 @@ impl Enrollment {
             };
             if let Some(import) = old.import {
                 match tx.get_id::<Import, _>(&import)?.map(|i| i.state) {
-                    Some(
-                        ImportState::Queued
-                        | ImportState::Validating
-                        | ImportState::Importing
-                        | ImportState::RollingBack,
-                    ) => {
+                    Some(state) if state.under_way() => {
                         let mut job = old.clone();
                         job.next_attempt_at = Some(now + IMPORT_RUNNING_WAIT);
                         tx.put(Some(&old), &job)?;

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::{Admin, Fields, Posted, SignedIn, blocking, failure, message, render};
 use crate::domain::{GroupInviteMode, GroupInvitePlan, ImportRequest, NewGroup, NewInvite, NewUser};
 use crate::http::AppState;
-use crate::model::{Channels, Id, ImportKind, ImportMode, ImportState, Ownership, Platform};
+use crate::model::{Channels, Id, ImportKind, ImportMode, Ownership, Platform};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -264,10 +264,7 @@ async fn import_status(State(state): State<AppState>, Path(id): Path<String>, Si
         Ok(import) => import,
         Err(error) => return failure(&state, &admin, error),
     };
-    let running = matches!(
-        import.state,
-        ImportState::Queued | ImportState::Validating | ImportState::Importing | ImportState::RollingBack
-    );
+    let running = import.state.under_way();
     let values = Value::from_pairs([
         ("title", Value::from("Import")),
         ("import", super::ser(&import)),
