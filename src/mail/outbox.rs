@@ -111,12 +111,11 @@ impl Worker {
                     outage.pauses += 1;
                     let pause = self.settings.retry.backoff(outage.pauses).unsigned_abs().min(MAX_PAUSE);
                     tracing::warn!(pause_secs = pause.as_secs(), "the mail relay is unreachable; pausing the outbox");
-                    let addresses = self.settings.addresses.clone();
                     let before = std::mem::take(&mut outage.addresses_at_send);
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(pause) => {}
-                        () = crate::addrs::changed_from(addresses.as_ref(), &before) => {
+                        () = crate::addrs::changed_from(self.settings.addresses.as_ref(), &before) => {
                             tracing::info!("the box's network addresses changed; trying the mail relay again now");
                             self.due_now(std::mem::take(&mut outage.deferred)).await;
                         }
@@ -440,17 +439,22 @@ mod tests {
             confirmation_to: vec!["helpdesk@example.com".into()],
             ..Policy::default()
         });
-        let new = NewUser { name: "Ann Lee".into(), email: "ann@example.com".into(), ..Default::default() };
+        let id = email_invite(&d, "Ann Lee", "ann@example.com", Platform::Macos);
+        (d, clock, id)
+    }
+
+    /// A new user and a personal invite for them by email.
+    fn email_invite(d: &Enrollment, name: &str, email: &str, platform: Platform) -> Id {
+        let new = NewUser { name: name.into(), email: email.into(), ..Default::default() };
         let user = d.create_user(&admin(), &new).unwrap();
         let new = NewInvite {
             user_id: user.id,
-            platform: Platform::Macos,
+            platform,
             ownership: Ownership::Personal,
             group_id: None,
             channels: Channels::Email,
         };
-        let id = d.create_invite(&admin(), &new).unwrap().invite.id;
-        (d, clock, id)
+        d.create_invite(&admin(), &new).unwrap().invite.id
     }
 
     fn claim_due(d: &Enrollment) -> Vec<Claimed> {
@@ -499,21 +503,7 @@ mod tests {
 
     /// Email invites, one to each address, in a domain whose clock never moves.
     fn invites_to(d: &Enrollment, emails: &[String]) -> Vec<Id> {
-        emails
-            .iter()
-            .map(|email| {
-                let new = NewUser { name: "A User".into(), email: email.clone(), ..Default::default() };
-                let user = d.create_user(&admin(), &new).unwrap();
-                let new = NewInvite {
-                    user_id: user.id,
-                    platform: Platform::Ios,
-                    ownership: Ownership::Personal,
-                    group_id: None,
-                    channels: Channels::Email,
-                };
-                d.create_invite(&admin(), &new).unwrap().invite.id
-            })
-            .collect()
+        emails.iter().map(|email| email_invite(d, "A User", email, Platform::Ios)).collect()
     }
 
     /// The outbox's settings for a relay on the loopback at `port`, two connections, retries after a minute.
