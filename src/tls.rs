@@ -625,13 +625,31 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let config = Layers::gather(&ConfigArgs::default(), Vec::new()).unwrap().resolve(None).unwrap();
         let clock = ManualClock::new(OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap());
         let addresses = StaticAddresses::new(["192.168.1.20".parse().unwrap()]);
         let store = Store::open_temporary().unwrap();
+        let naming = Naming::fixed();
+        let (keeper, ca_der) = start_keeper(&dir, &store, &addresses, &clock, &naming);
+        Fixture { dir, clock, addresses, store, keeper, ca_der, naming }
+    }
+
+    /// The same box started again: its state directory, store, addresses and clock, a new keeper.
+    fn restarted(f: Fixture) -> Fixture {
+        let (keeper, _) = start_keeper(&f.dir, &f.store, &f.addresses, &f.clock, &f.naming);
+        Fixture { keeper, ..f }
+    }
+
+    /// A keeper on the defaults, with the CA in `dir` (made if missing), and that CA's certificate.
+    fn start_keeper(
+        dir: &tempfile::TempDir,
+        store: &Store,
+        addresses: &StaticAddresses,
+        clock: &ManualClock,
+        naming: &Naming,
+    ) -> (CertificateKeeper, Vec<u8>) {
+        let config = Layers::gather(&ConfigArgs::default(), Vec::new()).unwrap().resolve(None).unwrap();
         let (ca, _) = CertificateAuthority::load_or_create(dir.path(), "enroll", clock.now()).unwrap();
         let ca_der = ca.cert_der().to_vec();
-        let naming = Naming::fixed();
         let keeper = CertificateKeeper::start(
             &config,
             Arc::new(ca),
@@ -642,24 +660,7 @@ mod tests {
             naming.clone(),
         )
         .unwrap();
-        Fixture { dir, clock, addresses, store, keeper, ca_der, naming }
-    }
-
-    /// The same box started again: its state directory, store, addresses and clock, a new keeper.
-    fn restarted(f: Fixture) -> Fixture {
-        let config = Layers::gather(&ConfigArgs::default(), Vec::new()).unwrap().resolve(None).unwrap();
-        let (ca, _) = CertificateAuthority::load_or_create(f.dir.path(), "enroll", f.clock.now()).unwrap();
-        let keeper = CertificateKeeper::start(
-            &config,
-            Arc::new(ca),
-            f.store.clone(),
-            Arc::new(f.addresses.clone()),
-            f.dir.path().to_owned(),
-            Arc::new(f.clock.clone()),
-            f.naming.clone(),
-        )
-        .unwrap();
-        Fixture { keeper, ..f }
+        (keeper, ca_der)
     }
 
     fn served_names(keeper: &CertificateKeeper) -> Vec<String> {
